@@ -1,0 +1,214 @@
+//! Building batches of samples.
+
+use abi_stable::std_types::{ROption, RString, RVec};
+
+use crate::abi::{Batch, Label, MetricFamily, MetricKind, Sample};
+
+/// Refers to a family added to a [`BatchBuilder`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FamilyId(u32);
+
+impl FamilyId {
+    /// The index into [`Batch::families`].
+    pub fn index(self) -> u32 {
+        self.0
+    }
+}
+
+/// Accumulates the families and samples of one collection.
+///
+/// ```
+/// use metricsd_plugin_api::{BatchBuilder, MetricKind};
+///
+/// let mut out = BatchBuilder::new();
+/// let temp = out.gauge("gpu_temperature_celsius", "GPU die temperature.", "celsius");
+/// out.sample(temp, &[("gpu", "0")], 61.0);
+/// let batch = out.finish();
+/// assert_eq!(batch.samples.len(), 1);
+/// assert_eq!(batch.families[0].kind, MetricKind::GAUGE);
+/// ```
+#[derive(Debug, Default)]
+pub struct BatchBuilder {
+    batch: Batch,
+}
+
+impl BatchBuilder {
+    /// An empty builder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty builder with room for `samples` samples.
+    pub fn with_capacity(samples: usize) -> Self {
+        let mut builder = Self::default();
+        builder.batch.samples.reserve(samples);
+        builder
+    }
+
+    /// Declares a family (or returns the one already declared under that name).
+    pub fn family(&mut self, name: &str, help: &str, unit: &str, kind: MetricKind) -> FamilyId {
+        if let Some(i) = self
+            .batch
+            .families
+            .iter()
+            .position(|f| f.name.as_str() == name)
+        {
+            return FamilyId(i as u32);
+        }
+        self.batch.families.push(MetricFamily {
+            name: name.into(),
+            help: help.into(),
+            unit: unit.into(),
+            kind,
+        });
+        FamilyId((self.batch.families.len() - 1) as u32)
+    }
+
+    /// Declares a gauge family.
+    pub fn gauge(&mut self, name: &str, help: &str, unit: &str) -> FamilyId {
+        self.family(name, help, unit, MetricKind::GAUGE)
+    }
+
+    /// Declares a counter family (its name should end in `_total`).
+    pub fn counter(&mut self, name: &str, help: &str, unit: &str) -> FamilyId {
+        self.family(name, help, unit, MetricKind::COUNTER)
+    }
+
+    /// Declares an info family (its samples have value 1 and carry identity labels).
+    pub fn info(&mut self, name: &str, help: &str) -> FamilyId {
+        self.family(name, help, "", MetricKind::INFO)
+    }
+
+    /// Adds a sample with the given labels.
+    pub fn sample(&mut self, family: FamilyId, labels: &[(&str, &str)], value: f64) {
+        let labels = labels.iter().map(|(n, v)| Label::new(*n, *v)).collect();
+        self.push(family, labels, value, None);
+    }
+
+    /// Adds a sample whose labels are already built (no copy).
+    pub fn sample_with(&mut self, family: FamilyId, labels: RVec<Label>, value: f64) {
+        self.push(family, labels, value, None);
+    }
+
+    /// Adds a sample with its own timestamp (ms since the Unix epoch).
+    pub fn sample_at(
+        &mut self,
+        family: FamilyId,
+        labels: RVec<Label>,
+        value: f64,
+        timestamp_ms: i64,
+    ) {
+        self.push(family, labels, value, Some(timestamp_ms));
+    }
+
+    fn push(&mut self, family: FamilyId, labels: RVec<Label>, value: f64, ts: Option<i64>) {
+        self.batch.samples.push(Sample {
+            family: family.0,
+            labels,
+            value,
+            timestamp_ms: ts.into(),
+        });
+    }
+
+    /// Adds a label that applies to every sample of the batch.
+    pub fn common_label(&mut self, name: &str, value: &str) {
+        self.batch.common_labels.push(Label::new(name, value));
+    }
+
+    /// Sets the collection time of the whole batch (ms since the Unix epoch).
+    pub fn timestamp_ms(&mut self, timestamp_ms: i64) {
+        self.batch.timestamp_ms = ROption::RSome(timestamp_ms);
+    }
+
+    /// Number of samples so far.
+    pub fn len(&self) -> usize {
+        self.batch.samples.len()
+    }
+
+    /// Whether no sample was added.
+    pub fn is_empty(&self) -> bool {
+        self.batch.samples.is_empty()
+    }
+
+    /// The finished batch.
+    pub fn finish(self) -> Batch {
+        self.batch
+    }
+}
+
+impl Batch {
+    /// The family of a sample, if its index is valid.
+    pub fn family_of(&self, sample: &Sample) -> Option<&MetricFamily> {
+        self.families.get(sample.family as usize)
+    }
+
+    /// Iterates over a sample's effective labels: its own, then the common labels it does not
+    /// override.
+    pub fn labels_of<'a>(&'a self, sample: &'a Sample) -> impl Iterator<Item = &'a Label> + 'a {
+        sample.labels.iter().chain(
+            self.common_labels
+                .iter()
+                .filter(move |c| !sample.labels.iter().any(|l| l.name == c.name)),
+        )
+    }
+
+    /// The timestamp that applies to a sample.
+    pub fn timestamp_of(&self, sample: &Sample) -> Option<i64> {
+        sample
+            .timestamp_ms
+            .into_option()
+            .or(self.timestamp_ms.into_option())
+    }
+}
+
+impl From<&str> for Label {
+    /// Parses `name=value`; without `=`, the whole text is the name and the value is empty.
+    fn from(text: &str) -> Self {
+        match text.split_once('=') {
+            Some((n, v)) => Label::new(n, v),
+            None => Label::new(text, RString::new()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_are_deduplicated_by_name() {
+        let mut b = BatchBuilder::new();
+        let a = b.gauge("a", "help", "");
+        let c = b.counter("c_total", "help", "");
+        assert_eq!(b.gauge("a", "other help", ""), a);
+        assert_ne!(a, c);
+        assert_eq!(b.finish().families.len(), 2);
+    }
+
+    #[test]
+    fn sample_labels_override_common_labels() {
+        let mut b = BatchBuilder::new();
+        let f = b.gauge("x", "", "");
+        b.common_label("node", "n1");
+        b.common_label("region", "eu");
+        b.sample(f, &[("node", "override")], 1.0);
+        let batch = b.finish();
+        let labels: Vec<_> = batch
+            .labels_of(&batch.samples[0])
+            .map(|l| format!("{}={}", l.name, l.value))
+            .collect();
+        assert_eq!(labels, ["node=override", "region=eu"]);
+    }
+
+    #[test]
+    fn sample_timestamp_falls_back_to_batch() {
+        let mut b = BatchBuilder::new();
+        let f = b.gauge("x", "", "");
+        b.sample(f, &[], 1.0);
+        b.sample_at(f, RVec::new(), 2.0, 5);
+        b.timestamp_ms(9);
+        let batch = b.finish();
+        assert_eq!(batch.timestamp_of(&batch.samples[0]), Some(9));
+        assert_eq!(batch.timestamp_of(&batch.samples[1]), Some(5));
+    }
+}
