@@ -1,1 +1,18 @@
+//! The metricsd host: configuration, plugin loader, scheduler, pipeline, delivery and HTTP.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over [`agent`]. Modules are named for one concern
+//! each.
 
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod config;
+pub mod delivery;
+pub mod events;
+pub mod health;
+pub mod http;
+pub mod instance;
+pub mod loader;
+pub mod pipeline;
+pub mod plugin_log;
+pub mod scheduler;

@@ -1,1 +1,189 @@
-fn main() {}
+//! `metricsd`: the command-line interface.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use metricsd::agent::{self, ExitError, EXIT_CONFIG};
+use metricsd::config::{self, LoadedConfig, LogFormat, ProcessEnv};
+use metricsd::http::plugin_report;
+use metricsd::loader::PluginSet;
+use tracing_subscriber::EnvFilter;
+
+/// Metrics agent for GPU nodes.
+#[derive(Parser)]
+#[command(name = "metricsd", version, about, long_about = None)]
+struct Cli {
+    /// Config file (TOML). Without one, the built-in default runs.
+    #[arg(short, long, global = true, env = "METRICSD_CONFIG")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Check the config and the plugins it names, without starting anything.
+    Check,
+    /// List the plugin files found and whether each can load.
+    Plugins {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Collect from every collector once and print the samples.
+    Once {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OnceFormat::Text)]
+        format: OnceFormat,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnceFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(config: &config::Config, default_level: &str) {
+    let level = if config.agent.log_level.is_empty() {
+        default_level
+    } else {
+        config.agent.log_level.as_str()
+    };
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|e| {
+        eprintln!("metricsd: agent.log_level `{level}` is not valid ({e}); using info");
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.agent.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<LoadedConfig, ExitError> {
+    config::load(cli.config.as_deref(), &ProcessEnv).map_err(|e| ExitError {
+        code: EXIT_CONFIG,
+        message: e.to_string(),
+    })
+}
+
+fn print_plugins(set: &PluginSet, as_json: bool) -> Result<(), ExitError> {
+    let rows = plugin_report(set);
+    if as_json {
+        let text = serde_json::to_string_pretty(&rows).map_err(|e| ExitError {
+            code: 1,
+            message: e.to_string(),
+        })?;
+        println!("{text}");
+        return Ok(());
+    }
+    println!(
+        "plugin directories: {}",
+        set.dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for d in &set.refused_dirs {
+        println!("REFUSED DIR  {}", d.reason);
+    }
+    for r in rows {
+        match r.verdict {
+            "loaded" => println!(
+                "loaded    {:<12} {:<9} v{:<8} api {:<6} {}",
+                r.name.unwrap_or_default(),
+                r.kind.unwrap_or_default(),
+                r.version.unwrap_or_default(),
+                r.api_version.unwrap_or_default(),
+                r.path
+            ),
+            verdict => println!(
+                "{verdict:<9} {}",
+                r.reason.unwrap_or_else(|| r.path.clone())
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn check(loaded: &LoadedConfig, set: &PluginSet) -> Result<(), ExitError> {
+    let plan = agent::plan(loaded, set);
+    for s in &plan.skipped {
+        println!("skipped: built-in default {s}: its plugin is not installed");
+    }
+    for c in &plan.collectors {
+        if let Ok(p) = &c.plugin {
+            println!("ok: collector `{}` (plugin `{}` {})", c.config.name, p.name, p.path.display());
+        }
+    }
+    for s in &plan.sinks {
+        if let Ok(p) = &s.plugin {
+            println!("ok: sink `{}` (plugin `{}` {})", s.config.name, p.name, p.path.display());
+        }
+    }
+    let problems = plan.problems();
+    for p in &problems {
+        println!("error: {p}");
+    }
+    if problems.is_empty() {
+        println!("config ok");
+        Ok(())
+    } else {
+        Err(ExitError {
+            code: EXIT_CONFIG,
+            message: format!("{} problem(s) in the config", problems.len()),
+        })
+    }
+}
+
+fn main_inner(cli: Cli) -> Result<(), ExitError> {
+    let loaded = load_config(&cli)?;
+    let command = cli.command.unwrap_or(Command::Run);
+    let quiet = !matches!(command, Command::Run);
+    init_logging(&loaded.config, if quiet { "warn" } else { "info" });
+    if quiet && std::env::var_os("LOG_LEVEL").is_none() && loaded.config.agent.log_level == "info" {
+        // `check`, `plugins` and `once` print their results; logs would only repeat them.
+        tracing::debug!("quiet command");
+    }
+    let plugins = agent::load_plugins(&loaded.config);
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ExitError {
+                code: 1,
+                message: format!("cannot start the runtime: {e}"),
+            })
+    };
+    match command {
+        Command::Plugins { json } => print_plugins(&plugins, json),
+        Command::Check => check(&loaded, &plugins),
+        Command::Once { format } => {
+            let format = match format {
+                OnceFormat::Text => "text",
+                OnceFormat::Json => "json",
+            };
+            runtime()?.block_on(agent::once(loaded, plugins, format)).map(|_| ())
+        }
+        Command::Run => runtime()?.block_on(agent::run(loaded, plugins)),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match main_inner(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("metricsd: {}", e.message);
+            ExitCode::from(e.code.clamp(1, 255) as u8)
+        }
+    }
+}

@@ -1,1 +1,196 @@
+//! A test-only collector whose misbehaviour is chosen by config: it panics, hangs, fails, or
+//! emits label values full of quotes, backslashes, newlines and UTF-8. The end-to-end tests
+//! load it through the real loader.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use metricsd_plugin_api::{export_plugin, BatchBuilder, Collector, Context, Error, Result};
+use serde::Deserialize;
+
+/// The instance's `[collectors.config]` table. Counts are 1-based collect calls of one
+/// instance (a re-created instance starts again at 1).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Panic in `new`.
+    #[serde(default)]
+    pub panic_in_new: bool,
+    /// Panic on this collect call.
+    pub panic_on: Option<u64>,
+    /// Return a transient error on every call from this one on.
+    pub fail_from: Option<u64>,
+    /// Sleep this long on every call from `hang_from` on.
+    #[serde(default, with = "ms")]
+    pub hang: Duration,
+    /// First call that sleeps (default 1).
+    pub hang_from: Option<u64>,
+    /// Number of `testkit_value` samples per call.
+    #[serde(default = "one")]
+    pub series: u32,
+    /// Extra labels on every `testkit_value` sample.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Emit a sample that refers to a family that does not exist (an invalid batch).
+    #[serde(default)]
+    pub invalid_sample: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+mod ms {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// Per instance name: (instances created, calls now running, most calls ever running at once).
+static BOOK: Mutex<Option<HashMap<String, (u64, u64, u64)>>> = Mutex::new(None);
+
+fn book<T>(instance: &str, f: impl FnOnce(&mut (u64, u64, u64)) -> T) -> T {
+    let mut guard = BOOK.lock().unwrap_or_else(|p| p.into_inner());
+    let map = guard.get_or_insert_with(HashMap::new);
+    f(map.entry(instance.to_string()).or_default())
+}
+
+/// The collector instance.
+pub struct Testkit {
+    name: String,
+    config: Config,
+    calls: u64,
+    generation: u64,
+}
+
+impl Collector for Testkit {
+    type Config = Config;
+
+    fn new(config: Config, ctx: &Context) -> Result<Self> {
+        if config.panic_in_new {
+            panic!("testkit: panic_in_new is set");
+        }
+        if config.series > 1_000_000 {
+            return Err(Error::config("`series` must be at most 1000000"));
+        }
+        let generation = book(ctx.instance(), |b| {
+            b.0 += 1;
+            b.0
+        });
+        tracing::debug!(generation, "testkit instance created");
+        Ok(Testkit {
+            name: ctx.instance().to_string(),
+            config,
+            calls: 0,
+            generation,
+        })
+    }
+
+    fn collect(&mut self, out: &mut BatchBuilder) -> Result<()> {
+        self.calls += 1;
+        let running = book(&self.name, |b| {
+            b.1 += 1;
+            b.2 = b.2.max(b.1);
+            b.1
+        });
+        // Decrements on return and on panic alike.
+        let _running = Running(self.name.clone());
+        self.collect_inner(out, running)
+    }
+}
+
+struct Running(String);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        book(&self.0, |b| b.1 = b.1.saturating_sub(1));
+    }
+}
+
+impl Testkit {
+    fn collect_inner(&mut self, out: &mut BatchBuilder, running: u64) -> Result<()> {
+        let call = self.calls;
+        if self.config.panic_on == Some(call) {
+            panic!("testkit: panic_on = {call}");
+        }
+        if !self.config.hang.is_zero() && call >= self.config.hang_from.unwrap_or(1) {
+            tracing::info!(call, "testkit: sleeping {:?}", self.config.hang);
+            std::thread::sleep(self.config.hang);
+        }
+        if self.config.fail_from.is_some_and(|from| call >= from) {
+            return Err(Error::transient(format!("testkit: failing on call {call}")));
+        }
+
+        let calls = out.counter("testkit_calls_total", "Collect calls of this instance.", "");
+        out.sample(calls, &[], call as f64);
+        let generation = out.gauge(
+            "testkit_generation",
+            "How many instances of this name the plugin has created.",
+            "",
+        );
+        out.sample(generation, &[], self.generation as f64);
+        let concurrent = out.gauge(
+            "testkit_concurrent_calls",
+            "Collect calls of this instance running at once, now and at most.",
+            "",
+        );
+        let max = book(&self.name, |b| b.2);
+        out.sample(concurrent, &[("of", "now")], running as f64);
+        out.sample(concurrent, &[("of", "max")], max as f64);
+
+        let value = out.gauge("testkit_value", "Synthetic series.", "");
+        for n in 0..self.config.series {
+            let n_text = n.to_string();
+            let labels: Vec<(&str, &str)> = self
+                .config
+                .labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .chain([("series", n_text.as_str())])
+                .collect();
+            out.sample(value, &labels, f64::from(n) + call as f64);
+        }
+        if self.config.invalid_sample {
+            let mut batch_labels = metricsd_plugin_api::abi_stable::std_types::RVec::new();
+            batch_labels.push(metricsd_plugin_api::Label::new("bad label", "x"));
+            out.sample_with(value, batch_labels, 1.0);
+        }
+        Ok(())
+    }
+}
+
+export_plugin! {
+    name: "testkit",
+    description: "Test collector: panics, hangs and fails on demand",
+    collector: Testkit,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metricsd_plugin_api::testing::CollectorHarness;
+    use metricsd_plugin_api::ErrorKind;
+
+    #[test]
+    fn panic_is_caught_and_instance_disabled() {
+        let mut h = CollectorHarness::new::<Testkit>("p", r#"{"panic_on":2}"#).expect("new");
+        assert!(h.collect().is_ok());
+        let err = h.collect().expect_err("second call panics");
+        assert_eq!(err.kind, ErrorKind::PANIC);
+        assert!(err.message.contains("panic_on = 2"), "{}", err.message);
+        let err = h.collect().expect_err("disabled after the panic");
+        assert!(err.message.contains("disabled"), "{}", err.message);
+    }
+
+    #[test]
+    fn panic_in_new_is_an_error() {
+        let err = CollectorHarness::new::<Testkit>("pn", r#"{"panic_in_new":true}"#)
+            .err()
+            .expect("must fail");
+        assert_eq!(err.kind, ErrorKind::PANIC);
+    }
+}

@@ -1,0 +1,502 @@
+//! Wires config, plugins, pipeline, collectors, sinks and listeners together, and runs them
+//! until SIGTERM / Ctrl-C.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use metricsd_plugin_api::PluginKind;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{CollectorConfig, Config, LoadedConfig, SinkConfig, INTERNAL_SOURCE};
+use crate::delivery::{SinkQueue, SinkRuntime};
+use crate::events::Telemetry;
+use crate::health::Health;
+use crate::instance::{create_collector, create_sink, validate_config};
+use crate::loader::{scan, search_dirs, Plugin, PluginSet, Verdict};
+use crate::pipeline::Pipeline;
+use crate::scheduler::CollectorTask;
+
+/// An error that ends the process with a specific exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ExitError {
+    /// Process exit code.
+    pub code: i32,
+    /// One line for the operator.
+    pub message: String,
+}
+
+/// Exit code for configuration problems and required plugins that cannot load.
+pub const EXIT_CONFIG: i32 = 2;
+
+fn exit(code: i32, message: impl Into<String>) -> ExitError {
+    ExitError {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Scans the plugin directories for this config.
+pub fn load_plugins(config: &Config) -> PluginSet {
+    let env_path = std::env::var("METRICSD_PLUGIN_PATH").ok();
+    let dirs = search_dirs(env_path.as_deref(), &config.agent.plugin_path);
+    scan(&dirs, &config.agent.plugin_sha256)
+}
+
+/// A config entry matched with its plugin, or why it cannot run.
+pub struct Resolved<C> {
+    /// The config entry.
+    pub config: C,
+    /// The plugin, or the reason it is unavailable.
+    pub plugin: Result<Plugin, String>,
+}
+
+/// What the config asks for, matched against the plugins found.
+pub struct Plan {
+    /// Collectors.
+    pub collectors: Vec<Resolved<CollectorConfig>>,
+    /// Sinks.
+    pub sinks: Vec<Resolved<SinkConfig>>,
+    /// Entries of the built-in default whose plugin is not installed.
+    pub skipped: Vec<String>,
+}
+
+fn lookup(
+    plugins: &PluginSet,
+    instance: &str,
+    plugin: &str,
+    kind: PluginKind,
+    config: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Plugin, String> {
+    let what = format!("{} `{instance}`", kind.as_str());
+    let p = plugins
+        .get(plugin)
+        .ok_or_else(|| format!("{what}: {}", plugins.why_missing(plugin)))?;
+    if p.kind != kind {
+        return Err(format!(
+            "{what}: plugin `{plugin}` ({}) is a {}, not a {}",
+            p.path.display(),
+            p.kind.as_str(),
+            kind.as_str()
+        ));
+    }
+    let json = serde_json::Value::Object(config.clone()).to_string();
+    validate_config(p, &json).map_err(|e| format!("{what} (plugin `{plugin}`): {e}"))?;
+    Ok(p.clone())
+}
+
+/// Matches the config against the plugins. With the built-in default, entries whose plugin is
+/// not installed are skipped rather than reported.
+pub fn plan(loaded: &LoadedConfig, plugins: &PluginSet) -> Plan {
+    let builtin = loaded.is_builtin_default();
+    let mut skipped = Vec::new();
+    let mut collectors = Vec::new();
+    for c in &loaded.config.collectors {
+        if builtin && plugins.get(&c.plugin).is_none() {
+            skipped.push(format!("collector `{}` (plugin `{}`)", c.name, c.plugin));
+            continue;
+        }
+        let plugin = lookup(plugins, &c.name, &c.plugin, PluginKind::COLLECTOR, &c.config);
+        collectors.push(Resolved {
+            config: c.clone(),
+            plugin,
+        });
+    }
+    let mut sinks = Vec::new();
+    for s in &loaded.config.sinks {
+        if builtin && plugins.get(&s.plugin).is_none() {
+            skipped.push(format!("sink `{}` (plugin `{}`)", s.name, s.plugin));
+            continue;
+        }
+        let plugin = lookup(plugins, &s.name, &s.plugin, PluginKind::SINK, &s.config);
+        sinks.push(Resolved {
+            config: s.clone(),
+            plugin,
+        });
+    }
+    Plan {
+        collectors,
+        sinks,
+        skipped,
+    }
+}
+
+impl Plan {
+    /// Every problem, one line each.
+    pub fn problems(&self) -> Vec<String> {
+        self.collectors
+            .iter()
+            .filter_map(|c| c.plugin.as_ref().err().cloned())
+            .chain(
+                self.sinks
+                    .iter()
+                    .filter_map(|s| s.plugin.as_ref().err().cloned()),
+            )
+            .collect()
+    }
+
+    /// The first problem of a required instance.
+    pub fn required_problem(&self) -> Option<String> {
+        self.collectors
+            .iter()
+            .filter(|c| c.config.required)
+            .filter_map(|c| c.plugin.as_ref().err().cloned())
+            .chain(
+                self.sinks
+                    .iter()
+                    .filter(|s| s.config.required)
+                    .filter_map(|s| s.plugin.as_ref().err().cloned()),
+            )
+            .next()
+    }
+}
+
+fn config_json(table: &serde_json::Map<String, serde_json::Value>) -> String {
+    serde_json::Value::Object(table.clone()).to_string()
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received: shutting down"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received: shutting down"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM ({e}); only Ctrl-C stops the agent");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C.
+pub async fn run(loaded: LoadedConfig, plugins: PluginSet) -> Result<(), ExitError> {
+    run_until(loaded, plugins, shutdown_signal()).await
+}
+
+/// Runs the agent until `stop` resolves.
+pub async fn run_until(
+    loaded: LoadedConfig,
+    plugins: PluginSet,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), ExitError> {
+    let config = &loaded.config;
+    let plan = plan(&loaded, &plugins);
+    for s in &plan.skipped {
+        tracing::info!("built-in default: {s} skipped, its plugin is not installed");
+    }
+    if let Some(problem) = plan.required_problem() {
+        return Err(exit(EXIT_CONFIG, format!("required {problem}")));
+    }
+    let telemetry = Arc::new(Telemetry::new());
+    let health = Arc::new(Health::new());
+    let (loaded_n, shadowed_n, refused_n) = plugins.files.iter().fold((0, 0, 0), |acc, f| {
+        match f.verdict {
+            Verdict::Loaded(_) => (acc.0 + 1, acc.1, acc.2),
+            Verdict::Shadowed { .. } => (acc.0, acc.1 + 1, acc.2),
+            Verdict::Refused(_) => (acc.0, acc.1, acc.2 + 1),
+        }
+    });
+    telemetry.set_plugin_files(loaded_n, shadowed_n, refused_n);
+
+    // Sinks first, so that the pipeline has its queues.
+    let mut queues = BTreeMap::new();
+    let mut sink_runtimes = Vec::new();
+    let mut http_routes = BTreeMap::new();
+    for s in &plan.sinks {
+        let name = &s.config.name;
+        let plugin = match &s.plugin {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::error!("{why}; the sink is disabled");
+                health.register(name, "sink", &s.config.plugin, s.config.required, Some(why.clone()));
+                continue;
+            }
+        };
+        let timeout = s.config.timeout.unwrap_or(config.agent.timeout);
+        let instance = match create_sink(plugin, name, &config_json(&s.config.config), timeout).await
+        {
+            Ok(i) => Some(Arc::new(i)),
+            Err(why) if s.config.required => return Err(exit(EXIT_CONFIG, format!("required {why}"))),
+            Err(why) => {
+                tracing::error!("{why}; the sink is disabled");
+                health.register(name, "sink", &plugin.name, false, Some(why));
+                continue;
+            }
+        };
+        health.register(name, "sink", &plugin.name, s.config.required, None);
+        let capacity = s.config.queue_capacity.unwrap_or(config.agent.queue_capacity);
+        telemetry.register_sink(name, &plugin.name, capacity);
+        let queue = Arc::new(SinkQueue::new(name, capacity, Arc::clone(&telemetry)));
+        let paths: Vec<String> = instance
+            .as_ref()
+            .map(|i| i.http_paths().into_iter().map(|p| p.to_string()).collect())
+            .unwrap_or_default();
+        let runtime = Arc::new(SinkRuntime {
+            name: name.clone(),
+            plugin: plugin.name.clone(),
+            timeout,
+            max_backoff: config.agent.max_backoff,
+            instance: RwLock::new(instance),
+            queue: Arc::clone(&queue),
+            telemetry: Arc::clone(&telemetry),
+            health: Arc::clone(&health),
+        });
+        for path in paths {
+            if let Some(other) = http_routes.insert(path.clone(), Arc::clone(&runtime)) {
+                tracing::error!(
+                    "sinks `{}` and `{name}` both register {path}; `{name}` answers it",
+                    other.name
+                );
+            }
+        }
+        queues.insert(name.clone(), queue);
+        sink_runtimes.push(runtime);
+    }
+    let pipeline = Arc::new(Pipeline::new(config, queues, Arc::clone(&telemetry)));
+
+    // Listeners.
+    let (stop_http_tx, stop_http_rx) = watch::channel(false);
+    let stop_http = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let mut servers = JoinSet::new();
+    let health_addr = config
+        .http
+        .health_addr()
+        .map_err(|e| exit(EXIT_CONFIG, e.to_string()))?;
+    if let Some(addr) = health_addr {
+        let (bound, server) = crate::http::serve_health(
+            addr,
+            Arc::clone(&health),
+            Arc::clone(&telemetry),
+            Arc::new(plugins.clone()),
+            stop_http(stop_http_rx.clone()),
+        )
+        .map_err(|e| exit(EXIT_CONFIG, format!("cannot listen on {addr} (http.health_listen): {e}")))?;
+        tracing::info!("health listener on http://{bound} (/health, /metrics/stats, /plugins)");
+        servers.spawn(server);
+    }
+    let metrics_addr = config
+        .http
+        .metrics_addr()
+        .map_err(|e| exit(EXIT_CONFIG, e.to_string()))?;
+    if let Some(addr) = metrics_addr {
+        if http_routes.is_empty() {
+            tracing::info!("no pull sink registers a path: the metrics listener is not started");
+        } else {
+            let paths: Vec<String> = http_routes.keys().cloned().collect();
+            let (bound, server) =
+                crate::http::serve_metrics(addr, http_routes, stop_http(stop_http_rx.clone()))
+                    .map_err(|e| {
+                        exit(EXIT_CONFIG, format!("cannot listen on {addr} (http.metrics_listen): {e}"))
+                    })?;
+            tracing::info!("metrics listener on http://{bound} ({})", paths.join(", "));
+            servers.spawn(server);
+        }
+    }
+
+    // Sink workers.
+    let mut sink_tasks = JoinSet::new();
+    for rt in &sink_runtimes {
+        sink_tasks.spawn(Arc::clone(rt).run());
+    }
+
+    // Collectors.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut collector_tasks = JoinSet::new();
+    for c in &plan.collectors {
+        let name = &c.config.name;
+        let plugin = match &c.plugin {
+            Ok(p) => p.clone(),
+            Err(why) => {
+                tracing::error!("{why}; the collector is disabled");
+                health.register(name, "collector", &c.config.plugin, c.config.required, Some(why.clone()));
+                continue;
+            }
+        };
+        health.register(name, "collector", &plugin.name, c.config.required, None);
+        telemetry.register_collector(name, &plugin.name);
+        let task = CollectorTask {
+            name: name.clone(),
+            config_json: config_json(&c.config.config),
+            interval: c.config.interval.unwrap_or(config.agent.interval),
+            timeout: c.config.timeout.unwrap_or(config.agent.timeout),
+            max_backoff: config.agent.max_backoff,
+            plugin,
+            pipeline: Arc::clone(&pipeline),
+            telemetry: Arc::clone(&telemetry),
+            health: Arc::clone(&health),
+        };
+        collector_tasks.spawn(task.run(stop_rx.clone()));
+    }
+    if config.agent.internal_metrics {
+        let pipeline = Arc::clone(&pipeline);
+        let telemetry = Arc::clone(&telemetry);
+        let interval = config.agent.interval;
+        let mut stop = stop_rx.clone();
+        collector_tasks.spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = ticker.tick() => pipeline.process(INTERNAL_SOURCE, telemetry.to_batch()),
+                }
+            }
+            // A last snapshot, so sinks see the final counters.
+            pipeline.process(INTERNAL_SOURCE, telemetry.to_batch());
+        });
+    }
+    tracing::info!(
+        collectors = plan.collectors.len(),
+        sinks = sink_runtimes.len(),
+        "metricsd {} running",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    stop.await;
+
+    // Stop collecting, then drain and flush every sink within the shutdown timeout.
+    let _ = stop_tx.send(true);
+    while collector_tasks.join_next().await.is_some() {}
+    for rt in &sink_runtimes {
+        rt.queue.close();
+    }
+    let deadline = config.agent.shutdown_timeout;
+    let drained = tokio::time::timeout(deadline, async {
+        while sink_tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "sinks did not drain within agent.shutdown_timeout ({})",
+            humantime::format_duration(deadline)
+        );
+        sink_tasks.abort_all();
+    }
+    let flush_all = async {
+        for rt in &sink_runtimes {
+            let left = rt.queue.clear();
+            if left > 0 {
+                crate::events::Event::SinkDropped {
+                    sink: &rt.name,
+                    reason: "shutdown",
+                    samples: left,
+                }
+                .emit(&telemetry);
+            }
+            rt.finish().await;
+        }
+    };
+    if tokio::time::timeout(deadline, flush_all).await.is_err() {
+        tracing::warn!("sink flush did not finish within agent.shutdown_timeout");
+    }
+    let _ = stop_http_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    tracing::info!("metricsd stopped");
+    Ok(())
+}
+
+/// Collects every collector once and prints the samples through the stdout sink plugin.
+pub async fn once(
+    loaded: LoadedConfig,
+    plugins: PluginSet,
+    format: &str,
+) -> Result<usize, ExitError> {
+    let config = &loaded.config;
+    let plan = plan(&loaded, &plugins);
+    let stdout = plugins
+        .get("stdout")
+        .filter(|p| p.kind == PluginKind::SINK)
+        .ok_or_else(|| {
+            exit(
+                1,
+                format!(
+                    "`metricsd once` prints through the stdout sink plugin: {}",
+                    plugins.why_missing("stdout")
+                ),
+            )
+        })?;
+    let sink_config = serde_json::json!({ "format": format }).to_string();
+    let sink = create_sink(stdout, "once", &sink_config, config.agent.timeout)
+        .await
+        .map_err(|e| exit(1, e))?;
+    let telemetry = Arc::new(Telemetry::new());
+    let pipeline = Pipeline::new(config, BTreeMap::new(), Arc::clone(&telemetry));
+    let mut failed = 0;
+    for c in &plan.collectors {
+        let plugin = match &c.plugin {
+            Ok(p) => p,
+            Err(why) => {
+                eprintln!("metricsd once: {why}");
+                failed += 1;
+                continue;
+            }
+        };
+        let name = c.config.name.clone();
+        let timeout = c.config.timeout.unwrap_or(config.agent.timeout);
+        let mut instance =
+            match create_collector(plugin, &name, &config_json(&c.config.config), timeout).await {
+                Ok(i) => i,
+                Err(why) => {
+                    eprintln!("metricsd once: {why}");
+                    failed += 1;
+                    continue;
+                }
+            };
+        let call = tokio::task::spawn_blocking(move || {
+            let result = instance.collect().into_result();
+            instance.close();
+            result
+        });
+        let mut batch = match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(Ok(batch))) => batch,
+            Ok(Ok(Err(e))) => {
+                eprintln!("metricsd once: collector `{name}`: {} error: {}", e.kind.as_str(), e.message);
+                failed += 1;
+                continue;
+            }
+            Ok(Err(e)) => {
+                eprintln!("metricsd once: collector `{name}`: {e}");
+                failed += 1;
+                continue;
+            }
+            Err(_) => {
+                eprintln!(
+                    "metricsd once: collector `{name}` did not finish within {}",
+                    humantime::format_duration(timeout)
+                );
+                failed += 1;
+                continue;
+            }
+        };
+        pipeline.prepare(&name, &mut batch);
+        if let Err(e) = sink.write(&batch).into_result() {
+            return Err(exit(1, format!("cannot print samples: {}", e.message)));
+        }
+    }
+    let _ = sink.flush();
+    sink.close();
+    for s in &plan.skipped {
+        eprintln!("metricsd once: built-in default: {s} skipped, its plugin is not installed");
+    }
+    if failed > 0 {
+        return Err(exit(1, format!("{failed} collector(s) failed")));
+    }
+    Ok(plan.collectors.len())
+}

@@ -1,0 +1,904 @@
+//! The agent's configuration: a TOML file, `METRICSD_<SECTION>__<KEY>` environment overrides,
+//! the environment names operators already use, and a built-in default when there is no file.
+//!
+//! Every struct here denies unknown keys; errors name the key path (`agent.interval`,
+//! `collectors[1].plugin`) or the environment variable.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where an error in the configuration is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read or is not valid TOML.
+    #[error("cannot read config {path}: {message}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A key is unknown or its value is wrong.
+    #[error("config key `{key}`: {message}")]
+    Key {
+        /// Key path, e.g. `agent.interval`.
+        key: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// An environment variable has a wrong value.
+    #[error("environment variable {name}: {message}")]
+    Env {
+        /// The variable.
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+fn key_error(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Agent-wide settings.
+    #[serde(default)]
+    pub agent: AgentConfig,
+    /// Listeners.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Collector instances.
+    #[serde(default)]
+    pub collectors: Vec<CollectorConfig>,
+    /// Sink instances.
+    #[serde(default)]
+    pub sinks: Vec<SinkConfig>,
+    /// Which collectors feed which sinks; without routes every collector feeds every sink.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Rename and drop rules, applied in order to every batch.
+    #[serde(default)]
+    pub relabel: Vec<RelabelConfig>,
+}
+
+/// `[agent]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Plugin directories, searched after `METRICSD_PLUGIN_PATH` and before the directory of
+    /// the executable and `/usr/lib/metricsd/plugins`.
+    pub plugin_path: Vec<PathBuf>,
+    /// If not empty, only plugin files whose SHA-256 (hex) is listed may load.
+    pub plugin_sha256: Vec<String>,
+    /// Default collection interval.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Default timeout of one plugin call.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Longest back-off after repeated failures of an instance.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Static labels added to every sample (a sample's own label of the same name wins).
+    pub labels: BTreeMap<String, String>,
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
+    pub log_level: String,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// Default capacity of each sink's queue, in samples.
+    pub queue_capacity: usize,
+    /// How long shutdown may take to flush the sinks.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Emit the agent's own `metricsd_*` metrics through the pipeline.
+    pub internal_metrics: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            plugin_path: Vec::new(),
+            plugin_sha256: Vec::new(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(4),
+            max_backoff: Duration::from_secs(300),
+            labels: BTreeMap::new(),
+            log_level: "info".to_string(),
+            log_format: LogFormat::Text,
+            queue_capacity: 100_000,
+            shutdown_timeout: Duration::from_secs(10),
+            internal_metrics: true,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the listener that serves the paths pull sinks register (`/metrics`);
+    /// empty disables it.
+    pub metrics_listen: String,
+    /// Address of the listener that serves `/health`, `/metrics/stats` and `/plugins`;
+    /// empty disables it.
+    pub health_listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            metrics_listen: "0.0.0.0:8080".to_string(),
+            health_listen: "0.0.0.0:8081".to_string(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The parsed metrics address, `None` when disabled.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        parse_listen("http.metrics_listen", &self.metrics_listen)
+    }
+
+    /// The parsed health address, `None` when disabled.
+    pub fn health_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        parse_listen("http.health_listen", &self.health_listen)
+    }
+}
+
+fn parse_listen(key: &str, text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let text = text.trim();
+    // ":8080" is the exporter convention for "all interfaces".
+    let full = if text.starts_with(':') {
+        format!("0.0.0.0{text}")
+    } else {
+        text.to_string()
+    };
+    full.parse().map(Some).map_err(|_| {
+        key_error(
+            key,
+            format!("`{text}` is not an address like 0.0.0.0:8080 or [::1]:8080"),
+        )
+    })
+}
+
+/// One `[[collectors]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// Instance name, unique among collectors and sinks.
+    pub name: String,
+    /// The plugin name the `.so` declares.
+    pub plugin: String,
+    /// Collection interval (default: `agent.interval`).
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    /// Call timeout (default: `agent.timeout`).
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Start-up fails if the plugin cannot load, and `/health` answers 503 while it fails.
+    #[serde(default)]
+    pub required: bool,
+    /// Handed to the plugin as JSON; the plugin validates it.
+    #[serde(default)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One `[[sinks]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Instance name, unique among collectors and sinks.
+    pub name: String,
+    /// The plugin name the `.so` declares.
+    pub plugin: String,
+    /// Timeout of one write (default: `agent.timeout`).
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Start-up fails if the plugin cannot load, and `/health` answers 503 while it fails.
+    #[serde(default)]
+    pub required: bool,
+    /// Queue capacity in samples (default: `agent.queue_capacity`).
+    pub queue_capacity: Option<usize>,
+    /// Handed to the plugin as JSON; the plugin validates it.
+    #[serde(default)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Collector instance names (`metricsd` is the agent's own metrics).
+    pub from: Vec<String>,
+    /// Sink instance names.
+    pub to: Vec<String>,
+    /// Only metric names matching one of these globs pass (default: all).
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Metric names matching one of these globs do not pass.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+/// What a relabel rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelabelAction {
+    /// Drop metrics whose name matches `metrics`.
+    Drop,
+    /// Keep only metrics whose name matches `metrics`.
+    Keep,
+    /// Rename metrics matching `from` to `to`; a `*` in both carries the matched text over.
+    Rename,
+    /// Remove labels whose name matches `labels` from matching metrics.
+    DropLabels,
+}
+
+/// One `[[relabel]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelabelConfig {
+    /// What to do.
+    pub action: RelabelAction,
+    /// Metric name globs (`drop`, `keep`, `drop_labels`; default for `drop_labels`: all).
+    #[serde(default)]
+    pub metrics: Vec<String>,
+    /// Label name globs (`drop_labels`).
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Name pattern with at most one `*` (`rename`).
+    pub from: Option<String>,
+    /// Replacement with the same number of `*` (`rename`).
+    pub to: Option<String>,
+    /// Only batches of these collectors (default: all).
+    #[serde(default)]
+    pub collectors: Vec<String>,
+}
+
+/// The name under which the agent's own metrics enter the pipeline.
+pub const INTERNAL_SOURCE: &str = "metricsd";
+
+/// The built-in configuration used when no file is given. Entries whose plugin is not
+/// installed are skipped with a warning (see [`Config::is_builtin_default`]).
+pub const BUILTIN_DEFAULT: &str = r#"
+[[collectors]]
+name = "system"
+plugin = "system"
+
+[[collectors]]
+name = "gpu"
+plugin = "nvml"
+
+[[sinks]]
+name = "prometheus"
+plugin = "prometheus"
+"#;
+
+/// Where a configuration came from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A file.
+    File(PathBuf),
+    /// [`BUILTIN_DEFAULT`].
+    BuiltinDefault,
+}
+
+/// A configuration and where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    /// The configuration.
+    pub config: Config,
+    /// Its origin.
+    pub source: ConfigSource,
+}
+
+impl LoadedConfig {
+    /// Whether missing plugins are skipped rather than errors.
+    pub fn is_builtin_default(&self) -> bool {
+        matches!(self.source, ConfigSource::BuiltinDefault)
+    }
+}
+
+/// Reads the environment; a function so tests can pass their own.
+pub trait Env {
+    /// The variable's value, if set and not empty.
+    fn var(&self, name: &str) -> Option<String>;
+    /// All variables with this prefix.
+    fn vars_with_prefix(&self, prefix: &str) -> Vec<(String, String)>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+
+    fn vars_with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        std::env::vars()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .collect()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).filter(|v| !v.is_empty()).cloned()
+    }
+
+    fn vars_with_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        self.iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// Loads the config file (or the built-in default), applies environment overrides, and
+/// validates what can be validated without plugins.
+pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<LoadedConfig, ConfigError> {
+    let (text, source) = match path {
+        Some(p) => (
+            std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                path: p.to_path_buf(),
+                message: e.to_string(),
+            })?,
+            ConfigSource::File(p.to_path_buf()),
+        ),
+        None => (BUILTIN_DEFAULT.to_string(), ConfigSource::BuiltinDefault),
+    };
+    let config = from_toml_with_env(&text, &source, env)?;
+    Ok(LoadedConfig { config, source })
+}
+
+/// Parses TOML text, merges `METRICSD_*` overrides, deserialises with key paths in errors, and
+/// applies the operator environment names.
+pub fn from_toml_with_env(
+    text: &str,
+    source: &ConfigSource,
+    env: &dyn Env,
+) -> Result<Config, ConfigError> {
+    let read_error = |message: String| ConfigError::Read {
+        path: match source {
+            ConfigSource::File(p) => p.clone(),
+            ConfigSource::BuiltinDefault => PathBuf::from("<built-in default>"),
+        },
+        message,
+    };
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml));
+    // METRICSD_HTTP__METRICS_LISTEN=… → http.metrics_listen. METRICSD_PLUGIN_PATH is the plugin
+    // directory list, not a config key.
+    for (name, value) in env.vars_with_prefix("METRICSD_") {
+        if name == "METRICSD_PLUGIN_PATH" || name == "METRICSD_CONFIG" {
+            continue;
+        }
+        let key = name["METRICSD_".len()..].to_lowercase().replace("__", ".");
+        if !key.contains('.') {
+            return Err(ConfigError::Env {
+                name,
+                message: "expected METRICSD_<SECTION>__<KEY>, e.g. METRICSD_AGENT__INTERVAL"
+                    .to_string(),
+            });
+        }
+        builder = builder
+            .set_override(key, value)
+            .map_err(|e| read_error(e.to_string()))?;
+    }
+    let merged = builder.build().map_err(|e| read_error(e.to_string()))?;
+    let mut config: Config = serde_path_to_error::deserialize(merged).map_err(|err| {
+        let key = err.path().to_string();
+        let message = err.inner().to_string();
+        key_error(key, message)
+    })?;
+    apply_operator_env(&mut config, env)?;
+    validate(&config)?;
+    Ok(config)
+}
+
+/// The environment names operators of GPU fleets already use.
+fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigError> {
+    if let Some(level) = env.var("LOG_LEVEL") {
+        config.agent.log_level = level;
+    }
+    if let Some(text) = env.var("GPU_COLLECTION_INTERVAL") {
+        let interval = parse_env_duration("GPU_COLLECTION_INTERVAL", &text)?;
+        for c in config.collectors.iter_mut().filter(|c| c.plugin == "nvml") {
+            c.interval = Some(interval);
+        }
+    }
+    if let Some(host) = env.var("GPU_DISCOVERY_HOST") {
+        let endpoint = serde_json::Value::String(host);
+        let mut found = false;
+        for c in config
+            .collectors
+            .iter_mut()
+            .filter(|c| c.plugin == "discovery")
+        {
+            c.config.insert("endpoint".to_string(), endpoint.clone());
+            found = true;
+        }
+        if !found {
+            let mut table = serde_json::Map::new();
+            table.insert("endpoint".to_string(), endpoint);
+            config.collectors.push(CollectorConfig {
+                name: "discovery".to_string(),
+                plugin: "discovery".to_string(),
+                interval: None,
+                timeout: None,
+                required: false,
+                config: table,
+            });
+        }
+    }
+    if let Some(list) = env.var("TIMESERIES_BACKEND") {
+        let wanted: Vec<String> = list
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if wanted.is_empty() {
+            return Err(ConfigError::Env {
+                name: "TIMESERIES_BACKEND".into(),
+                message: "expected a sink plugin name, e.g. prometheus or influxdb".into(),
+            });
+        }
+        config.sinks.retain(|s| wanted.contains(&s.plugin));
+        for plugin in wanted {
+            if !config.sinks.iter().any(|s| s.plugin == plugin) {
+                config.sinks.push(SinkConfig {
+                    name: plugin.clone(),
+                    plugin,
+                    timeout: None,
+                    required: false,
+                    queue_capacity: None,
+                    config: serde_json::Map::new(),
+                });
+            }
+        }
+    }
+    if let Some(flag) = env.var("PROMETHEUS_ENABLED") {
+        let enabled = parse_env_bool("PROMETHEUS_ENABLED", &flag)?;
+        let has = config.sinks.iter().any(|s| s.plugin == "prometheus");
+        if !enabled {
+            config.sinks.retain(|s| s.plugin != "prometheus");
+        } else if !has {
+            config.sinks.push(SinkConfig {
+                name: "prometheus".to_string(),
+                plugin: "prometheus".to_string(),
+                timeout: None,
+                required: false,
+                queue_capacity: None,
+                config: serde_json::Map::new(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn parse_env_duration(name: &str, text: &str) -> Result<Duration, ConfigError> {
+    // A bare number means seconds, as these variables are commonly set.
+    if let Ok(secs) = text.trim().parse::<f64>() {
+        if secs > 0.0 && secs.is_finite() {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+    }
+    humantime::parse_duration(text.trim()).map_err(|e| ConfigError::Env {
+        name: name.to_string(),
+        message: format!("`{text}` is not a duration like 5s or 500ms ({e})"),
+    })
+}
+
+fn parse_env_bool(name: &str, text: &str) -> Result<bool, ConfigError> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::Env {
+            name: name.to_string(),
+            message: format!("`{text}` is not true or false"),
+        }),
+    }
+}
+
+fn is_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// Whether `name` is a valid label name.
+pub fn is_label_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Whether `name` is a valid metric name.
+pub fn is_valid_metric_name(name: &str) -> bool {
+    is_metric_name(name)
+}
+
+fn check_glob(key: String, pattern: &str) -> Result<(), ConfigError> {
+    globset::Glob::new(pattern)
+        .map(|_| ())
+        .map_err(|e| key_error(key, format!("`{pattern}` is not a valid glob: {e}")))
+}
+
+/// Checks what can be checked without plugins: names, durations, references, globs.
+fn validate(config: &Config) -> Result<(), ConfigError> {
+    let agent = &config.agent;
+    if agent.interval.is_zero() {
+        return Err(key_error("agent.interval", "must be greater than 0"));
+    }
+    if agent.timeout.is_zero() {
+        return Err(key_error("agent.timeout", "must be greater than 0"));
+    }
+    if agent.queue_capacity == 0 {
+        return Err(key_error("agent.queue_capacity", "must be greater than 0"));
+    }
+    for (i, digest) in agent.plugin_sha256.iter().enumerate() {
+        if digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(key_error(
+                format!("agent.plugin_sha256[{i}]"),
+                format!("`{digest}` is not a SHA-256 digest (64 hex digits)"),
+            ));
+        }
+    }
+    for name in agent.labels.keys() {
+        if !is_label_name(name) || name.starts_with("__") {
+            return Err(key_error(
+                format!("agent.labels.{name}"),
+                "not a valid label name ([a-zA-Z_][a-zA-Z0-9_]*, not starting with __)",
+            ));
+        }
+    }
+    config.http.metrics_addr()?;
+    config.http.health_addr()?;
+
+    let mut names = BTreeSet::new();
+    names.insert(INTERNAL_SOURCE.to_string());
+    for (i, c) in config.collectors.iter().enumerate() {
+        check_instance_name(&format!("collectors[{i}]"), &c.name, &mut names)?;
+        if c.plugin.is_empty() {
+            return Err(key_error(format!("collectors[{i}].plugin"), "must not be empty"));
+        }
+        if c.interval.is_some_and(|d| d.is_zero()) {
+            return Err(key_error(
+                format!("collectors[{i}].interval"),
+                "must be greater than 0",
+            ));
+        }
+        if c.timeout.is_some_and(|d| d.is_zero()) {
+            return Err(key_error(
+                format!("collectors[{i}].timeout"),
+                "must be greater than 0",
+            ));
+        }
+    }
+    for (i, s) in config.sinks.iter().enumerate() {
+        check_instance_name(&format!("sinks[{i}]"), &s.name, &mut names)?;
+        if s.plugin.is_empty() {
+            return Err(key_error(format!("sinks[{i}].plugin"), "must not be empty"));
+        }
+        if s.queue_capacity == Some(0) {
+            return Err(key_error(
+                format!("sinks[{i}].queue_capacity"),
+                "must be greater than 0",
+            ));
+        }
+    }
+    let collectors: BTreeSet<&str> = config
+        .collectors
+        .iter()
+        .map(|c| c.name.as_str())
+        .chain([INTERNAL_SOURCE])
+        .collect();
+    let sinks: BTreeSet<&str> = config.sinks.iter().map(|s| s.name.as_str()).collect();
+    for (i, r) in config.routes.iter().enumerate() {
+        for (j, from) in r.from.iter().enumerate() {
+            if !collectors.contains(from.as_str()) {
+                return Err(key_error(
+                    format!("routes[{i}].from[{j}]"),
+                    format!("no collector named `{from}`{}", did_you_mean(from, &collectors)),
+                ));
+            }
+        }
+        for (j, to) in r.to.iter().enumerate() {
+            if !sinks.contains(to.as_str()) {
+                return Err(key_error(
+                    format!("routes[{i}].to[{j}]"),
+                    format!("no sink named `{to}`{}", did_you_mean(to, &sinks)),
+                ));
+            }
+        }
+        for (j, g) in r.include.iter().enumerate() {
+            check_glob(format!("routes[{i}].include[{j}]"), g)?;
+        }
+        for (j, g) in r.exclude.iter().enumerate() {
+            check_glob(format!("routes[{i}].exclude[{j}]"), g)?;
+        }
+    }
+    for (i, r) in config.relabel.iter().enumerate() {
+        validate_relabel(i, r, &collectors)?;
+    }
+    Ok(())
+}
+
+fn validate_relabel(
+    i: usize,
+    r: &RelabelConfig,
+    collectors: &BTreeSet<&str>,
+) -> Result<(), ConfigError> {
+    for (j, g) in r.metrics.iter().enumerate() {
+        check_glob(format!("relabel[{i}].metrics[{j}]"), g)?;
+    }
+    for (j, g) in r.labels.iter().enumerate() {
+        check_glob(format!("relabel[{i}].labels[{j}]"), g)?;
+    }
+    for (j, c) in r.collectors.iter().enumerate() {
+        if !collectors.contains(c.as_str()) {
+            return Err(key_error(
+                format!("relabel[{i}].collectors[{j}]"),
+                format!("no collector named `{c}`{}", did_you_mean(c, collectors)),
+            ));
+        }
+    }
+    match r.action {
+        RelabelAction::Drop | RelabelAction::Keep if r.metrics.is_empty() => Err(key_error(
+            format!("relabel[{i}].metrics"),
+            "needs at least one metric name glob",
+        )),
+        RelabelAction::DropLabels if r.labels.is_empty() => Err(key_error(
+            format!("relabel[{i}].labels"),
+            "needs at least one label name glob",
+        )),
+        RelabelAction::Rename => {
+            let from = r
+                .from
+                .as_deref()
+                .ok_or_else(|| key_error(format!("relabel[{i}].from"), "missing for rename"))?;
+            let to = r
+                .to
+                .as_deref()
+                .ok_or_else(|| key_error(format!("relabel[{i}].to"), "missing for rename"))?;
+            let stars = from.matches('*').count();
+            if stars > 1 {
+                return Err(key_error(
+                    format!("relabel[{i}].from"),
+                    "may contain at most one `*`",
+                ));
+            }
+            if to.matches('*').count() != stars {
+                return Err(key_error(
+                    format!("relabel[{i}].to"),
+                    "must contain a `*` exactly when `from` does",
+                ));
+            }
+            if !is_metric_name(&to.replace('*', "x")) {
+                return Err(key_error(
+                    format!("relabel[{i}].to"),
+                    format!("`{to}` does not give valid metric names"),
+                ));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_instance_name(
+    key: &str,
+    name: &str,
+    seen: &mut BTreeSet<String>,
+) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    {
+        return Err(key_error(
+            format!("{key}.name"),
+            format!("`{name}` is not a valid instance name (letters, digits, _ - .)"),
+        ));
+    }
+    if name == INTERNAL_SOURCE {
+        return Err(key_error(
+            format!("{key}.name"),
+            format!("`{INTERNAL_SOURCE}` is reserved for the agent's own metrics"),
+        ));
+    }
+    if !seen.insert(name.to_string()) {
+        return Err(key_error(
+            format!("{key}.name"),
+            format!("`{name}` is used by another instance; names must be unique"),
+        ));
+    }
+    Ok(())
+}
+
+/// ` (did you mean `x`?)` when a known name is close, else empty.
+pub fn did_you_mean<'a>(name: &str, known: impl IntoIterator<Item = &'a &'a str>) -> String {
+    known
+        .into_iter()
+        .map(|k| (strsim::levenshtein(name, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+        .min()
+        .map(|(_, k)| format!(" (did you mean `{k}`?)"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        parse_env(text, &[])
+    }
+
+    fn parse_env(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        from_toml_with_env(text, &ConfigSource::File("test.toml".into()), &env)
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn built_in_default_parses() {
+        let c = parse(BUILTIN_DEFAULT).unwrap();
+        assert_eq!(c.collectors.len(), 2);
+        assert_eq!(c.sinks[0].plugin, "prometheus");
+        assert_eq!(c.agent.interval, Duration::from_secs(5));
+        assert_eq!(c.http.metrics_listen, "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err("[agent]\nintervall = \"5s\"\n");
+        assert!(e.contains("agent"), "{e}");
+        assert!(e.contains("unknown field `intervall`"), "{e}");
+        let e = err("[[collectors]]\nname=\"a\"\nplugin=\"b\"\ncolour=1\n");
+        assert!(e.contains("collectors[0]"), "{e}");
+        assert!(e.contains("`colour`"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let e = err("[agent]\ninterval = \"fast\"\n");
+        assert!(e.contains("`agent.interval`"), "{e}");
+        let e = err("[[collectors]]\nname=\"a\"\nplugin=\"b\"\ninterval=\"5 parsecs\"\n");
+        assert!(e.contains("`collectors[0].interval`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = err("[agent]\nqueue_capacity = \"lots\"\n");
+        assert!(e.contains("`agent.queue_capacity`"), "{e}");
+        let e = err("[[sinks]]\nname = 3\nplugin = \"x\"\n");
+        assert!(e.contains("sinks[0].name"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_and_reserved_names_are_refused() {
+        let e = err("[[collectors]]\nname=\"a\"\nplugin=\"x\"\n[[sinks]]\nname=\"a\"\nplugin=\"y\"\n");
+        assert!(e.contains("sinks[0].name") && e.contains("unique"), "{e}");
+        let e = err("[[collectors]]\nname=\"metricsd\"\nplugin=\"x\"\n");
+        assert!(e.contains("reserved"), "{e}");
+    }
+
+    #[test]
+    fn routes_must_name_instances() {
+        let e = err("[[collectors]]\nname=\"gpu\"\nplugin=\"nvml\"\n[[sinks]]\nname=\"prom\"\nplugin=\"prometheus\"\n[[routes]]\nfrom=[\"gpus\"]\nto=[\"prom\"]\n");
+        assert!(e.contains("routes[0].from[0]"), "{e}");
+        assert!(e.contains("did you mean `gpu`"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_with_section_separator() {
+        let c = parse_env(
+            "",
+            &[
+                ("METRICSD_HTTP__METRICS_LISTEN", "127.0.0.1:9999"),
+                ("METRICSD_AGENT__INTERVAL", "250ms"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.http.metrics_listen, "127.0.0.1:9999");
+        assert_eq!(c.agent.interval, Duration::from_millis(250));
+
+        let e = parse_env("", &[("METRICSD_AGENT__INTERVAL", "soon")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agent.interval"), "{e}");
+    }
+
+    #[test]
+    fn operator_env_names() {
+        let c = parse_env(
+            BUILTIN_DEFAULT,
+            &[
+                ("GPU_COLLECTION_INTERVAL", "10"),
+                ("LOG_LEVEL", "debug"),
+                ("PROMETHEUS_ENABLED", "false"),
+                ("GPU_DISCOVERY_HOST", "http://127.0.0.1:50051"),
+            ],
+        )
+        .unwrap();
+        let gpu = c.collectors.iter().find(|c| c.plugin == "nvml").unwrap();
+        assert_eq!(gpu.interval, Some(Duration::from_secs(10)));
+        assert_eq!(c.agent.log_level, "debug");
+        assert!(c.sinks.is_empty());
+        let d = c.collectors.iter().find(|c| c.plugin == "discovery").unwrap();
+        assert_eq!(d.config["endpoint"], "http://127.0.0.1:50051");
+
+        let c = parse_env(BUILTIN_DEFAULT, &[("TIMESERIES_BACKEND", "influxdb")]).unwrap();
+        let plugins: Vec<_> = c.sinks.iter().map(|s| s.plugin.as_str()).collect();
+        assert_eq!(plugins, ["influxdb"]);
+
+        let e = parse_env(BUILTIN_DEFAULT, &[("GPU_COLLECTION_INTERVAL", "often")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("GPU_COLLECTION_INTERVAL"), "{e}");
+        let e = parse_env(BUILTIN_DEFAULT, &[("PROMETHEUS_ENABLED", "perhaps")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PROMETHEUS_ENABLED"), "{e}");
+    }
+
+    #[test]
+    fn listen_addresses() {
+        let c = parse("[http]\nmetrics_listen = \":9100\"\nhealth_listen = \"\"\n").unwrap();
+        assert_eq!(
+            c.http.metrics_addr().unwrap(),
+            Some("0.0.0.0:9100".parse().unwrap())
+        );
+        assert_eq!(c.http.health_addr().unwrap(), None);
+        let e = err("[http]\nmetrics_listen = \"localhost\"\n");
+        assert!(e.contains("http.metrics_listen"), "{e}");
+    }
+
+    #[test]
+    fn relabel_rules_are_checked() {
+        let e = err("[[relabel]]\naction = \"rename\"\nfrom = \"a_*\"\nto = \"b\"\n");
+        assert!(e.contains("relabel[0].to"), "{e}");
+        let e = err("[[relabel]]\naction = \"drop\"\n");
+        assert!(e.contains("relabel[0].metrics"), "{e}");
+        let e = err("[[relabel]]\naction = \"explode\"\nmetrics=[\"x\"]\n");
+        assert!(e.contains("relabel[0].action"), "{e}");
+        parse("[[relabel]]\naction = \"rename\"\nfrom = \"a_*\"\nto = \"b_*\"\n").unwrap();
+    }
+
+    #[test]
+    fn did_you_mean_suggests_close_names() {
+        assert_eq!(did_you_mean("nvlm", &["nvml", "system"]), " (did you mean `nvml`?)");
+        assert_eq!(did_you_mean("zzzzzz", &["nvml", "system"]), "");
+    }
+}

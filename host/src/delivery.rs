@@ -1,0 +1,366 @@
+//! The host owns delivery: one bounded queue per sink (drop-oldest, counted) and one worker
+//! that hands batches to the sink's `write` on a blocking thread, never two at once, and acts
+//! on the failure kind the sink reports.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use metricsd_plugin_api::abi::SinkBox;
+use metricsd_plugin_api::{Batch, ErrorKind, PluginError};
+use tokio::sync::Notify;
+
+use crate::events::{Event, Telemetry};
+use crate::health::{Health, State};
+
+struct QueueState {
+    batches: VecDeque<Arc<Batch>>,
+    samples: usize,
+    closed: bool,
+}
+
+/// A bounded queue of batches, measured in samples. When a new batch does not fit, the oldest
+/// batches are dropped (and counted) until it does; a batch larger than the whole capacity is
+/// still accepted on its own.
+pub struct SinkQueue {
+    name: String,
+    capacity: usize,
+    state: Mutex<QueueState>,
+    notify: Notify,
+    telemetry: Arc<Telemetry>,
+}
+
+impl SinkQueue {
+    /// An empty queue.
+    pub fn new(name: &str, capacity: usize, telemetry: Arc<Telemetry>) -> Self {
+        Self {
+            name: name.to_string(),
+            capacity,
+            state: Mutex::new(QueueState {
+                batches: VecDeque::new(),
+                samples: 0,
+                closed: false,
+            }),
+            notify: Notify::new(),
+            telemetry,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Enqueues a batch, dropping the oldest ones if needed.
+    pub fn push(&self, batch: Arc<Batch>) {
+        let n = batch.samples.len();
+        if n == 0 {
+            return;
+        }
+        let (dropped, depth, closed) = {
+            let mut st = self.lock();
+            if st.closed {
+                (0, st.samples, true)
+            } else {
+                let mut dropped = 0;
+                while st.samples + n > self.capacity {
+                    match st.batches.pop_front() {
+                        Some(old) => {
+                            st.samples -= old.samples.len();
+                            dropped += old.samples.len();
+                        }
+                        None => break,
+                    }
+                }
+                st.samples += n;
+                st.batches.push_back(batch);
+                (dropped, st.samples, false)
+            }
+        };
+        if closed {
+            Event::SinkDropped {
+                sink: &self.name,
+                reason: "shutdown",
+                samples: n,
+            }
+            .emit(&self.telemetry);
+            return;
+        }
+        if dropped > 0 {
+            Event::QueueOverflow {
+                sink: &self.name,
+                samples: dropped,
+            }
+            .emit(&self.telemetry);
+        }
+        self.telemetry.set_queue_depth(&self.name, depth);
+        self.notify.notify_one();
+    }
+
+    /// Puts a batch back at the head (a write to retry).
+    fn push_front(&self, batch: Arc<Batch>) {
+        let depth = {
+            let mut st = self.lock();
+            st.samples += batch.samples.len();
+            st.batches.push_front(batch);
+            st.samples
+        };
+        self.telemetry.set_queue_depth(&self.name, depth);
+    }
+
+    fn try_pop(&self) -> Result<Option<Arc<Batch>>, ()> {
+        let mut st = self.lock();
+        match st.batches.pop_front() {
+            Some(b) => {
+                st.samples -= b.samples.len();
+                let depth = st.samples;
+                drop(st);
+                self.telemetry.set_queue_depth(&self.name, depth);
+                Ok(Some(b))
+            }
+            None if st.closed => Err(()),
+            None => Ok(None),
+        }
+    }
+
+    /// The next batch; `None` once the queue is closed and empty.
+    pub async fn pop(&self) -> Option<Arc<Batch>> {
+        loop {
+            let notified = self.notify.notified();
+            match self.try_pop() {
+                Ok(Some(b)) => return Some(b),
+                Err(()) => return None,
+                Ok(None) => notified.await,
+            }
+        }
+    }
+
+    /// Stops accepting batches; `pop` drains what is left, then returns `None`.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+    }
+
+    /// Empties the queue, returning the number of samples removed.
+    pub fn clear(&self) -> usize {
+        let mut st = self.lock();
+        st.batches.clear();
+        std::mem::take(&mut st.samples)
+    }
+
+    /// Samples waiting.
+    pub fn depth(&self) -> usize {
+        self.lock().samples
+    }
+
+    /// Takes every queued batch (tests and `once`).
+    pub fn drain_now(&self) -> Vec<Arc<Batch>> {
+        let mut st = self.lock();
+        st.samples = 0;
+        st.batches.drain(..).collect()
+    }
+}
+
+/// A sink instance and what the worker needs to drive it.
+pub struct SinkRuntime {
+    /// Instance name.
+    pub name: String,
+    /// Plugin name.
+    pub plugin: String,
+    /// Write timeout.
+    pub timeout: Duration,
+    /// Longest back-off between retries.
+    pub max_backoff: Duration,
+    /// The live instance (`None` while disabled); shared with the HTTP layer for `render`.
+    pub instance: RwLock<Option<Arc<SinkBox>>>,
+    /// Its queue.
+    pub queue: Arc<SinkQueue>,
+    /// Shared telemetry.
+    pub telemetry: Arc<Telemetry>,
+    /// Shared health.
+    pub health: Arc<Health>,
+}
+
+impl SinkRuntime {
+    /// The live instance.
+    pub fn current(&self) -> Option<Arc<SinkBox>> {
+        self.instance
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn disable(&self, why: String) {
+        *self.instance.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.health.failure(&self.name, State::Disabled, why);
+    }
+
+    /// Calls `write` on a blocking thread; after the timeout the sink is reported stale and
+    /// the worker keeps waiting for the call (a sink is never written to twice at once).
+    async fn write(&self, instance: Arc<SinkBox>, batch: Arc<Batch>) -> Result<(), PluginError> {
+        let mut call = tokio::task::spawn_blocking(move || instance.write(&batch).into_result());
+        let joined = match tokio::time::timeout(self.timeout, &mut call).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                let why = format!(
+                    "write did not finish within {}",
+                    humantime::format_duration(self.timeout)
+                );
+                Event::SinkWriteFailed {
+                    sink: &self.name,
+                    plugin: &self.plugin,
+                    kind: "timeout",
+                    message: &why,
+                }
+                .emit(&self.telemetry);
+                self.health.stale(&self.name, why);
+                call.await
+            }
+        };
+        joined.unwrap_or_else(|e| {
+            Err(PluginError {
+                kind: ErrorKind::PANIC,
+                message: format!("write task failed: {e}").into(),
+                retry_after_ms: abi_stable::std_types::ROption::RNone,
+            })
+        })
+    }
+
+    /// Writes queued batches until the queue is closed and drained.
+    pub async fn run(self: Arc<Self>) {
+        let mut backoff = Duration::ZERO;
+        while let Some(batch) = self.queue.pop().await {
+            let Some(instance) = self.current() else {
+                Event::SinkDropped {
+                    sink: &self.name,
+                    reason: "disabled",
+                    samples: batch.samples.len(),
+                }
+                .emit(&self.telemetry);
+                continue;
+            };
+            let started = Instant::now();
+            let samples = batch.samples.len();
+            match self.write(instance, Arc::clone(&batch)).await {
+                Ok(()) => {
+                    backoff = Duration::ZERO;
+                    self.health.success(&self.name);
+                    Event::SinkWritten {
+                        sink: &self.name,
+                        plugin: &self.plugin,
+                        samples,
+                        duration: started.elapsed(),
+                    }
+                    .emit(&self.telemetry);
+                }
+                Err(err) => {
+                    let message = err.message.to_string();
+                    Event::SinkWriteFailed {
+                        sink: &self.name,
+                        plugin: &self.plugin,
+                        kind: err.kind.as_str(),
+                        message: &message,
+                    }
+                    .emit(&self.telemetry);
+                    match err.kind {
+                        ErrorKind::TRANSIENT => {
+                            self.health.failure(&self.name, State::Failing, message);
+                            backoff = (backoff * 2)
+                                .max(Duration::from_millis(500))
+                                .min(self.max_backoff);
+                            let wait = err
+                                .retry_after_ms
+                                .into_option()
+                                .map(Duration::from_millis)
+                                .unwrap_or(backoff)
+                                .min(self.max_backoff);
+                            self.queue.push_front(batch);
+                            tokio::time::sleep(wait).await;
+                        }
+                        ErrorKind::REJECTED => {
+                            self.health.failure(&self.name, State::Failing, message);
+                            Event::SinkDropped {
+                                sink: &self.name,
+                                reason: "rejected",
+                                samples,
+                            }
+                            .emit(&self.telemetry);
+                        }
+                        _ => {
+                            // Fatal, config or panic: the instance cannot be trusted with more
+                            // data until the operator acts (or the config is reloaded).
+                            self.disable(format!("{}: {message}", err.kind.as_str()));
+                            let queued = self.queue.clear();
+                            Event::SinkDropped {
+                                sink: &self.name,
+                                reason: "disabled",
+                                samples: samples + queued,
+                            }
+                            .emit(&self.telemetry);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Flushes and closes the instance (shutdown), on a blocking thread with the timeout.
+    pub async fn finish(&self) {
+        let Some(instance) = self.current() else {
+            return;
+        };
+        let name = self.name.clone();
+        let call = tokio::task::spawn_blocking(move || {
+            let flushed = instance.flush().into_result();
+            instance.close();
+            flushed
+        });
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(Ok(()))) => tracing::debug!(sink = %name, "flushed"),
+            Ok(Ok(Err(e))) => tracing::warn!(sink = %name, "flush failed: {}", e.message),
+            Ok(Err(e)) => tracing::warn!(sink = %name, "flush task failed: {e}"),
+            Err(_) => tracing::warn!(sink = %name, "flush did not finish within the timeout"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metricsd_plugin_api::BatchBuilder;
+
+    fn batch(n: usize) -> Arc<Batch> {
+        let mut b = BatchBuilder::new();
+        let f = b.gauge("x", "", "");
+        for _ in 0..n {
+            b.sample(f, &[], 1.0);
+        }
+        Arc::new(b.finish())
+    }
+
+    #[test]
+    fn full_queue_drops_oldest_and_counts() {
+        let t = Arc::new(Telemetry::new());
+        let q = SinkQueue::new("s", 10, Arc::clone(&t));
+        q.push(batch(4));
+        q.push(batch(4));
+        q.push(batch(4));
+        assert_eq!(q.depth(), 8);
+        assert!(t
+            .render_text()
+            .contains("metricsd_sink_dropped_samples_total{reason=\"queue_full\",sink=\"s\"} 4"));
+        q.push(batch(30));
+        assert_eq!(q.depth(), 30, "an oversized batch is kept alone");
+    }
+
+    #[tokio::test]
+    async fn closed_queue_drains_then_ends() {
+        let t = Arc::new(Telemetry::new());
+        let q = SinkQueue::new("s", 10, t);
+        q.push(batch(1));
+        q.close();
+        q.push(batch(1));
+        assert!(q.pop().await.is_some());
+        assert!(q.pop().await.is_none());
+    }
+}

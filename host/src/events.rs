@@ -1,0 +1,481 @@
+//! Everything worth reporting is one typed [`Event`]: its `emit` writes the log line and bumps
+//! the matching `metricsd_*` metric, so logs and metrics never disagree.
+
+use std::time::Duration;
+
+use metricsd_plugin_api::{Batch, BatchBuilder, Label, MetricKind};
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+/// The agent's own metrics.
+pub struct Telemetry {
+    registry: Registry,
+    collector_up: IntGaugeVec,
+    collector_stale: IntGaugeVec,
+    collections: IntCounterVec,
+    collector_errors: IntCounterVec,
+    collector_timeouts: IntCounterVec,
+    collector_panics: IntCounterVec,
+    collector_restarts: IntCounterVec,
+    collector_skipped: IntCounterVec,
+    collector_samples: IntCounterVec,
+    collector_invalid: IntCounterVec,
+    collector_last_duration: GaugeVec,
+    collector_duration_total: GaugeVec,
+    sink_up: IntGaugeVec,
+    sink_queue: IntGaugeVec,
+    sink_queue_capacity: IntGaugeVec,
+    sink_dropped: IntCounterVec,
+    sink_write_errors: IntCounterVec,
+    sink_writes: IntCounterVec,
+    sink_samples: IntCounterVec,
+    sink_last_duration: GaugeVec,
+    plugin_files: IntGaugeVec,
+    build_info: IntGaugeVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    /// Registers every metric (names are constants, so registration cannot fail).
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let c = ["collector"];
+        let s = ["sink"];
+        let t = Self {
+            collector_up: int_gauge(&r, "metricsd_collector_up", "1 if the collector's last call succeeded.", &["collector", "plugin"]),
+            collector_stale: int_gauge(&r, "metricsd_collector_stale", "1 while a call of the collector is overdue (timed out and not yet returned).", &c),
+            collections: counter(&r, "metricsd_collector_collections_total", "Successful collections.", &c),
+            collector_errors: counter(&r, "metricsd_collector_errors_total", "Failed collector calls by kind (transient, config, fatal, panic, timeout, create).", &["collector", "kind"]),
+            collector_timeouts: counter(&r, "metricsd_collector_timeouts_total", "Collector calls that exceeded their timeout.", &c),
+            collector_panics: counter(&r, "metricsd_collector_panics_total", "Panics caught in the collector plugin.", &c),
+            collector_restarts: counter(&r, "metricsd_collector_restarts_total", "Times the collector instance was created again after a failure.", &c),
+            collector_skipped: counter(&r, "metricsd_collector_skipped_total", "Interval ticks without a call, by reason (in_flight, backoff).", &["collector", "reason"]),
+            collector_samples: counter(&r, "metricsd_collector_samples_total", "Samples collected.", &c),
+            collector_invalid: counter(&r, "metricsd_collector_invalid_samples_total", "Samples dropped because they were invalid (bad name, family index or late).", &c),
+            collector_last_duration: gauge(&r, "metricsd_collector_last_duration_seconds", "Duration of the collector's last completed call.", &c),
+            collector_duration_total: gauge(&r, "metricsd_collector_duration_seconds_total", "Total time spent in the collector's calls.", &c),
+            sink_up: int_gauge(&r, "metricsd_sink_up", "1 if the sink's last write succeeded (or none failed yet).", &["sink", "plugin"]),
+            sink_queue: int_gauge(&r, "metricsd_sink_queue_samples", "Samples waiting in the sink's queue.", &s),
+            sink_queue_capacity: int_gauge(&r, "metricsd_sink_queue_capacity_samples", "Capacity of the sink's queue.", &s),
+            sink_dropped: counter(&r, "metricsd_sink_dropped_samples_total", "Samples the sink lost, by reason (queue_full, rejected, disabled, shutdown, write_error).", &["sink", "reason"]),
+            sink_write_errors: counter(&r, "metricsd_sink_write_errors_total", "Failed writes by kind (transient, rejected, fatal, config, panic, timeout).", &["sink", "kind"]),
+            sink_writes: counter(&r, "metricsd_sink_writes_total", "Successful writes.", &s),
+            sink_samples: counter(&r, "metricsd_sink_samples_written_total", "Samples written successfully.", &s),
+            sink_last_duration: gauge(&r, "metricsd_sink_last_write_duration_seconds", "Duration of the sink's last write.", &s),
+            plugin_files: int_gauge(&r, "metricsd_plugin_files", "Plugin files found, by verdict (loaded, shadowed, refused).", &["verdict"]),
+            build_info: int_gauge(&r, "metricsd_build_info", "Always 1; the labels carry the agent and plugin API versions.", &["version", "plugin_api_version"]),
+            registry: r,
+        };
+        t.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), metricsd_plugin_api::API_VERSION])
+            .set(1);
+        t
+    }
+
+    /// The registry, for `/metrics/stats`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Prometheus text of every metric.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out) {
+            tracing::error!("cannot encode internal metrics: {e}");
+        }
+        out
+    }
+
+    /// Declares a collector so its series exist (at 0) before anything happens.
+    pub fn register_collector(&self, name: &str, plugin: &str) {
+        self.collector_up.with_label_values(&[name, plugin]).set(0);
+        self.collector_stale.with_label_values(&[name]).set(0);
+        for m in [
+            &self.collections,
+            &self.collector_timeouts,
+            &self.collector_panics,
+            &self.collector_restarts,
+            &self.collector_samples,
+            &self.collector_invalid,
+        ] {
+            m.with_label_values(&[name]);
+        }
+    }
+
+    /// Declares a sink so its series exist before anything happens.
+    pub fn register_sink(&self, name: &str, plugin: &str, capacity: usize) {
+        self.sink_up.with_label_values(&[name, plugin]).set(1);
+        self.sink_queue.with_label_values(&[name]).set(0);
+        self.sink_queue_capacity
+            .with_label_values(&[name])
+            .set(capacity as i64);
+        self.sink_writes.with_label_values(&[name]);
+        self.sink_samples.with_label_values(&[name]);
+        self.sink_dropped.with_label_values(&[name, "queue_full"]);
+    }
+
+    /// Sets the queue depth gauge.
+    pub fn set_queue_depth(&self, sink: &str, samples: usize) {
+        self.sink_queue.with_label_values(&[sink]).set(samples as i64);
+    }
+
+    /// Sets the plugin file gauges.
+    pub fn set_plugin_files(&self, loaded: usize, shadowed: usize, refused: usize) {
+        self.plugin_files.with_label_values(&["loaded"]).set(loaded as i64);
+        self.plugin_files.with_label_values(&["shadowed"]).set(shadowed as i64);
+        self.plugin_files.with_label_values(&["refused"]).set(refused as i64);
+    }
+
+    /// The registry's metrics as a batch for the pipeline.
+    pub fn to_batch(&self) -> Batch {
+        let mut out = BatchBuilder::new();
+        for mf in self.registry.gather() {
+            let kind = match mf.get_field_type() {
+                prometheus::proto::MetricType::COUNTER => MetricKind::COUNTER,
+                prometheus::proto::MetricType::GAUGE => MetricKind::GAUGE,
+                _ => MetricKind::UNTYPED,
+            };
+            let name = mf.name();
+            let unit = if name.ends_with("_seconds") || name.ends_with("_seconds_total") {
+                "seconds"
+            } else {
+                ""
+            };
+            let family = out.family(name, mf.help(), unit, kind);
+            for m in mf.get_metric() {
+                let labels = m
+                    .get_label()
+                    .iter()
+                    .map(|l| Label::new(l.name(), l.value()))
+                    .collect();
+                let value = match kind {
+                    MetricKind::COUNTER => m.get_counter().get_value(),
+                    _ => m.get_gauge().get_value(),
+                };
+                out.sample_with(family, labels, value);
+            }
+        }
+        out.finish()
+    }
+}
+
+/// A thing worth reporting.
+pub enum Event<'a> {
+    /// A collection succeeded.
+    Collected {
+        /// Instance.
+        collector: &'a str,
+        /// Plugin.
+        plugin: &'a str,
+        /// Valid samples.
+        samples: usize,
+        /// Call duration.
+        duration: Duration,
+    },
+    /// A collector call failed (plugin error).
+    CollectFailed {
+        /// Instance.
+        collector: &'a str,
+        /// Plugin.
+        plugin: &'a str,
+        /// `transient`, `config`, `fatal`, …
+        kind: &'a str,
+        /// The plugin's message.
+        message: &'a str,
+        /// The failure streak, for log-once behaviour.
+        consecutive: u32,
+        /// When the next attempt is.
+        retry_in: Duration,
+    },
+    /// A collector panicked.
+    CollectorPanicked {
+        /// Instance.
+        collector: &'a str,
+        /// Plugin.
+        plugin: &'a str,
+        /// Panic message.
+        message: &'a str,
+        /// When the instance is re-created.
+        restart_in: Duration,
+    },
+    /// A collector call exceeded its timeout.
+    CollectorTimedOut {
+        /// Instance.
+        collector: &'a str,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// A timed-out call returned at last.
+    CollectorRecovered {
+        /// Instance.
+        collector: &'a str,
+        /// How long it took.
+        took: Duration,
+    },
+    /// A tick passed without a call.
+    CollectorSkipped {
+        /// Instance.
+        collector: &'a str,
+        /// `in_flight` or `backoff`.
+        reason: &'static str,
+    },
+    /// The instance could not be created.
+    CollectorCreateFailed {
+        /// Instance.
+        collector: &'a str,
+        /// Plugin.
+        plugin: &'a str,
+        /// Why.
+        message: &'a str,
+        /// When the next attempt is.
+        retry_in: Duration,
+    },
+    /// An instance was created again after a failure.
+    CollectorRestarted {
+        /// Instance.
+        collector: &'a str,
+    },
+    /// Samples of a batch were dropped as invalid.
+    InvalidSamples {
+        /// Instance.
+        collector: &'a str,
+        /// How many.
+        count: usize,
+        /// Why (first problem found).
+        reason: &'a str,
+    },
+    /// A sink's queue was full and dropped its oldest samples.
+    QueueOverflow {
+        /// Sink.
+        sink: &'a str,
+        /// Samples dropped.
+        samples: usize,
+    },
+    /// A sink write succeeded.
+    SinkWritten {
+        /// Sink.
+        sink: &'a str,
+        /// Plugin.
+        plugin: &'a str,
+        /// Samples.
+        samples: usize,
+        /// Duration.
+        duration: Duration,
+    },
+    /// A sink write failed.
+    SinkWriteFailed {
+        /// Sink.
+        sink: &'a str,
+        /// Plugin.
+        plugin: &'a str,
+        /// Error kind.
+        kind: &'a str,
+        /// Message.
+        message: &'a str,
+    },
+    /// A sink lost samples.
+    SinkDropped {
+        /// Sink.
+        sink: &'a str,
+        /// Why: `rejected`, `disabled`, `shutdown`, `write_error`.
+        reason: &'static str,
+        /// Samples.
+        samples: usize,
+    },
+}
+
+impl Event<'_> {
+    /// Logs the event and updates its metric.
+    pub fn emit(&self, t: &Telemetry) {
+        match *self {
+            Event::Collected {
+                collector,
+                plugin,
+                samples,
+                duration,
+            } => {
+                t.collector_up.with_label_values(&[collector, plugin]).set(1);
+                t.collections.with_label_values(&[collector]).inc();
+                t.collector_samples
+                    .with_label_values(&[collector])
+                    .inc_by(samples as u64);
+                observe(t, collector, duration);
+                tracing::trace!(collector, samples, ?duration, "collected");
+            }
+            Event::CollectFailed {
+                collector,
+                plugin,
+                kind,
+                message,
+                consecutive,
+                retry_in,
+            } => {
+                t.collector_up.with_label_values(&[collector, plugin]).set(0);
+                t.collector_errors.with_label_values(&[collector, kind]).inc();
+                // A failure streak logs its first error loudly, then only at debug level.
+                if consecutive <= 1 {
+                    tracing::warn!(
+                        collector,
+                        plugin,
+                        kind,
+                        "collection failed: {message}; next attempt in {}",
+                        humantime::format_duration(retry_in)
+                    );
+                } else {
+                    tracing::debug!(collector, consecutive, "collection failed again: {message}");
+                }
+            }
+            Event::CollectorPanicked {
+                collector,
+                plugin,
+                message,
+                restart_in,
+            } => {
+                t.collector_up.with_label_values(&[collector, plugin]).set(0);
+                t.collector_panics.with_label_values(&[collector]).inc();
+                t.collector_errors.with_label_values(&[collector, "panic"]).inc();
+                tracing::error!(
+                    collector,
+                    plugin,
+                    "{message}; instance disabled, re-created in {}",
+                    humantime::format_duration(restart_in)
+                );
+            }
+            Event::CollectorTimedOut { collector, timeout } => {
+                t.collector_timeouts.with_label_values(&[collector]).inc();
+                t.collector_errors.with_label_values(&[collector, "timeout"]).inc();
+                t.collector_stale.with_label_values(&[collector]).set(1);
+                tracing::warn!(
+                    collector,
+                    "collection did not finish within {}; instance is stale until the call returns (no new call is started meanwhile)",
+                    humantime::format_duration(timeout)
+                );
+            }
+            Event::CollectorRecovered { collector, took } => {
+                t.collector_stale.with_label_values(&[collector]).set(0);
+                tracing::info!(
+                    collector,
+                    "overdue collection returned after {}; its samples were dropped as late",
+                    humantime::format_duration(round_ms(took))
+                );
+            }
+            Event::CollectorSkipped { collector, reason } => {
+                t.collector_skipped.with_label_values(&[collector, reason]).inc();
+                tracing::trace!(collector, reason, "tick skipped");
+            }
+            Event::CollectorCreateFailed {
+                collector,
+                plugin,
+                message,
+                retry_in,
+            } => {
+                t.collector_up.with_label_values(&[collector, plugin]).set(0);
+                t.collector_errors.with_label_values(&[collector, "create"]).inc();
+                tracing::error!(
+                    collector,
+                    plugin,
+                    "cannot start collector: {message}; next attempt in {}",
+                    humantime::format_duration(retry_in)
+                );
+            }
+            Event::CollectorRestarted { collector } => {
+                t.collector_restarts.with_label_values(&[collector]).inc();
+                tracing::info!(collector, "collector instance re-created");
+            }
+            Event::InvalidSamples {
+                collector,
+                count,
+                reason,
+            } => {
+                t.collector_invalid
+                    .with_label_values(&[collector])
+                    .inc_by(count as u64);
+                tracing::warn!(collector, count, "dropped invalid samples: {reason}");
+            }
+            Event::QueueOverflow { sink, samples } => {
+                t.sink_dropped
+                    .with_label_values(&[sink, "queue_full"])
+                    .inc_by(samples as u64);
+                tracing::warn!(sink, samples, "sink queue full: dropped the oldest samples");
+            }
+            Event::SinkWritten {
+                sink,
+                plugin,
+                samples,
+                duration,
+            } => {
+                t.sink_up.with_label_values(&[sink, plugin]).set(1);
+                t.sink_writes.with_label_values(&[sink]).inc();
+                t.sink_samples
+                    .with_label_values(&[sink])
+                    .inc_by(samples as u64);
+                t.sink_last_duration
+                    .with_label_values(&[sink])
+                    .set(duration.as_secs_f64());
+                tracing::trace!(sink, samples, ?duration, "written");
+            }
+            Event::SinkWriteFailed {
+                sink,
+                plugin,
+                kind,
+                message,
+            } => {
+                t.sink_up.with_label_values(&[sink, plugin]).set(0);
+                t.sink_write_errors.with_label_values(&[sink, kind]).inc();
+                tracing::warn!(sink, plugin, kind, "write failed: {message}");
+            }
+            Event::SinkDropped {
+                sink,
+                reason,
+                samples,
+            } => {
+                t.sink_dropped
+                    .with_label_values(&[sink, reason])
+                    .inc_by(samples as u64);
+                tracing::warn!(sink, reason, samples, "samples dropped");
+            }
+        }
+    }
+}
+
+fn observe(t: &Telemetry, collector: &str, duration: Duration) {
+    let secs = duration.as_secs_f64();
+    t.collector_last_duration
+        .with_label_values(&[collector])
+        .set(secs);
+    t.collector_duration_total
+        .with_label_values(&[collector])
+        .add(secs);
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}

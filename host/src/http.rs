@@ -1,0 +1,238 @@
+//! The host's listeners (warp): the health listener (`/health`, `/metrics/stats`, `/plugins`)
+//! and the metrics listener, which answers the paths pull sinks register by asking the sink to
+//! render (on a blocking thread, with the sink's timeout).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use metricsd_plugin_api::{Header, HttpRequest};
+use serde::Serialize;
+use warp::http::{HeaderMap, Method, Response, StatusCode};
+use warp::hyper::body::Bytes;
+use warp::Filter;
+
+use crate::delivery::SinkRuntime;
+use crate::events::Telemetry;
+use crate::health::Health;
+use crate::loader::{PluginSet, Verdict};
+
+type Reply = Response<warp::hyper::Body>;
+
+fn text(status: StatusCode, content_type: &str, body: impl Into<warp::hyper::Body>) -> Reply {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(body.into())
+        .unwrap_or_else(|_| Response::new(warp::hyper::Body::empty()))
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Reply {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => text(status, "application/json", body),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("cannot encode: {e}"),
+        ),
+    }
+}
+
+/// One row of `/plugins`.
+#[derive(Debug, Serialize)]
+pub struct PluginFileReport {
+    /// File path.
+    pub path: String,
+    /// `loaded`, `shadowed` or `refused`.
+    pub verdict: &'static str,
+    /// The plugin name, when loaded.
+    pub name: Option<String>,
+    /// `collector` or `sink`, when loaded.
+    pub kind: Option<&'static str>,
+    /// Plugin version, when loaded.
+    pub version: Option<String>,
+    /// plugin-api version it was built against, when loaded.
+    pub api_version: Option<String>,
+    /// Why it was refused or shadowed.
+    pub reason: Option<String>,
+    /// SHA-256 of the file.
+    pub sha256: Option<String>,
+}
+
+/// The rows of `/plugins` and `metricsd plugins --json`.
+pub fn plugin_report(set: &PluginSet) -> Vec<PluginFileReport> {
+    set.files
+        .iter()
+        .map(|f| {
+            let loaded = match &f.verdict {
+                Verdict::Loaded(name) => set.get(name),
+                _ => None,
+            };
+            let (verdict, reason) = match &f.verdict {
+                Verdict::Loaded(_) => ("loaded", None),
+                Verdict::Shadowed { name, by } => (
+                    "shadowed",
+                    Some(format!(
+                        "plugin `{name}` is already provided by {}",
+                        by.display()
+                    )),
+                ),
+                Verdict::Refused(why) => ("refused", Some(why.clone())),
+            };
+            PluginFileReport {
+                path: f.path.display().to_string(),
+                verdict,
+                name: loaded.map(|p| p.name.clone()),
+                kind: loaded.map(|p| p.kind.as_str()),
+                version: loaded.map(|p| p.version.clone()),
+                api_version: loaded.map(|p| p.api_version.clone()),
+                reason,
+                sha256: f.sha256.clone(),
+            }
+        })
+        .collect()
+}
+
+/// Serves the health listener until `shutdown` resolves; returns the bound address.
+pub fn serve_health(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    telemetry: Arc<Telemetry>,
+    plugins: Arc<PluginSet>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(SocketAddr, impl Future<Output = ()>), warp::Error> {
+    let health_route = warp::path("health").and(warp::path::end()).map(move || {
+        let report = health.report();
+        let status = if report.is_failing() {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        json(status, &report)
+    });
+    let stats_route = warp::path!("metrics" / "stats").map(move || {
+        text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            telemetry.render_text(),
+        )
+    });
+    let plugins_route = warp::path("plugins")
+        .and(warp::path::end())
+        .map(move || json(StatusCode::OK, &plugin_report(&plugins)));
+    let routes = warp::get().and(health_route.or(stats_route).unify().or(plugins_route).unify());
+    warp::serve(routes).try_bind_with_graceful_shutdown(addr, shutdown)
+}
+
+fn to_request(method: &Method, path: &str, query: String, headers: &HeaderMap) -> HttpRequest {
+    HttpRequest {
+        method: method.as_str().into(),
+        path: path.into(),
+        query: query.into(),
+        headers: headers
+            .iter()
+            .filter_map(|(name, value)| {
+                value.to_str().ok().map(|v| Header {
+                    name: name.as_str().into(),
+                    value: v.into(),
+                })
+            })
+            .collect(),
+    }
+}
+
+async fn render(
+    routes: Arc<BTreeMap<String, Arc<SinkRuntime>>>,
+    method: Method,
+    path: warp::path::FullPath,
+    query: String,
+    headers: HeaderMap,
+) -> Result<Reply, Infallible> {
+    if method != Method::GET && method != Method::HEAD {
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET and HEAD\n",
+        ));
+    }
+    let Some(sink) = routes.get(path.as_str()).cloned() else {
+        let known: Vec<&str> = routes.keys().map(String::as_str).collect();
+        return Ok(text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("not found; this listener serves: {}\n", known.join(", ")),
+        ));
+    };
+    let Some(instance) = sink.current() else {
+        return Ok(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("sink `{}` is disabled; see /health\n", sink.name),
+        ));
+    };
+    let request = to_request(&method, path.as_str(), query, &headers);
+    let call = tokio::task::spawn_blocking(move || instance.render(&request).into_result());
+    let reply = match tokio::time::timeout(sink.timeout, call).await {
+        Ok(Ok(Ok(resp))) => {
+            let mut builder = Response::builder()
+                .status(StatusCode::from_u16(resp.status).unwrap_or(StatusCode::OK))
+                .header("content-type", resp.content_type.as_str());
+            for h in resp.headers.iter() {
+                builder = builder.header(h.name.as_str(), h.value.as_str());
+            }
+            let body = if method == Method::HEAD {
+                Bytes::new()
+            } else {
+                Bytes::from(resp.body.into_vec())
+            };
+            builder
+                .body(warp::hyper::Body::from(body))
+                .unwrap_or_else(|e| {
+                    text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        format!("sink `{}` returned an invalid response: {e}\n", sink.name),
+                    )
+                })
+        }
+        Ok(Ok(Err(e))) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("sink `{}` failed to render: {}\n", sink.name, e.message),
+        ),
+        Ok(Err(e)) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("sink `{}` render task failed: {e}\n", sink.name),
+        ),
+        Err(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("sink `{}` did not answer in time\n", sink.name),
+        ),
+    };
+    Ok(reply)
+}
+
+/// Serves the metrics listener until `shutdown` resolves; returns the bound address.
+pub fn serve_metrics(
+    addr: SocketAddr,
+    routes: BTreeMap<String, Arc<SinkRuntime>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(SocketAddr, impl Future<Output = ()>), warp::Error> {
+    let routes = Arc::new(routes);
+    let filter = warp::any()
+        .map(move || Arc::clone(&routes))
+        .and(warp::method())
+        .and(warp::path::full())
+        .and(
+            warp::query::raw()
+                .or(warp::any().map(String::new))
+                .unify(),
+        )
+        .and(warp::header::headers_cloned())
+        .and_then(render);
+    warp::serve(filter).try_bind_with_graceful_shutdown(addr, shutdown)
+}

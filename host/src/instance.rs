@@ -1,0 +1,68 @@
+//! Creating plugin instances: on a blocking thread, with a timeout, with the host's logger.
+
+use std::time::Duration;
+
+use metricsd_plugin_api::abi::{CollectorBox, InstanceArgs, SinkBox};
+use metricsd_plugin_api::PluginError;
+
+use crate::loader::Plugin;
+use crate::plugin_log::host_logger;
+
+fn args(instance: &str, config_json: &str) -> InstanceArgs {
+    InstanceArgs {
+        instance: instance.into(),
+        config_json: config_json.into(),
+        logger: host_logger(),
+    }
+}
+
+async fn create<T: Send + 'static>(
+    what: &str,
+    timeout: Duration,
+    call: impl FnOnce() -> Result<T, PluginError> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(call)).await {
+        Ok(Ok(Ok(instance))) => Ok(instance),
+        Ok(Ok(Err(e))) => Err(match e.kind {
+            metricsd_plugin_api::ErrorKind::CONFIG => format!("{what}: {}", e.message),
+            _ => format!("{what}: {} error: {}", e.kind.as_str(), e.message),
+        }),
+        Ok(Err(e)) => Err(format!("{what}: creating the instance failed: {e}")),
+        Err(_) => Err(format!(
+            "{what}: creating the instance did not finish within {}",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
+/// Creates a collector instance.
+pub async fn create_collector(
+    plugin: &Plugin,
+    name: &str,
+    config_json: &str,
+    timeout: Duration,
+) -> Result<CollectorBox, String> {
+    let new = plugin.module.new_collector();
+    let args = args(name, config_json);
+    let what = format!("collector `{name}` (plugin `{}`)", plugin.name);
+    create(&what, timeout, move || new(args).into_result()).await
+}
+
+/// Creates a sink instance.
+pub async fn create_sink(
+    plugin: &Plugin,
+    name: &str,
+    config_json: &str,
+    timeout: Duration,
+) -> Result<SinkBox, String> {
+    let new = plugin.module.new_sink();
+    let args = args(name, config_json);
+    let what = format!("sink `{name}` (plugin `{}`)", plugin.name);
+    create(&what, timeout, move || new(args).into_result()).await
+}
+
+/// Asks the plugin whether a config is valid, without creating anything.
+pub fn validate_config(plugin: &Plugin, config_json: &str) -> Result<(), String> {
+    let validate = plugin.module.validate_config();
+    validate(config_json.into()).into_result().map_err(|e| e.message.to_string())
+}

@@ -1,0 +1,390 @@
+//! Finds plugin files, refuses the ones that must not or cannot load, and loads the rest
+//! through abi_stable's checked loader.
+//!
+//! Each file is opened with `lib_header_from_path` + `init_root_module`, never with
+//! `RootModule::load_from_file`, which caches the first library loaded for a module type and
+//! would hand every later file the first plugin's module. Libraries are never unloaded.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use abi_stable::library::{lib_header_from_path, LibraryError};
+use metricsd_plugin_api::abi::{PluginInfo, PluginKind, PluginModuleRef};
+use metricsd_plugin_api::API_VERSION;
+use sha2::{Digest, Sha256};
+
+/// The system-wide plugin directory.
+pub const SYSTEM_PLUGIN_DIR: &str = "/usr/lib/metricsd/plugins";
+
+/// A plugin that loaded.
+#[derive(Clone)]
+pub struct Plugin {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The plugin's entry points.
+    pub module: PluginModuleRef,
+    /// Name (as used in the config).
+    pub name: String,
+    /// Collector or sink.
+    pub kind: PluginKind,
+    /// The plugin's own version.
+    pub version: String,
+    /// The plugin-api version it was built against.
+    pub api_version: String,
+    /// What it does.
+    pub description: String,
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin")
+            .field("path", &self.path)
+            .field("name", &self.name)
+            .field("kind", &self.kind.as_str())
+            .finish()
+    }
+}
+
+/// What happened to one file.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// Loaded; the plugin's name.
+    Loaded(String),
+    /// Loaded, but an earlier directory already provides a plugin of that name.
+    Shadowed {
+        /// The plugin name.
+        name: String,
+        /// The file that wins.
+        by: PathBuf,
+    },
+    /// Not loaded; one line for the operator.
+    Refused(String),
+}
+
+/// One file found in a plugin directory.
+#[derive(Debug, Clone)]
+pub struct PluginFile {
+    /// The file.
+    pub path: PathBuf,
+    /// SHA-256 of its content, when it could be read.
+    pub sha256: Option<String>,
+    /// What happened.
+    pub verdict: Verdict,
+}
+
+/// A refused plugin directory.
+#[derive(Debug, Clone)]
+pub struct RefusedDir {
+    /// The directory.
+    pub path: PathBuf,
+    /// Why.
+    pub reason: String,
+}
+
+/// Everything found in the plugin directories.
+#[derive(Debug, Default, Clone)]
+pub struct PluginSet {
+    /// Loaded plugins by name (first directory wins).
+    pub plugins: BTreeMap<String, Plugin>,
+    /// Every file looked at, in search order.
+    pub files: Vec<PluginFile>,
+    /// Directories that were refused.
+    pub refused_dirs: Vec<RefusedDir>,
+    /// The directories searched, in order.
+    pub dirs: Vec<PathBuf>,
+}
+
+impl PluginSet {
+    /// The plugin of that name.
+    pub fn get(&self, name: &str) -> Option<&Plugin> {
+        self.plugins.get(name)
+    }
+
+    /// Why no plugin of that name is available, in words for the operator.
+    pub fn why_missing(&self, name: &str) -> String {
+        let known: Vec<&str> = self.plugins.keys().map(String::as_str).collect();
+        let hint = crate::config::did_you_mean(name, &known);
+        let refused = self
+            .files
+            .iter()
+            .filter(|f| matches!(f.verdict, Verdict::Refused(_)))
+            .count();
+        let mut text = format!(
+            "no plugin named `{name}` in {}{hint}",
+            display_dirs(&self.dirs)
+        );
+        if !known.is_empty() {
+            text.push_str(&format!("; found: {}", known.join(", ")));
+        }
+        if refused > 0 {
+            text.push_str(&format!(
+                "; {refused} file(s) were refused, see `metricsd plugins`"
+            ));
+        }
+        text
+    }
+}
+
+fn display_dirs(dirs: &[PathBuf]) -> String {
+    if dirs.is_empty() {
+        return "no plugin directory".to_string();
+    }
+    dirs.iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The plugin directories in search order: `METRICSD_PLUGIN_PATH` (colon-separated), the
+/// config's `agent.plugin_path`, the executable's directory, `/usr/lib/metricsd/plugins`.
+/// Directories that do not exist are left out; duplicates are removed.
+pub fn search_dirs(env_path: Option<&str>, configured: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(list) = env_path {
+        dirs.extend(
+            list.split(':')
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+        );
+    }
+    dirs.extend(configured.iter().cloned());
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
+        dirs.push(exe_dir);
+    }
+    dirs.push(PathBuf::from(SYSTEM_PLUGIN_DIR));
+    let mut unique: Vec<PathBuf> = Vec::new();
+    for d in dirs {
+        let canonical = d.canonicalize().unwrap_or(d);
+        if canonical.is_dir() && !unique.contains(&canonical) {
+            unique.push(canonical);
+        }
+    }
+    unique
+}
+
+/// Refuses a path that other users may write to: loading a `.so` runs its code.
+fn writable_by_others(path: &Path) -> Result<Option<String>, std::io::Error> {
+    let meta = std::fs::metadata(path)?;
+    let mode = meta.permissions().mode();
+    if mode & 0o002 != 0 {
+        return Ok(Some(format!(
+            "is writable by every user (mode {:o}); loading it would run code anyone can replace: `chmod o-w {}`",
+            mode & 0o7777,
+            path.display()
+        )));
+    }
+    Ok(None)
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Turns abi_stable's error into one line that names the file and what to do.
+pub fn describe_library_error(path: &Path, err: &LibraryError) -> String {
+    let file = path.display();
+    match err {
+        LibraryError::OpenError { err, .. } => {
+            let detail = err.to_string();
+            // dlerror repeats the path; keep what follows it.
+            let detail = detail
+                .rsplit_once(": ")
+                .map(|(_, tail)| tail.to_string())
+                .unwrap_or(detail);
+            format!("{file}: cannot be opened as a shared library ({detail})")
+        }
+        LibraryError::GetSymbolError { .. } => format!(
+            "{file}: not a metricsd plugin (it exports no metricsd plugin module; build it with metricsd_plugin_api::export_plugin!)"
+        ),
+        LibraryError::InvalidAbiHeader(_) => format!(
+            "{file}: built with an incompatible abi_stable version; rebuild it against metricsd-plugin-api {API_VERSION}"
+        ),
+        LibraryError::IncompatibleVersionNumber {
+            expected_version,
+            actual_version,
+            ..
+        } => format!(
+            "{file}: built for plugin API {actual_version}, this host has {expected_version}; rebuild it against metricsd-plugin-api {API_VERSION}"
+        ),
+        LibraryError::AbiInstability(_) => format!(
+            "{file}: its plugin interface layout differs from this host's; rebuild it against metricsd-plugin-api {API_VERSION}"
+        ),
+        LibraryError::ParseVersionError(e) => {
+            format!("{file}: declares an unreadable plugin API version ({e})")
+        }
+        LibraryError::RootModule { err, .. } => {
+            format!("{file}: the plugin failed to initialise: {err}")
+        }
+        LibraryError::InvalidCAbi { .. } => format!(
+            "{file}: built by a Rust compiler with a different C ABI; rebuild it against metricsd-plugin-api {API_VERSION}"
+        ),
+        LibraryError::Many(errors) => match errors.iter().next() {
+            Some(first) => describe_library_error(path, first),
+            None => format!("{file}: cannot be loaded"),
+        },
+    }
+}
+
+/// Loads one plugin file (no permission or digest checks: see [`scan`]).
+pub fn load_file(path: &Path) -> Result<Plugin, String> {
+    let header = lib_header_from_path(path).map_err(|e| {
+        tracing::debug!(file = %path.display(), "plugin load error detail: {e}");
+        describe_library_error(path, &e)
+    })?;
+    let module: PluginModuleRef = header.init_root_module::<PluginModuleRef>().map_err(|e| {
+        // The layout dump of AbiInstability is long: debug level only.
+        tracing::debug!(file = %path.display(), "plugin load error detail: {e}");
+        describe_library_error(path, &e)
+    })?;
+    let info: PluginInfo = (module.info())();
+    let kind = info.kind;
+    if kind != PluginKind::COLLECTOR && kind != PluginKind::SINK {
+        return Err(format!(
+            "{}: declares an unknown plugin kind {}; this host knows collectors and sinks",
+            path.display(),
+            kind.0
+        ));
+    }
+    Ok(Plugin {
+        path: path.to_path_buf(),
+        module,
+        name: info.name.to_string(),
+        kind,
+        version: info.version.to_string(),
+        api_version: info.api_version.to_string(),
+        description: info.description.to_string(),
+    })
+}
+
+fn is_plugin_candidate(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "so")
+        && path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| !n.starts_with('.'))
+}
+
+/// Scans the directories and loads every plugin file that passes the checks.
+pub fn scan(dirs: &[PathBuf], allowed_sha256: &[String]) -> PluginSet {
+    let allowed: Vec<String> = allowed_sha256.iter().map(|d| d.to_lowercase()).collect();
+    let mut set = PluginSet {
+        dirs: dirs.to_vec(),
+        ..PluginSet::default()
+    };
+    for dir in dirs {
+        match writable_by_others(dir) {
+            Ok(Some(why)) => {
+                let reason = format!("plugin directory {} {why}", dir.display());
+                tracing::error!("{reason}");
+                set.refused_dirs.push(RefusedDir {
+                    path: dir.clone(),
+                    reason,
+                });
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                set.refused_dirs.push(RefusedDir {
+                    path: dir.clone(),
+                    reason: format!("plugin directory {} cannot be read: {e}", dir.display()),
+                });
+                continue;
+            }
+        }
+        let mut entries: Vec<PathBuf> = match std::fs::read_dir(dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| is_plugin_candidate(p) && p.is_file())
+                .collect(),
+            Err(e) => {
+                set.refused_dirs.push(RefusedDir {
+                    path: dir.clone(),
+                    reason: format!("plugin directory {} cannot be read: {e}", dir.display()),
+                });
+                continue;
+            }
+        };
+        entries.sort();
+        for path in entries {
+            let file = check_and_load(&path, &allowed, &mut set.plugins);
+            if let Verdict::Refused(reason) = &file.verdict {
+                tracing::warn!("plugin refused: {reason}");
+            }
+            set.files.push(file);
+        }
+    }
+    set
+}
+
+fn check_and_load(
+    path: &Path,
+    allowed: &[String],
+    plugins: &mut BTreeMap<String, Plugin>,
+) -> PluginFile {
+    let refused = |sha256: Option<String>, reason: String| PluginFile {
+        path: path.to_path_buf(),
+        sha256,
+        verdict: Verdict::Refused(reason),
+    };
+    match writable_by_others(path) {
+        Ok(Some(why)) => return refused(None, format!("{} {why}", path.display())),
+        Ok(None) => {}
+        Err(e) => return refused(None, format!("{}: cannot be read: {e}", path.display())),
+    }
+    let sha256 = match sha256_file(path) {
+        Ok(d) => d,
+        Err(e) => return refused(None, format!("{}: cannot be read: {e}", path.display())),
+    };
+    if !allowed.is_empty() && !allowed.contains(&sha256) {
+        return refused(
+            Some(sha256.clone()),
+            format!(
+                "{}: its SHA-256 {sha256} is not in agent.plugin_sha256",
+                path.display()
+            ),
+        );
+    }
+    match load_file(path) {
+        Ok(plugin) => {
+            let name = plugin.name.clone();
+            let verdict = match plugins.get(&name) {
+                Some(first) => Verdict::Shadowed {
+                    name,
+                    by: first.path.clone(),
+                },
+                None => {
+                    tracing::debug!(
+                        file = %path.display(),
+                        "loaded {} plugin `{name}` {}",
+                        plugin.kind.as_str(),
+                        plugin.version
+                    );
+                    plugins.insert(name.clone(), plugin);
+                    Verdict::Loaded(name)
+                }
+            };
+            PluginFile {
+                path: path.to_path_buf(),
+                sha256: Some(sha256),
+                verdict,
+            }
+        }
+        Err(reason) => refused(Some(sha256), reason),
+    }
+}

@@ -1,0 +1,525 @@
+//! Collector batch → validation → relabel rules → static labels → routes → sink queues.
+//!
+//! The work is per family where it can be (names, routes, renames) and per sample only where
+//! it must be (validation, label drops). Static labels go into the batch's `common_labels`, so
+//! adding them costs nothing per sample. One batch routed unfiltered to several sinks is shared,
+//! not copied.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use abi_stable::std_types::{ROption, RString, RVec};
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use metricsd_plugin_api::{Batch, Label};
+
+use crate::config::{
+    is_label_name, is_valid_metric_name, Config, RelabelAction, RelabelConfig, RouteConfig,
+};
+use crate::delivery::SinkQueue;
+use crate::events::{Event, Telemetry};
+use crate::health::now_ms;
+
+fn globset(patterns: &[String]) -> Option<GlobSet> {
+    if patterns.is_empty() {
+        return None;
+    }
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        // Patterns were validated with the config.
+        if let Ok(g) = Glob::new(p) {
+            b.add(g);
+        }
+    }
+    b.build().ok()
+}
+
+/// A `*`-pattern rename: `prefix*suffix` → `to_prefix*to_suffix`.
+struct Rename {
+    from: (String, Option<String>),
+    to: (String, Option<String>),
+}
+
+impl Rename {
+    fn new(from: &str, to: &str) -> Self {
+        let split = |s: &str| match s.split_once('*') {
+            Some((a, b)) => (a.to_string(), Some(b.to_string())),
+            None => (s.to_string(), None),
+        };
+        Self {
+            from: split(from),
+            to: split(to),
+        }
+    }
+
+    fn apply(&self, name: &str) -> Option<String> {
+        match (&self.from, &self.to) {
+            ((exact, None), (to, _)) => (name == exact).then(|| to.clone()),
+            ((prefix, Some(suffix)), (to_prefix, to_suffix)) => {
+                if name.len() >= prefix.len() + suffix.len()
+                    && name.starts_with(prefix.as_str())
+                    && name.ends_with(suffix.as_str())
+                {
+                    let middle = &name[prefix.len()..name.len() - suffix.len()];
+                    Some(format!(
+                        "{to_prefix}{middle}{}",
+                        to_suffix.as_deref().unwrap_or("")
+                    ))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}
+
+struct Rule {
+    action: RelabelAction,
+    metrics: Option<GlobSet>,
+    labels: Option<GlobSet>,
+    rename: Option<Rename>,
+    collectors: Vec<String>,
+}
+
+impl Rule {
+    fn new(c: &RelabelConfig) -> Self {
+        Self {
+            action: c.action,
+            metrics: globset(&c.metrics),
+            labels: globset(&c.labels),
+            rename: match (&c.from, &c.to) {
+                (Some(f), Some(t)) => Some(Rename::new(f, t)),
+                _ => None,
+            },
+            collectors: c.collectors.clone(),
+        }
+    }
+
+    fn applies_to(&self, source: &str) -> bool {
+        self.collectors.is_empty() || self.collectors.iter().any(|c| c == source)
+    }
+
+    fn metric_matches(&self, name: &str) -> bool {
+        self.metrics.as_ref().is_none_or(|g| g.is_match(name))
+    }
+}
+
+struct Route {
+    from: Vec<String>,
+    to: Vec<String>,
+    include: Option<GlobSet>,
+    exclude: Option<GlobSet>,
+}
+
+impl Route {
+    fn new(c: &RouteConfig) -> Self {
+        Self {
+            from: c.from.clone(),
+            to: c.to.clone(),
+            include: globset(&c.include),
+            exclude: globset(&c.exclude),
+        }
+    }
+
+    fn passes(&self, name: &str) -> bool {
+        self.include.as_ref().is_none_or(|g| g.is_match(name))
+            && !self.exclude.as_ref().is_some_and(|g| g.is_match(name))
+    }
+
+    fn is_unfiltered(&self) -> bool {
+        self.include.is_none() && self.exclude.is_none()
+    }
+}
+
+/// The processing and routing of batches.
+pub struct Pipeline {
+    static_labels: Vec<Label>,
+    rules: Vec<Rule>,
+    routes: Option<Vec<Route>>,
+    sinks: BTreeMap<String, Arc<SinkQueue>>,
+    telemetry: Arc<Telemetry>,
+}
+
+/// Keeps only the families whose `keep` entry is true, re-indexing the samples.
+fn retain_families(batch: &mut Batch, keep: &[bool]) {
+    if keep.iter().all(|k| *k) {
+        return;
+    }
+    let mut new_index = vec![u32::MAX; keep.len()];
+    let mut next = 0u32;
+    for (i, k) in keep.iter().enumerate() {
+        if *k {
+            new_index[i] = next;
+            next += 1;
+        }
+    }
+    let families = std::mem::take(&mut batch.families);
+    batch.families = families
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(f, k)| k.then_some(f))
+        .collect();
+    batch.samples.retain(|s| keep[s.family as usize]);
+    for s in batch.samples.iter_mut() {
+        s.family = new_index[s.family as usize];
+    }
+}
+
+/// Removes invalid samples; returns how many and the first reason.
+fn validate(batch: &mut Batch) -> (usize, Option<String>) {
+    let mut first_reason: Option<String> = None;
+    let family_ok: Vec<bool> = batch
+        .families
+        .iter()
+        .map(|f| {
+            let ok = is_valid_metric_name(&f.name);
+            if !ok && first_reason.is_none() {
+                first_reason = Some(format!("invalid metric name `{}`", f.name));
+            }
+            ok
+        })
+        .collect();
+    let common_len = batch.common_labels.len();
+    batch.common_labels.retain(|l| is_label_name(&l.name));
+    let mut dropped = common_len - batch.common_labels.len();
+    if dropped > 0 && first_reason.is_none() {
+        first_reason = Some("invalid common label name".to_string());
+    }
+    let families = batch.families.len();
+    let before = batch.samples.len();
+    batch.samples.retain(|s| {
+        let family = s.family as usize;
+        if family >= families {
+            if first_reason.is_none() {
+                first_reason = Some(format!(
+                    "sample refers to family {family}, the batch has {families}"
+                ));
+            }
+            return false;
+        }
+        if !family_ok[family] {
+            return false;
+        }
+        if let Some(bad) = s.labels.iter().find(|l| !is_label_name(&l.name)) {
+            if first_reason.is_none() {
+                first_reason = Some(format!("invalid label name `{}`", bad.name));
+            }
+            return false;
+        }
+        true
+    });
+    dropped += before - batch.samples.len();
+    (dropped, first_reason)
+}
+
+/// Copies the families passing `passes` (and their samples) into a new batch.
+fn filtered(batch: &Batch, passes: impl Fn(&str) -> bool) -> Option<Batch> {
+    let keep: Vec<bool> = batch.families.iter().map(|f| passes(&f.name)).collect();
+    if !keep.iter().any(|k| *k) {
+        return None;
+    }
+    if keep.iter().all(|k| *k) {
+        return Some(batch.clone());
+    }
+    let mut out = Batch {
+        families: RVec::new(),
+        samples: RVec::new(),
+        common_labels: batch.common_labels.clone(),
+        timestamp_ms: batch.timestamp_ms,
+    };
+    let mut new_index = vec![u32::MAX; keep.len()];
+    for (i, f) in batch.families.iter().enumerate() {
+        if keep[i] {
+            new_index[i] = out.families.len() as u32;
+            out.families.push(f.clone());
+        }
+    }
+    for s in batch.samples.iter() {
+        if keep[s.family as usize] {
+            let mut s = s.clone();
+            s.family = new_index[s.family as usize];
+            out.samples.push(s);
+        }
+    }
+    Some(out)
+}
+
+impl Pipeline {
+    /// Builds the pipeline for a config and the sink queues.
+    pub fn new(
+        config: &Config,
+        sinks: BTreeMap<String, Arc<SinkQueue>>,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
+        Self {
+            static_labels: config
+                .agent
+                .labels
+                .iter()
+                .map(|(k, v)| Label::new(k.as_str(), v.as_str()))
+                .collect(),
+            rules: config.relabel.iter().map(Rule::new).collect(),
+            routes: (!config.routes.is_empty())
+                .then(|| config.routes.iter().map(Route::new).collect()),
+            sinks,
+            telemetry,
+        }
+    }
+
+    /// Validates, relabels and labels a batch in place; returns the number of valid samples.
+    pub fn prepare(&self, source: &str, batch: &mut Batch) -> usize {
+        let (invalid, reason) = validate(batch);
+        if invalid > 0 {
+            Event::InvalidSamples {
+                collector: source,
+                count: invalid,
+                reason: reason.as_deref().unwrap_or("invalid sample"),
+            }
+            .emit(&self.telemetry);
+        }
+        if batch.timestamp_ms.is_none() {
+            batch.timestamp_ms = ROption::RSome(now_ms());
+        }
+        for rule in self.rules.iter().filter(|r| r.applies_to(source)) {
+            self.apply(rule, batch);
+        }
+        for label in &self.static_labels {
+            if !batch.common_labels.iter().any(|l| l.name == label.name) {
+                batch.common_labels.push(label.clone());
+            }
+        }
+        batch.samples.len()
+    }
+
+    fn apply(&self, rule: &Rule, batch: &mut Batch) {
+        match rule.action {
+            RelabelAction::Drop | RelabelAction::Keep => {
+                let keep_matching = rule.action == RelabelAction::Keep;
+                let keep: Vec<bool> = batch
+                    .families
+                    .iter()
+                    .map(|f| rule.metric_matches(&f.name) == keep_matching)
+                    .collect();
+                retain_families(batch, &keep);
+            }
+            RelabelAction::Rename => {
+                if let Some(rename) = &rule.rename {
+                    for f in batch.families.iter_mut() {
+                        if let Some(new) = rename.apply(&f.name) {
+                            if is_valid_metric_name(&new) {
+                                f.name = RString::from(new);
+                            }
+                        }
+                    }
+                }
+            }
+            RelabelAction::DropLabels => {
+                let Some(labels) = &rule.labels else { return };
+                let families: Vec<bool> = batch
+                    .families
+                    .iter()
+                    .map(|f| rule.metric_matches(&f.name))
+                    .collect();
+                if rule.metrics.is_none() {
+                    batch.common_labels.retain(|l| !labels.is_match(l.name.as_str()));
+                }
+                for s in batch.samples.iter_mut() {
+                    if families[s.family as usize] {
+                        s.labels.retain(|l| !labels.is_match(l.name.as_str()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Prepares a batch and hands it to the queues of the sinks its routes lead to.
+    pub fn process(&self, source: &str, mut batch: Batch) {
+        self.prepare(source, &mut batch);
+        self.route_prepared(source, batch);
+    }
+
+    /// Hands a batch that went through [`prepare`](Self::prepare) to the sink queues.
+    pub fn route_prepared(&self, source: &str, batch: Batch) {
+        let Some(routes) = &self.routes else {
+            let shared = Arc::new(batch);
+            for queue in self.sinks.values() {
+                queue.push(Arc::clone(&shared));
+            }
+            return;
+        };
+        let shared = Arc::new(batch);
+        for (sink, queue) in &self.sinks {
+            let matching: Vec<&Route> = routes
+                .iter()
+                .filter(|r| r.from.iter().any(|f| f == source) && r.to.iter().any(|t| t == sink))
+                .collect();
+            if matching.is_empty() {
+                continue;
+            }
+            if matching.iter().any(|r| r.is_unfiltered()) {
+                queue.push(Arc::clone(&shared));
+            } else if let Some(b) = filtered(&shared, |name| matching.iter().any(|r| r.passes(name)))
+            {
+                queue.push(Arc::new(b));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{from_toml_with_env, ConfigSource};
+    use metricsd_plugin_api::BatchBuilder;
+
+    fn config(text: &str) -> Config {
+        from_toml_with_env(
+            text,
+            &ConfigSource::File("t.toml".into()),
+            &BTreeMap::<String, String>::new(),
+        )
+        .expect("valid config")
+    }
+
+    fn pipeline(text: &str, sinks: &[&str]) -> (Pipeline, BTreeMap<String, Arc<SinkQueue>>) {
+        let telemetry = Arc::new(Telemetry::new());
+        let queues: BTreeMap<String, Arc<SinkQueue>> = sinks
+            .iter()
+            .map(|s| {
+                (
+                    s.to_string(),
+                    Arc::new(SinkQueue::new(s, 1000, Arc::clone(&telemetry))),
+                )
+            })
+            .collect();
+        (
+            Pipeline::new(&config(text), queues.clone(), telemetry),
+            queues,
+        )
+    }
+
+    fn sample_batch() -> Batch {
+        let mut b = BatchBuilder::new();
+        let temp = b.gauge("gpu_temperature_celsius", "", "celsius");
+        let info = b.info("gpu_info", "");
+        let power = b.gauge("gpu_power_usage_watts", "", "watts");
+        b.sample(temp, &[("gpu", "0"), ("pid", "17")], 61.0);
+        b.sample(info, &[("gpu", "0")], 1.0);
+        b.sample(power, &[("gpu", "0")], 300.0);
+        b.finish()
+    }
+
+    fn names(b: &Batch) -> Vec<String> {
+        b.samples
+            .iter()
+            .map(|s| b.family_of(s).expect("family").name.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn static_labels_go_to_common_labels_and_sample_labels_win() {
+        let (p, _) = pipeline("[agent]\nlabels = { node_id = \"n1\", gpu = \"x\" }\n", &[]);
+        let mut b = sample_batch();
+        p.prepare("gpu", &mut b);
+        let labels: Vec<String> = b
+            .labels_of(&b.samples[0])
+            .map(|l| format!("{}={}", l.name, l.value))
+            .collect();
+        assert_eq!(labels, ["gpu=0", "pid=17", "node_id=n1"]);
+        assert!(b.timestamp_ms.is_some());
+    }
+
+    #[test]
+    fn drop_keep_rename_and_drop_labels() {
+        let (p, _) = pipeline(
+            r#"
+[[collectors]]
+name = "gpu"
+plugin = "nvml"
+[[relabel]]
+action = "drop"
+metrics = ["*_info"]
+[[relabel]]
+action = "rename"
+from = "gpu_*"
+to = "nv_*"
+[[relabel]]
+action = "drop_labels"
+labels = ["pid"]
+[[relabel]]
+action = "keep"
+metrics = ["nv_*"]
+collectors = ["gpu"]
+"#,
+            &[],
+        );
+        let mut b = sample_batch();
+        p.prepare("gpu", &mut b);
+        assert_eq!(names(&b), ["nv_temperature_celsius", "nv_power_usage_watts"]);
+        assert!(b.samples[0].labels.iter().all(|l| l.name.as_str() != "pid"));
+        assert_eq!(b.families.len(), 2, "dropped families are removed");
+    }
+
+    #[test]
+    fn invalid_samples_are_dropped_and_counted() {
+        let (p, _) = pipeline("", &[]);
+        let mut b = sample_batch();
+        b.samples[0].labels.push(Label::new("bad-name", "x"));
+        b.samples[1].family = 99;
+        assert_eq!(p.prepare("c", &mut b), 1);
+        assert!(p
+            .telemetry
+            .render_text()
+            .contains("metricsd_collector_invalid_samples_total{collector=\"c\"} 2"));
+    }
+
+    #[test]
+    fn routes_filter_per_sink() {
+        let (p, queues) = pipeline(
+            r#"
+[[collectors]]
+name = "gpu"
+plugin = "nvml"
+[[collectors]]
+name = "sys"
+plugin = "system"
+[[sinks]]
+name = "a"
+plugin = "x"
+[[sinks]]
+name = "b"
+plugin = "y"
+[[routes]]
+from = ["gpu"]
+to = ["a"]
+[[routes]]
+from = ["gpu", "sys"]
+to = ["b"]
+exclude = ["*_info"]
+"#,
+            &["a", "b"],
+        );
+        p.process("gpu", sample_batch());
+        p.process("sys", sample_batch());
+        let a = queues["a"].drain_now();
+        let b = queues["b"].drain_now();
+        assert_eq!(a.len(), 1, "sys does not route to a");
+        assert_eq!(names(&a[0]).len(), 3);
+        assert_eq!(b.len(), 2);
+        assert_eq!(
+            names(&b[0]),
+            ["gpu_temperature_celsius", "gpu_power_usage_watts"]
+        );
+    }
+
+    #[test]
+    fn rename_patterns() {
+        let r = Rename::new("DCGM_FI_DEV_*", "dcgm_*");
+        assert_eq!(r.apply("DCGM_FI_DEV_GPU_UTIL").as_deref(), Some("dcgm_GPU_UTIL"));
+        assert_eq!(r.apply("other"), None);
+        let r = Rename::new("a", "b");
+        assert_eq!(r.apply("a").as_deref(), Some("b"));
+        assert_eq!(r.apply("ab"), None);
+        let r = Rename::new("*_celsius", "*_degrees");
+        assert_eq!(r.apply("gpu_celsius").as_deref(), Some("gpu_degrees"));
+    }
+}
