@@ -98,7 +98,13 @@ pub fn plan(loaded: &LoadedConfig, plugins: &PluginSet) -> Plan {
             skipped.push(format!("collector `{}` (plugin `{}`)", c.name, c.plugin));
             continue;
         }
-        let plugin = lookup(plugins, &c.name, &c.plugin, PluginKind::COLLECTOR, &c.config);
+        let plugin = lookup(
+            plugins,
+            &c.name,
+            &c.plugin,
+            PluginKind::COLLECTOR,
+            &c.config,
+        );
         collectors.push(Resolved {
             config: c.clone(),
             plugin,
@@ -201,12 +207,12 @@ pub async fn run_until(
     }
     let telemetry = Arc::new(Telemetry::new());
     let health = Arc::new(Health::new());
-    let (loaded_n, shadowed_n, refused_n) = plugins.files.iter().fold((0, 0, 0), |acc, f| {
-        match f.verdict {
-            Verdict::Loaded(_) => (acc.0 + 1, acc.1, acc.2),
-            Verdict::Shadowed { .. } => (acc.0, acc.1 + 1, acc.2),
-            Verdict::Refused(_) => (acc.0, acc.1, acc.2 + 1),
-        }
+    let (loaded_n, shadowed_n, refused_n) = plugins.files.iter().fold((0, 0, 0), |acc, f| match f
+        .verdict
+    {
+        Verdict::Loaded(_) => (acc.0 + 1, acc.1, acc.2),
+        Verdict::Shadowed { .. } => (acc.0, acc.1 + 1, acc.2),
+        Verdict::Refused(_) => (acc.0, acc.1, acc.2 + 1),
     });
     telemetry.set_plugin_files(loaded_n, shadowed_n, refused_n);
 
@@ -220,23 +226,34 @@ pub async fn run_until(
             Ok(p) => p,
             Err(why) => {
                 tracing::error!("{why}; the sink is disabled");
-                health.register(name, "sink", &s.config.plugin, s.config.required, Some(why.clone()));
+                health.register(
+                    name,
+                    "sink",
+                    &s.config.plugin,
+                    s.config.required,
+                    Some(why.clone()),
+                );
                 continue;
             }
         };
         let timeout = s.config.timeout.unwrap_or(config.agent.timeout);
-        let instance = match create_sink(plugin, name, &config_json(&s.config.config), timeout).await
-        {
-            Ok(i) => Some(Arc::new(i)),
-            Err(why) if s.config.required => return Err(exit(EXIT_CONFIG, format!("required {why}"))),
-            Err(why) => {
-                tracing::error!("{why}; the sink is disabled");
-                health.register(name, "sink", &plugin.name, false, Some(why));
-                continue;
-            }
-        };
+        let instance =
+            match create_sink(plugin, name, &config_json(&s.config.config), timeout).await {
+                Ok(i) => Some(Arc::new(i)),
+                Err(why) if s.config.required => {
+                    return Err(exit(EXIT_CONFIG, format!("required {why}")))
+                }
+                Err(why) => {
+                    tracing::error!("{why}; the sink is disabled");
+                    health.register(name, "sink", &plugin.name, false, Some(why));
+                    continue;
+                }
+            };
         health.register(name, "sink", &plugin.name, s.config.required, None);
-        let capacity = s.config.queue_capacity.unwrap_or(config.agent.queue_capacity);
+        let capacity = s
+            .config
+            .queue_capacity
+            .unwrap_or(config.agent.queue_capacity);
         telemetry.register_sink(name, &plugin.name, capacity);
         let queue = Arc::new(SinkQueue::new(name, capacity, Arc::clone(&telemetry)));
         let paths: Vec<String> = instance
@@ -284,7 +301,12 @@ pub async fn run_until(
             Arc::new(plugins.clone()),
             stop_http(stop_http_rx.clone()),
         )
-        .map_err(|e| exit(EXIT_CONFIG, format!("cannot listen on {addr} (http.health_listen): {e}")))?;
+        .map_err(|e| {
+            exit(
+                EXIT_CONFIG,
+                format!("cannot listen on {addr} (http.health_listen): {e}"),
+            )
+        })?;
         tracing::info!("health listener on http://{bound} (/health, /metrics/stats, /plugins)");
         servers.spawn(server);
     }
@@ -300,7 +322,10 @@ pub async fn run_until(
             let (bound, server) =
                 crate::http::serve_metrics(addr, http_routes, stop_http(stop_http_rx.clone()))
                     .map_err(|e| {
-                        exit(EXIT_CONFIG, format!("cannot listen on {addr} (http.metrics_listen): {e}"))
+                        exit(
+                            EXIT_CONFIG,
+                            format!("cannot listen on {addr} (http.metrics_listen): {e}"),
+                        )
                     })?;
             tracing::info!("metrics listener on http://{bound} ({})", paths.join(", "));
             servers.spawn(server);
@@ -322,7 +347,13 @@ pub async fn run_until(
             Ok(p) => p.clone(),
             Err(why) => {
                 tracing::error!("{why}; the collector is disabled");
-                health.register(name, "collector", &c.config.plugin, c.config.required, Some(why.clone()));
+                health.register(
+                    name,
+                    "collector",
+                    &c.config.plugin,
+                    c.config.required,
+                    Some(why.clone()),
+                );
                 continue;
             }
         };
@@ -467,7 +498,11 @@ pub async fn once(
         let mut batch = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(Ok(batch))) => batch,
             Ok(Ok(Err(e))) => {
-                eprintln!("metricsd once: collector `{name}`: {} error: {}", e.kind.as_str(), e.message);
+                eprintln!(
+                    "metricsd once: collector `{name}`: {} error: {}",
+                    e.kind.as_str(),
+                    e.message
+                );
                 failed += 1;
                 continue;
             }

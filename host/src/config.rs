@@ -584,7 +584,10 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     for (i, c) in config.collectors.iter().enumerate() {
         check_instance_name(&format!("collectors[{i}]"), &c.name, &mut names)?;
         if c.plugin.is_empty() {
-            return Err(key_error(format!("collectors[{i}].plugin"), "must not be empty"));
+            return Err(key_error(
+                format!("collectors[{i}].plugin"),
+                "must not be empty",
+            ));
         }
         if c.interval.is_some_and(|d| d.is_zero()) {
             return Err(key_error(
@@ -623,7 +626,10 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
             if !collectors.contains(from.as_str()) {
                 return Err(key_error(
                     format!("routes[{i}].from[{j}]"),
-                    format!("no collector named `{from}`{}", did_you_mean(from, &collectors)),
+                    format!(
+                        "no collector named `{from}`{}",
+                        did_you_mean(from, &collectors)
+                    ),
                 ));
             }
         }
@@ -681,10 +687,9 @@ fn validate_relabel(
                 .from
                 .as_deref()
                 .ok_or_else(|| key_error(format!("relabel[{i}].from"), "missing for rename"))?;
-            let to = r
-                .to
-                .as_deref()
-                .ok_or_else(|| key_error(format!("relabel[{i}].to"), "missing for rename"))?;
+            let to =
+                r.to.as_deref()
+                    .ok_or_else(|| key_error(format!("relabel[{i}].to"), "missing for rename"))?;
             let stars = from.matches('*').count();
             if stars > 1 {
                 return Err(key_error(
@@ -802,13 +807,14 @@ mod tests {
     fn wrong_type_is_named() {
         let e = err("[agent]\nqueue_capacity = \"lots\"\n");
         assert!(e.contains("`agent.queue_capacity`"), "{e}");
-        let e = err("[[sinks]]\nname = 3\nplugin = \"x\"\n");
-        assert!(e.contains("sinks[0].name"), "{e}");
+        let e = err("[[sinks]]\nname = \"s\"\nplugin = \"x\"\nrequired = \"maybe\"\n");
+        assert!(e.contains("sinks[0].required"), "{e}");
     }
 
     #[test]
     fn duplicate_and_reserved_names_are_refused() {
-        let e = err("[[collectors]]\nname=\"a\"\nplugin=\"x\"\n[[sinks]]\nname=\"a\"\nplugin=\"y\"\n");
+        let e =
+            err("[[collectors]]\nname=\"a\"\nplugin=\"x\"\n[[sinks]]\nname=\"a\"\nplugin=\"y\"\n");
         assert!(e.contains("sinks[0].name") && e.contains("unique"), "{e}");
         let e = err("[[collectors]]\nname=\"metricsd\"\nplugin=\"x\"\n");
         assert!(e.contains("reserved"), "{e}");
@@ -856,7 +862,11 @@ mod tests {
         assert_eq!(gpu.interval, Some(Duration::from_secs(10)));
         assert_eq!(c.agent.log_level, "debug");
         assert!(c.sinks.is_empty());
-        let d = c.collectors.iter().find(|c| c.plugin == "discovery").unwrap();
+        let d = c
+            .collectors
+            .iter()
+            .find(|c| c.plugin == "discovery")
+            .unwrap();
         assert_eq!(d.config["endpoint"], "http://127.0.0.1:50051");
 
         let c = parse_env(BUILTIN_DEFAULT, &[("TIMESERIES_BACKEND", "influxdb")]).unwrap();
@@ -898,7 +908,10 @@ mod tests {
 
     #[test]
     fn did_you_mean_suggests_close_names() {
-        assert_eq!(did_you_mean("nvlm", &["nvml", "system"]), " (did you mean `nvml`?)");
+        assert_eq!(
+            did_you_mean("nvlm", &["nvml", "system"]),
+            " (did you mean `nvml`?)"
+        );
         assert_eq!(did_you_mean("zzzzzz", &["nvml", "system"]), "");
     }
 }

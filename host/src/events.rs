@@ -108,7 +108,9 @@ impl Telemetry {
     /// Prometheus text of every metric.
     pub fn render_text(&self) -> String {
         let mut out = String::new();
-        if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out) {
+        if let Err(e) =
+            prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out)
+        {
             tracing::error!("cannot encode internal metrics: {e}");
         }
         out
@@ -144,14 +146,22 @@ impl Telemetry {
 
     /// Sets the queue depth gauge.
     pub fn set_queue_depth(&self, sink: &str, samples: usize) {
-        self.sink_queue.with_label_values(&[sink]).set(samples as i64);
+        self.sink_queue
+            .with_label_values(&[sink])
+            .set(samples as i64);
     }
 
     /// Sets the plugin file gauges.
     pub fn set_plugin_files(&self, loaded: usize, shadowed: usize, refused: usize) {
-        self.plugin_files.with_label_values(&["loaded"]).set(loaded as i64);
-        self.plugin_files.with_label_values(&["shadowed"]).set(shadowed as i64);
-        self.plugin_files.with_label_values(&["refused"]).set(refused as i64);
+        self.plugin_files
+            .with_label_values(&["loaded"])
+            .set(loaded as i64);
+        self.plugin_files
+            .with_label_values(&["shadowed"])
+            .set(shadowed as i64);
+        self.plugin_files
+            .with_label_values(&["refused"])
+            .set(refused as i64);
     }
 
     /// The registry's metrics as a batch for the pipeline.
@@ -322,7 +332,9 @@ impl Event<'_> {
                 samples,
                 duration,
             } => {
-                t.collector_up.with_label_values(&[collector, plugin]).set(1);
+                t.collector_up
+                    .with_label_values(&[collector, plugin])
+                    .set(1);
                 t.collections.with_label_values(&[collector]).inc();
                 t.collector_samples
                     .with_label_values(&[collector])
@@ -338,8 +350,12 @@ impl Event<'_> {
                 consecutive,
                 retry_in,
             } => {
-                t.collector_up.with_label_values(&[collector, plugin]).set(0);
-                t.collector_errors.with_label_values(&[collector, kind]).inc();
+                t.collector_up
+                    .with_label_values(&[collector, plugin])
+                    .set(0);
+                t.collector_errors
+                    .with_label_values(&[collector, kind])
+                    .inc();
                 // A failure streak logs its first error loudly, then only at debug level.
                 if consecutive <= 1 {
                     tracing::warn!(
@@ -359,9 +375,13 @@ impl Event<'_> {
                 message,
                 restart_in,
             } => {
-                t.collector_up.with_label_values(&[collector, plugin]).set(0);
+                t.collector_up
+                    .with_label_values(&[collector, plugin])
+                    .set(0);
                 t.collector_panics.with_label_values(&[collector]).inc();
-                t.collector_errors.with_label_values(&[collector, "panic"]).inc();
+                t.collector_errors
+                    .with_label_values(&[collector, "panic"])
+                    .inc();
                 tracing::error!(
                     collector,
                     plugin,
@@ -371,7 +391,9 @@ impl Event<'_> {
             }
             Event::CollectorTimedOut { collector, timeout } => {
                 t.collector_timeouts.with_label_values(&[collector]).inc();
-                t.collector_errors.with_label_values(&[collector, "timeout"]).inc();
+                t.collector_errors
+                    .with_label_values(&[collector, "timeout"])
+                    .inc();
                 t.collector_stale.with_label_values(&[collector]).set(1);
                 tracing::warn!(
                     collector,
@@ -388,7 +410,9 @@ impl Event<'_> {
                 );
             }
             Event::CollectorSkipped { collector, reason } => {
-                t.collector_skipped.with_label_values(&[collector, reason]).inc();
+                t.collector_skipped
+                    .with_label_values(&[collector, reason])
+                    .inc();
                 tracing::trace!(collector, reason, "tick skipped");
             }
             Event::CollectorCreateFailed {
@@ -397,8 +421,12 @@ impl Event<'_> {
                 message,
                 retry_in,
             } => {
-                t.collector_up.with_label_values(&[collector, plugin]).set(0);
-                t.collector_errors.with_label_values(&[collector, "create"]).inc();
+                t.collector_up
+                    .with_label_values(&[collector, plugin])
+                    .set(0);
+                t.collector_errors
+                    .with_label_values(&[collector, "create"])
+                    .inc();
                 tracing::error!(
                     collector,
                     plugin,

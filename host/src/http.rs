@@ -122,7 +122,13 @@ pub fn serve_health(
     let plugins_route = warp::path("plugins")
         .and(warp::path::end())
         .map(move || json(StatusCode::OK, &plugin_report(&plugins)));
-    let routes = warp::get().and(health_route.or(stats_route).unify().or(plugins_route).unify());
+    let routes = warp::get().and(
+        health_route
+            .or(stats_route)
+            .unify()
+            .or(plugins_route)
+            .unify(),
+    );
     warp::serve(routes).try_bind_with_graceful_shutdown(addr, shutdown)
 }
 
@@ -227,11 +233,7 @@ pub fn serve_metrics(
         .map(move || Arc::clone(&routes))
         .and(warp::method())
         .and(warp::path::full())
-        .and(
-            warp::query::raw()
-                .or(warp::any().map(String::new))
-                .unify(),
-        )
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
         .and_then(render);
     warp::serve(filter).try_bind_with_graceful_shutdown(addr, shutdown)

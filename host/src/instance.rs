@@ -64,5 +64,7 @@ pub async fn create_sink(
 /// Asks the plugin whether a config is valid, without creating anything.
 pub fn validate_config(plugin: &Plugin, config_json: &str) -> Result<(), String> {
     let validate = plugin.module.validate_config();
-    validate(config_json.into()).into_result().map_err(|e| e.message.to_string())
+    validate(config_json.into())
+        .into_result()
+        .map_err(|e| e.message.to_string())
 }

@@ -144,11 +144,7 @@ fn display_dirs(dirs: &[PathBuf]) -> String {
 pub fn search_dirs(env_path: Option<&str>, configured: &[PathBuf]) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Some(list) = env_path {
-        dirs.extend(
-            list.split(':')
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from),
-        );
+        dirs.extend(list.split(':').filter(|s| !s.is_empty()).map(PathBuf::from));
     }
     dirs.extend(configured.iter().cloned());
     if let Some(exe_dir) = std::env::current_exe()

@@ -121,12 +121,22 @@ fn check(loaded: &LoadedConfig, set: &PluginSet) -> Result<(), ExitError> {
     }
     for c in &plan.collectors {
         if let Ok(p) = &c.plugin {
-            println!("ok: collector `{}` (plugin `{}` {})", c.config.name, p.name, p.path.display());
+            println!(
+                "ok: collector `{}` (plugin `{}` {})",
+                c.config.name,
+                p.name,
+                p.path.display()
+            );
         }
     }
     for s in &plan.sinks {
         if let Ok(p) = &s.plugin {
-            println!("ok: sink `{}` (plugin `{}` {})", s.config.name, p.name, p.path.display());
+            println!(
+                "ok: sink `{}` (plugin `{}` {})",
+                s.config.name,
+                p.name,
+                p.path.display()
+            );
         }
     }
     let problems = plan.problems();
@@ -171,7 +181,9 @@ fn main_inner(cli: Cli) -> Result<(), ExitError> {
                 OnceFormat::Text => "text",
                 OnceFormat::Json => "json",
             };
-            runtime()?.block_on(agent::once(loaded, plugins, format)).map(|_| ())
+            runtime()?
+                .block_on(agent::once(loaded, plugins, format))
+                .map(|_| ())
         }
         Command::Run => runtime()?.block_on(agent::run(loaded, plugins)),
     }

@@ -320,7 +320,9 @@ impl Pipeline {
                     .map(|f| rule.metric_matches(&f.name))
                     .collect();
                 if rule.metrics.is_none() {
-                    batch.common_labels.retain(|l| !labels.is_match(l.name.as_str()));
+                    batch
+                        .common_labels
+                        .retain(|l| !labels.is_match(l.name.as_str()));
                 }
                 for s in batch.samples.iter_mut() {
                     if families[s.family as usize] {
@@ -357,7 +359,8 @@ impl Pipeline {
             }
             if matching.iter().any(|r| r.is_unfiltered()) {
                 queue.push(Arc::clone(&shared));
-            } else if let Some(b) = filtered(&shared, |name| matching.iter().any(|r| r.passes(name)))
+            } else if let Some(b) =
+                filtered(&shared, |name| matching.iter().any(|r| r.passes(name)))
             {
                 queue.push(Arc::new(b));
             }
@@ -454,7 +457,10 @@ collectors = ["gpu"]
         );
         let mut b = sample_batch();
         p.prepare("gpu", &mut b);
-        assert_eq!(names(&b), ["nv_temperature_celsius", "nv_power_usage_watts"]);
+        assert_eq!(
+            names(&b),
+            ["nv_temperature_celsius", "nv_power_usage_watts"]
+        );
         assert!(b.samples[0].labels.iter().all(|l| l.name.as_str() != "pid"));
         assert_eq!(b.families.len(), 2, "dropped families are removed");
     }
@@ -514,7 +520,10 @@ exclude = ["*_info"]
     #[test]
     fn rename_patterns() {
         let r = Rename::new("DCGM_FI_DEV_*", "dcgm_*");
-        assert_eq!(r.apply("DCGM_FI_DEV_GPU_UTIL").as_deref(), Some("dcgm_GPU_UTIL"));
+        assert_eq!(
+            r.apply("DCGM_FI_DEV_GPU_UTIL").as_deref(),
+            Some("dcgm_GPU_UTIL")
+        );
         assert_eq!(r.apply("other"), None);
         let r = Rename::new("a", "b");
         assert_eq!(r.apply("a").as_deref(), Some("b"));

@@ -19,10 +19,18 @@ extern "C" fn log_from_plugin(
         let target = target.as_str();
         let message = message.as_str();
         match level {
-            LogLevel::ERROR => tracing::error!(target: "plugin", instance, plugin_target = target, "{message}"),
-            LogLevel::WARN => tracing::warn!(target: "plugin", instance, plugin_target = target, "{message}"),
-            LogLevel::INFO => tracing::info!(target: "plugin", instance, plugin_target = target, "{message}"),
-            LogLevel::DEBUG => tracing::debug!(target: "plugin", instance, plugin_target = target, "{message}"),
+            LogLevel::ERROR => {
+                tracing::error!(target: "plugin", instance, plugin_target = target, "{message}")
+            }
+            LogLevel::WARN => {
+                tracing::warn!(target: "plugin", instance, plugin_target = target, "{message}")
+            }
+            LogLevel::INFO => {
+                tracing::info!(target: "plugin", instance, plugin_target = target, "{message}")
+            }
+            LogLevel::DEBUG => {
+                tracing::debug!(target: "plugin", instance, plugin_target = target, "{message}")
+            }
             _ => tracing::trace!(target: "plugin", instance, plugin_target = target, "{message}"),
         }
     }));

@@ -272,6 +272,10 @@ mod tests {
         assert_eq!(backoff(s(5), s(300), 1), s(10));
         assert_eq!(backoff(s(5), s(300), 3), s(40));
         assert_eq!(backoff(s(5), s(300), 30), s(300));
-        assert_eq!(backoff(s(600), s(300), 1), s(600), "never below the interval");
+        assert_eq!(
+            backoff(s(600), s(300), 1),
+            s(600),
+            "never below the interval"
+        );
     }
 }

@@ -1,1 +1,341 @@
+//! Helpers for the end-to-end tests: build the binary, the plugin `.so` files and the
+//! incompatible fixtures, run `metricsd` as a child process with a config, talk to its
+//! listeners, and wait for conditions with deadlines (never fixed sleeps).
 
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root")
+}
+
+/// The main target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn run_cargo(mut cmd: Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cargo for {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "building {what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds the host and every plugin of the workspace (debug) once per test process; returns
+/// the directory holding `metricsd` and the plugin `.so` files.
+pub fn build() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let mut cmd = cargo();
+            cmd.args(["build", "--workspace", "--lib", "--bins"]);
+            run_cargo(cmd, "the workspace");
+            target_dir().join("debug")
+        })
+        .clone()
+}
+
+/// The `metricsd` binary.
+pub fn binary() -> PathBuf {
+    build().join("metricsd")
+}
+
+/// A plugin `.so` of the workspace, e.g. `plugin("hello")` → `libmetricsd_hello.so`.
+pub fn plugin(name: &str) -> PathBuf {
+    let path = build().join(format!("libmetricsd_{name}.so"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Builds an incompatible fixture plugin (tests/fixtures/NAME) and returns its `.so`.
+pub fn fixture(name: &str) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = root().join("tests/fixtures").join(name);
+    // Same dependency versions as the main workspace, so compiled artifacts are reused.
+    fs::copy(root().join("Cargo.lock"), dir.join("Cargo.lock")).expect("copy Cargo.lock");
+    let target = target_dir().join("fixtures");
+    let mut cmd = cargo();
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target);
+    run_cargo(cmd, &format!("fixture {name}"));
+    let lib = format!("libfixture_{}.so", name.replace('-', "_"));
+    let path = target.join("debug").join(lib);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Waits until `f` returns `Some`, polling every 50 ms, up to `deadline`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A directory with a config file, for one test.
+pub struct Workdir {
+    /// The temporary directory (removed on drop).
+    pub dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    /// A new empty directory.
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// Path inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes a file and returns its path.
+    pub fn write(&self, name: &str, content: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.path(name);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).expect("mkdir");
+        }
+        fs::write(&p, content).expect("write");
+        p
+    }
+
+    /// Runs `metricsd ARGS` to completion with `env`.
+    pub fn metricsd(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(binary());
+        cmd.args(args).current_dir(self.dir.path());
+        clean_env(&mut cmd);
+        cmd.envs(env.iter().copied());
+        cmd.output().expect("run metricsd")
+    }
+}
+
+impl Default for Workdir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Removes variables that would change the agent's config behind a test's back.
+fn clean_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("METRICSD_")
+            || [
+                "LOG_LEVEL",
+                "PROMETHEUS_ENABLED",
+                "GPU_COLLECTION_INTERVAL",
+                "TIMESERIES_BACKEND",
+                "GPU_DISCOVERY_HOST",
+            ]
+            .contains(&k.as_str())
+        {
+            cmd.env_remove(k);
+        }
+    }
+}
+
+/// A running `metricsd run` child process.
+pub struct Agent {
+    child: Option<Child>,
+    /// Where its stdout goes.
+    pub stdout_path: PathBuf,
+    /// Where its stderr goes.
+    pub stderr_path: PathBuf,
+    /// Port of its health listener.
+    pub health_port: u16,
+    /// Port of its metrics listener.
+    pub metrics_port: u16,
+}
+
+impl Agent {
+    /// Starts `metricsd -c CONFIG run` in `work`. `config` may use `{health}` and `{metrics}`
+    /// for the listener ports.
+    pub fn start(work: &Workdir, config: &str, env: &[(&str, &str)]) -> Result<Agent> {
+        let health_port = free_port();
+        let metrics_port = free_port();
+        let text = config
+            .replace("{health}", &health_port.to_string())
+            .replace("{metrics}", &metrics_port.to_string());
+        let config_path = work.write("metricsd.toml", text);
+        let stdout_path = work.path("stdout.log");
+        let stderr_path = work.path("stderr.log");
+        let mut cmd = Command::new(binary());
+        cmd.arg("-c")
+            .arg(&config_path)
+            .arg("run")
+            .current_dir(work.dir.path())
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout_path)?)
+            .stderr(fs::File::create(&stderr_path)?);
+        clean_env(&mut cmd);
+        cmd.env("NO_COLOR", "1");
+        cmd.envs(env.iter().copied());
+        let child = cmd.spawn().context("spawn metricsd")?;
+        Ok(Agent {
+            child: Some(child),
+            stdout_path,
+            stderr_path,
+            health_port,
+            metrics_port,
+        })
+    }
+
+    /// Its stdout so far.
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.stdout_path).unwrap_or_default()
+    }
+
+    /// Its stderr (logs) so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// GET on the health listener: (status, body).
+    pub fn get_health(&self, path: &str) -> Result<(u16, String)> {
+        http_get(self.health_port, path)
+    }
+
+    /// The agent's own metrics (`/metrics/stats`).
+    pub fn stats(&self) -> Result<String> {
+        let (status, body) = self.get_health("/metrics/stats")?;
+        if status != 200 {
+            bail!("/metrics/stats answered {status}");
+        }
+        Ok(body)
+    }
+
+    /// The value of one series in `/metrics/stats`, e.g.
+    /// `metricsd_collector_panics_total{collector="tk"}`.
+    pub fn stat(&self, series: &str) -> Option<f64> {
+        let body = self.stats().ok()?;
+        series_value(&body, series)
+    }
+
+    /// Waits until the health listener answers.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Duration::from_secs(30);
+        let start = Instant::now();
+        loop {
+            if !self.is_running() {
+                bail!("metricsd exited during start-up:\n{}", self.stderr());
+            }
+            if self.get_health("/health").is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > deadline {
+                bail!("metricsd not ready after {deadline:?}:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits (up to 30 s) for the exit status.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("already stopped"))?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                bail!("metricsd did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The value of `series` (exact text up to the value) in Prometheus text.
+pub fn series_value(body: &str, series: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let rest = l.strip_prefix(series)?;
+        let value = rest.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1:port: (status, body).
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build();
+    match agent.get(&format!("http://127.0.0.1:{port}{path}")).call() {
+        Ok(resp) => {
+            let status = resp.status();
+            Ok((status, resp.into_string()?))
+        }
+        Err(ureq::Error::Status(status, resp)) => Ok((status, resp.into_string()?)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Parses JSON lines printed by the stdout sink.
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}

@@ -1,0 +1,212 @@
+//! Config errors, `/health` of the built binary, and shutdown on SIGTERM.
+
+use std::time::Duration;
+
+use metricsd_e2e::{json_lines, wait_for, Agent, Workdir};
+
+fn check(config: &str) -> (Option<i32>, String) {
+    let work = Workdir::new();
+    let path = work.write("c.toml", config);
+    let out = work.metricsd(&["-c", path.to_str().expect("path"), "check"], &[]);
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn config_errors_name_the_key_or_plugin() {
+    let cases = [
+        ("[agent]\ninterval = \"5s\"\ncolour = \"blue\"\n", &["agent", "unknown field `colour`"][..]),
+        ("[agent]\ninterval = \"fast\"\n", &["`agent.interval`", "fast"][..]),
+        ("[agent]\nqueue_capacity = \"many\"\n", &["`agent.queue_capacity`"][..]),
+        (
+            "[[collectors]]\nname = \"gpu\"\nplugin = \"helo\"\n",
+            &["collector `gpu`", "no plugin named `helo`", "did you mean `hello`"][..],
+        ),
+        (
+            "[[collectors]]\nname = \"gpu\"\nplugin = \"stdout\"\n",
+            &["collector `gpu`", "is a sink, not a collector"][..],
+        ),
+        (
+            "[[collectors]]\nname = \"gpu\"\nplugin = \"hello\"\n[collectors.config]\ngreeting = 7\n",
+            &["collector `gpu`", "`greeting`", "invalid type"][..],
+        ),
+        (
+            "[[collectors]]\nname = \"gpu\"\nplugin = \"hello\"\n[collectors.config]\ngreting = \"x\"\n",
+            &["unknown field `greting`"][..],
+        ),
+    ];
+    for (config, needles) in cases {
+        let (code, text) = check(config);
+        assert_eq!(code, Some(2), "{config}\n{text}");
+        for n in needles {
+            assert!(
+                text.contains(n),
+                "expected `{n}` for\n{config}\ngot:\n{text}"
+            );
+        }
+    }
+    let (code, text) = check("[[collectors]]\nname = \"gpu\"\nplugin = \"hello\"\n");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("config ok"));
+}
+
+#[test]
+fn a_bad_config_stops_run_with_exit_code_2() {
+    let work = Workdir::new();
+    let path = work.write("c.toml", "[agent]\ninterval = \"soon\"\n");
+    let out = work.metricsd(&["-c", path.to_str().expect("path"), "run"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("agent.interval"));
+    let out = work.metricsd(&["-c", "/nonexistent/metricsd.toml", "run"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/metricsd.toml"));
+}
+
+#[test]
+fn health_reports_each_instance() {
+    let work = Workdir::new();
+    let mut agent = Agent::start(
+        &work,
+        r#"
+[agent]
+interval = "200ms"
+[http]
+health_listen = "127.0.0.1:{health}"
+metrics_listen = ""
+[[collectors]]
+name = "hi"
+plugin = "hello"
+required = true
+[[collectors]]
+name = "broken"
+plugin = "testkit"
+[collectors.config]
+fail_from = 1
+[[sinks]]
+name = "out"
+plugin = "stdout"
+"#,
+        &[],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    let health = wait_for("all instances to have run", Duration::from_secs(10), || {
+        let (status, body) = agent.get_health("/health").ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let states: Vec<&str> = ["hi", "broken", "out"]
+            .iter()
+            .filter_map(|n| v["instances"][n]["state"].as_str())
+            .collect();
+        (states == ["ok", "failing", "ok"]).then_some((status, v))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_eq!(health.0, 200, "only a non-required instance fails");
+    assert_eq!(health.1["status"], "degraded");
+    assert_eq!(health.1["instances"]["hi"]["kind"], "collector");
+    assert_eq!(health.1["instances"]["hi"]["plugin"], "hello");
+    assert_eq!(health.1["instances"]["out"]["kind"], "sink");
+    assert!(health.1["instances"]["hi"]["last_success_ms"]
+        .as_i64()
+        .is_some());
+    let (status, stats) = agent.get_health("/metrics/stats").expect("stats");
+    assert_eq!(status, 200);
+    assert!(
+        stats.contains("metricsd_build_info{plugin_api_version=\"1.0.0\""),
+        "{stats}"
+    );
+    let (status, _) = agent.get_health("/nope").expect("404");
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn sigterm_flushes_the_stdout_sink_and_exits_0() {
+    let work = Workdir::new();
+    let mut agent = Agent::start(
+        &work,
+        r#"
+[agent]
+interval = "100ms"
+internal_metrics = false
+[http]
+health_listen = "127.0.0.1:{health}"
+metrics_listen = ""
+[[collectors]]
+name = "hi"
+plugin = "hello"
+[[sinks]]
+name = "out"
+plugin = "stdout"
+[sinks.config]
+flush = "buffer"
+"#,
+        &[],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    let written = wait_for("five batches written", Duration::from_secs(10), || {
+        agent
+            .stat("metricsd_sink_samples_written_total{sink=\"out\"}")
+            .filter(|v| *v >= 10.0)
+    })
+    .expect("writes");
+    // Buffered: nothing has reached stdout yet.
+    assert_eq!(
+        agent.stdout(),
+        "",
+        "flush = buffer holds output until flushed"
+    );
+    let status = agent.terminate().expect("terminate");
+    assert_eq!(status.code(), Some(0));
+    let rows = json_lines(&agent.stdout());
+    let collections: Vec<f64> = rows
+        .iter()
+        .filter(|r| r["name"] == "hello_collections_total")
+        .filter_map(|r| r["value"].as_f64())
+        .collect();
+    assert!(
+        rows.len() as f64 >= written,
+        "{} rows, {written} written",
+        rows.len()
+    );
+    assert!(collections.len() >= 5, "{collections:?}");
+    // In order, none lost: 1, 2, 3, …
+    for (i, v) in collections.iter().enumerate() {
+        assert_eq!(*v, (i + 1) as f64, "{collections:?}");
+    }
+    assert!(agent.stderr().contains("metricsd stopped"));
+}
+
+#[test]
+fn once_prints_every_collector_and_fails_when_one_fails() {
+    let work = Workdir::new();
+    let path = work.write(
+        "c.toml",
+        "[agent]\nlabels = { node_id = \"n-1\" }\n[[collectors]]\nname = \"hi\"\nplugin = \"hello\"\n[collectors.config]\nseries = 3\n",
+    );
+    let out = work.metricsd(&["-c", path.to_str().expect("path"), "once"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("hello_collections_total{greeting=\"hello\",node_id=\"n-1\"} 1 "),
+        "{text}"
+    );
+    assert_eq!(text.matches("hello_sequence{").count(), 3, "{text}");
+
+    let path = work.write(
+        "bad.toml",
+        "[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\n[collectors.config]\npanic_on = 1\n",
+    );
+    let out = work.metricsd(&["-c", path.to_str().expect("path"), "once"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("panic"));
+}

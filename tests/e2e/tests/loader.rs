@@ -1,0 +1,266 @@
+//! The plugin loader against real `.so` files: good ones, broken ones, incompatible ones,
+//! files and directories other users can write, and the SHA-256 allow-list.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+
+use metricsd_e2e::{fixture, json_lines, plugin, wait_for, Agent, Workdir};
+use std::time::Duration;
+
+fn plugins_json(
+    work: &Workdir,
+    env: &[(&str, &str)],
+    config: Option<&str>,
+) -> Vec<serde_json::Value> {
+    let mut args = Vec::new();
+    let config_path;
+    if let Some(text) = config {
+        config_path = work.write("plugins.toml", text);
+        args.push("-c");
+        args.push(config_path.to_str().expect("utf-8 path"));
+    }
+    args.extend(["plugins", "--json"]);
+    let out = work.metricsd(&args, env);
+    assert!(
+        out.status.success(),
+        "metricsd plugins failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("JSON list")
+}
+
+fn row<'a>(rows: &'a [serde_json::Value], file: &str) -> &'a serde_json::Value {
+    rows.iter()
+        .find(|r| r["path"].as_str().is_some_and(|p| p.ends_with(file)))
+        .unwrap_or_else(|| panic!("no row for {file} in {rows:#?}"))
+}
+
+/// A plugin directory that only its owner can write.
+fn plugin_dir(work: &Workdir) -> std::path::PathBuf {
+    let dir = work.path("plugins");
+    fs::create_dir_all(&dir).expect("mkdir");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+#[test]
+fn two_plugin_files_load_as_two_different_plugins() {
+    let work = Workdir::new();
+    let rows = plugins_json(&work, &[], None);
+    let hello = row(&rows, "libmetricsd_hello.so");
+    let testkit = row(&rows, "libmetricsd_testkit.so");
+    assert_eq!(hello["verdict"], "loaded");
+    assert_eq!(testkit["verdict"], "loaded");
+    assert_eq!(hello["name"], "hello");
+    assert_eq!(testkit["name"], "testkit");
+    assert_eq!(row(&rows, "libmetricsd_stdout.so")["kind"], "sink");
+
+    // And each one's code runs: their metrics differ.
+    let config = work.write(
+        "once.toml",
+        "[[collectors]]\nname = \"a\"\nplugin = \"hello\"\n[[collectors]]\nname = \"b\"\nplugin = \"testkit\"\n",
+    );
+    let out = work.metricsd(
+        &[
+            "-c",
+            config.to_str().expect("path"),
+            "once",
+            "--format",
+            "json",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names: Vec<String> = json_lines(&String::from_utf8_lossy(&out.stdout))
+        .iter()
+        .filter_map(|r| r["name"].as_str().map(String::from))
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "hello_collections_total"),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n == "testkit_calls_total"),
+        "{names:?}"
+    );
+    assert!(names
+        .iter()
+        .all(|n| n.starts_with("hello_") || n.starts_with("testkit_")));
+}
+
+#[test]
+fn bad_files_are_refused_with_one_line_each_and_the_host_runs_on() {
+    let work = Workdir::new();
+    let dir = plugin_dir(&work);
+    fs::write(dir.join("empty.so"), b"").expect("write");
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    fs::write(dir.join("random.so"), noise).expect("write");
+    fs::copy(fixture("no-root-module"), dir.join("not-a-plugin.so")).expect("copy");
+    fs::copy(fixture("api-v2"), dir.join("api-v2.so")).expect("copy");
+    fs::copy(fixture("changed-layout"), dir.join("changed-layout.so")).expect("copy");
+    fs::write(dir.join("README.txt"), "not a .so: ignored").expect("write");
+    let dir_text = dir.to_str().expect("utf-8");
+    let env = [("METRICSD_PLUGIN_PATH", dir_text)];
+
+    let rows = plugins_json(&work, &env, None);
+    let expect = [
+        ("empty.so", "cannot be opened as a shared library"),
+        ("random.so", "cannot be opened as a shared library"),
+        ("not-a-plugin.so", "not a metricsd plugin"),
+        (
+            "api-v2.so",
+            "built for plugin API 2.0.0, this host has 1.0.0",
+        ),
+        ("changed-layout.so", "plugin interface layout differs"),
+    ];
+    for (file, message) in expect {
+        let r = row(&rows, file);
+        assert_eq!(r["verdict"], "refused", "{r}");
+        let reason = r["reason"].as_str().expect("reason");
+        assert!(reason.contains(message), "{file}: {reason}");
+        assert!(
+            reason.contains(file),
+            "the message names the file: {reason}"
+        );
+        assert!(!reason.contains('\n'), "one line: {reason}");
+    }
+    assert!(!rows.iter().any(|r| r["path"]
+        .as_str()
+        .is_some_and(|p| p.ends_with("README.txt"))));
+    assert_eq!(row(&rows, "libmetricsd_hello.so")["verdict"], "loaded");
+
+    // The agent runs with the good plugins and reports the refusals.
+    let mut agent = Agent::start(
+        &work,
+        "[agent]\ninterval = \"200ms\"\n[http]\nhealth_listen = \"127.0.0.1:{health}\"\nmetrics_listen = \"\"\n[[collectors]]\nname = \"hi\"\nplugin = \"hello\"\n",
+        &env,
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for("a collection", Duration::from_secs(10), || {
+        agent
+            .stat("metricsd_collector_collections_total{collector=\"hi\"}")
+            .filter(|v| *v >= 1.0)
+    })
+    .expect("hello collects");
+    assert_eq!(
+        agent.stat("metricsd_plugin_files{verdict=\"refused\"}"),
+        Some(5.0)
+    );
+    let (status, body) = agent.get_health("/plugins").expect("/plugins");
+    assert_eq!(status, 200);
+    assert!(body.contains("built for plugin API 2.0.0"), "{body}");
+    assert!(
+        agent.stderr().contains("not a metricsd plugin"),
+        "refusals are logged"
+    );
+    assert!(agent.is_running());
+}
+
+#[test]
+fn files_and_directories_others_can_write_are_refused() {
+    let work = Workdir::new();
+    let dir = plugin_dir(&work);
+    let copy = dir.join("hello-copy.so");
+    fs::copy(plugin("hello"), &copy).expect("copy");
+    fs::set_permissions(&copy, fs::Permissions::from_mode(0o666)).expect("chmod");
+    let env = [("METRICSD_PLUGIN_PATH", dir.to_str().expect("utf-8"))];
+    let rows = plugins_json(&work, &env, None);
+    let r = row(&rows, "hello-copy.so");
+    assert_eq!(r["verdict"], "refused");
+    assert!(
+        r["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("writable by every user"),
+        "{r}"
+    );
+
+    let open_dir = work.path("open");
+    fs::create_dir_all(&open_dir).expect("mkdir");
+    fs::copy(plugin("hello"), open_dir.join("hello-open.so")).expect("copy");
+    fs::set_permissions(&open_dir, fs::Permissions::from_mode(0o777)).expect("chmod");
+    let env = [("METRICSD_PLUGIN_PATH", open_dir.to_str().expect("utf-8"))];
+    let rows = plugins_json(&work, &env, None);
+    assert!(
+        !rows.iter().any(|r| r["path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("hello-open.so"))),
+        "nothing is loaded from a world-writable directory"
+    );
+    let out = work.metricsd(&["plugins"], &env);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("REFUSED DIR") && text.contains("writable by every user"),
+        "{text}"
+    );
+}
+
+#[test]
+fn sha256_allow_list_pins_the_files_that_may_load() {
+    let work = Workdir::new();
+    let rows = plugins_json(&work, &[], None);
+    let hello_digest = row(&rows, "libmetricsd_hello.so")["sha256"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    assert_eq!(hello_digest.len(), 64);
+    let config = format!("[agent]\nplugin_sha256 = [\"{hello_digest}\"]\n");
+    let rows = plugins_json(&work, &[], Some(&config));
+    assert_eq!(row(&rows, "libmetricsd_hello.so")["verdict"], "loaded");
+    let testkit = row(&rows, "libmetricsd_testkit.so");
+    assert_eq!(testkit["verdict"], "refused");
+    assert!(testkit["reason"]
+        .as_str()
+        .expect("reason")
+        .contains("not in agent.plugin_sha256"));
+}
+
+#[test]
+fn a_required_plugin_that_cannot_load_stops_start_up_with_exit_code_2() {
+    let work = Workdir::new();
+    let dir = plugin_dir(&work);
+    fs::copy(fixture("api-v2"), dir.join("future.so")).expect("copy");
+    let config = work.write(
+        "c.toml",
+        "[http]\nhealth_listen = \"\"\nmetrics_listen = \"\"\n[[collectors]]\nname = \"gpu\"\nplugin = \"future\"\nrequired = true\n",
+    );
+    let out = work.metricsd(
+        &["-c", config.to_str().expect("path"), "run"],
+        &[("METRICSD_PLUGIN_PATH", dir.to_str().expect("utf-8"))],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("required collector `gpu`"), "{err}");
+    assert!(err.contains("no plugin named `future`"), "{err}");
+    assert!(err.contains("refused"), "points at the refused file: {err}");
+
+    // Not required: the same problem is reported and the agent runs.
+    let text = fs::read_to_string(&config)
+        .expect("read")
+        .replace("required = true", "required = false");
+    let mut agent = Agent::start(
+        &work,
+        &text.replace(
+            "health_listen = \"\"",
+            "health_listen = \"127.0.0.1:{health}\"",
+        ),
+        &[("METRICSD_PLUGIN_PATH", dir.to_str().expect("utf-8"))],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    let (status, body) = agent.get_health("/health").expect("health");
+    assert_eq!(
+        status, 200,
+        "a non-required instance does not fail the agent: {body}"
+    );
+    let health: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["instances"]["gpu"]["state"], "disabled");
+}
