@@ -51,9 +51,10 @@ mod ms {
 }
 
 /// Per instance name: (instances created, calls now running, most calls ever running at once).
-static BOOK: Mutex<Option<HashMap<String, (u64, u64, u64)>>> = Mutex::new(None);
+type Entry = (u64, u64, u64);
+static BOOK: Mutex<Option<HashMap<String, Entry>>> = Mutex::new(None);
 
-fn book<T>(instance: &str, f: impl FnOnce(&mut (u64, u64, u64)) -> T) -> T {
+fn book<T>(instance: &str, f: impl FnOnce(&mut Entry) -> T) -> T {
     let mut guard = BOOK.lock().unwrap_or_else(|p| p.into_inner());
     let map = guard.get_or_insert_with(HashMap::new);
     f(map.entry(instance.to_string()).or_default())
