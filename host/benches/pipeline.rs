@@ -152,7 +152,11 @@ fn collection_into_sink(c: &mut Criterion) {
         b.iter(|| black_box(empty.collect().into_result().expect("collect")))
     });
     c.bench_function("abi_crossing/write_empty", |b| {
-        b.iter(|| sink.write(black_box(&empty_batch)).into_result().expect("write"))
+        b.iter(|| {
+            sink.write(black_box(&empty_batch))
+                .into_result()
+                .expect("write")
+        })
     });
 }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use metricsd_plugin_api::{Batch, BatchBuilder, Label, MetricKind};
-use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{CounterVec, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// The agent's own metrics.
 pub struct Telemetry {
@@ -20,7 +20,7 @@ pub struct Telemetry {
     collector_samples: IntCounterVec,
     collector_invalid: IntCounterVec,
     collector_last_duration: GaugeVec,
-    collector_duration_total: GaugeVec,
+    collector_duration_total: CounterVec,
     sink_up: IntGaugeVec,
     sink_queue: IntGaugeVec,
     sink_queue_capacity: IntGaugeVec,
@@ -47,6 +47,14 @@ fn int_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> In
         .register(Box::new(g.clone()))
         .expect("metric registered once");
     g
+}
+
+fn float_counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> CounterVec {
+    let c = CounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
@@ -81,7 +89,7 @@ impl Telemetry {
             collector_samples: counter(&r, "metricsd_collector_samples_total", "Samples collected.", &c),
             collector_invalid: counter(&r, "metricsd_collector_invalid_samples_total", "Samples dropped because they were invalid (bad name, family index or late).", &c),
             collector_last_duration: gauge(&r, "metricsd_collector_last_duration_seconds", "Duration of the collector's last completed call.", &c),
-            collector_duration_total: gauge(&r, "metricsd_collector_duration_seconds_total", "Total time spent in the collector's calls.", &c),
+            collector_duration_total: float_counter(&r, "metricsd_collector_duration_seconds_total", "Total time spent in the collector's calls.", &c),
             sink_up: int_gauge(&r, "metricsd_sink_up", "1 if the sink's last write succeeded (or none failed yet).", &["sink", "plugin"]),
             sink_queue: int_gauge(&r, "metricsd_sink_queue_samples", "Samples waiting in the sink's queue.", &s),
             sink_queue_capacity: int_gauge(&r, "metricsd_sink_queue_capacity_samples", "Capacity of the sink's queue.", &s),
@@ -501,7 +509,7 @@ fn observe(t: &Telemetry, collector: &str, duration: Duration) {
         .set(secs);
     t.collector_duration_total
         .with_label_values(&[collector])
-        .add(secs);
+        .inc_by(secs);
 }
 
 fn round_ms(d: Duration) -> Duration {

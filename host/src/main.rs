@@ -1,5 +1,6 @@
 //! `metricsd`: the command-line interface.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -60,6 +61,7 @@ fn init_logging(config: &config::Config, default_level: &str) {
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_writer(std::io::stderr);
     match config.agent.log_format {
         LogFormat::Json => builder.json().init(),

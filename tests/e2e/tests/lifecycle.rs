@@ -122,6 +122,13 @@ plugin = "stdout"
     );
     let (status, _) = agent.get_health("/nope").expect("404");
     assert_eq!(status, 404);
+    // The plugin's own log line reached the host's log output, tagged with the instance.
+    let logs = agent.stderr();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("hello collector `hi` ready") && l.contains("instance=\"hi\"")),
+        "{logs}"
+    );
 }
 
 #[test]
