@@ -20,12 +20,15 @@ use metricsd::events::Telemetry;
 use metricsd::pipeline::Pipeline;
 use metricsd_plugin_api::abi::{HostLogger, InstanceArgs, LogLevel};
 use metricsd_plugin_api::{
-    new_collector, new_sink, Batch, BatchBuilder, Collector, Context, Label, Result, Sink,
+    new_collector, new_sink, Batch, BatchBuilder, Collector, Context, Result, Sink,
 };
 
-/// Emits `samples` gauge samples with two labels each, like a GPU collector.
+/// Emits `samples` gauge samples with two labels each: like a GPU collector (one label set per
+/// GPU, shared) or, with `distinct = 1`, a label set of its own per sample (the worst case, e.g.
+/// per-process series).
 struct Synthetic {
     samples: usize,
+    distinct: bool,
     gpus: Vec<String>,
     tick: f64,
 }
@@ -36,6 +39,7 @@ impl Collector for Synthetic {
     fn new(config: Self::Config, _: &Context) -> Result<Self> {
         Ok(Self {
             samples: config.get("samples").copied().unwrap_or(0),
+            distinct: config.get("distinct").copied().unwrap_or(0) == 1,
             gpus: (0..8).map(|i| i.to_string()).collect(),
             tick: 0.0,
         })
@@ -52,14 +56,25 @@ impl Collector for Synthetic {
             out.gauge("gpu_power_usage_watts", "Power draw.", "watts"),
             out.counter("gpu_energy_consumed_joules_total", "Energy.", "joules"),
         ];
-        for i in 0..self.samples {
-            let labels = [
-                Label::new("gpu", self.gpus[i % 8].as_str()),
-                Label::new("uuid", "GPU-5fd7a3b2-0c1e-4f4e-9a53-8b1f3c2d4e5f"),
-            ]
-            .into_iter()
+        // One label set per GPU, shared by that GPU's samples, as the SDK recommends.
+        let sets: Vec<_> = self
+            .gpus
+            .iter()
+            .map(|gpu| {
+                out.label_set(&[
+                    ("gpu", gpu.as_str()),
+                    ("uuid", "GPU-5fd7a3b2-0c1e-4f4e-9a53-8b1f3c2d4e5f"),
+                ])
+            })
             .collect();
-            out.sample_with(families[i % 4], labels, self.tick + i as f64);
+        for i in 0..self.samples {
+            let set = if self.distinct {
+                let pid = i.to_string();
+                out.label_set(&[("gpu", self.gpus[i % 8].as_str()), ("pid", pid.as_str())])
+            } else {
+                sets[i % 8]
+            };
+            out.sample_in(families[i % 4], set, self.tick + i as f64);
         }
         Ok(())
     }
@@ -126,22 +141,27 @@ fn collection_into_sink(c: &mut Criterion) {
     let sink = new_sink::<Counting>(args("{}"), "bench")
         .into_result()
         .expect("sink");
-    let mut group = c.benchmark_group("collect_pipeline_write");
-    for n in [100usize, 1_000, 10_000] {
-        let mut collector =
-            new_collector::<Synthetic>(args(&format!("{{\"samples\":{n}}}")), "bench")
+    for (group_name, distinct) in [
+        ("collect_pipeline_write", 0),
+        ("collect_pipeline_write_distinct_labels", 1),
+    ] {
+        let mut group = c.benchmark_group(group_name);
+        for n in [100usize, 1_000, 10_000] {
+            let config = format!("{{\"samples\":{n},\"distinct\":{distinct}}}");
+            let mut collector = new_collector::<Synthetic>(args(&config), "bench")
                 .into_result()
                 .expect("collector");
-        group.throughput(Throughput::Elements(n as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
-            b.iter(|| {
-                let mut batch = collector.collect().into_result().expect("collect");
-                pipeline.prepare("gpu", &mut batch);
-                sink.write(&batch).into_result().expect("write");
-            })
-        });
+            group.throughput(Throughput::Elements(n as u64));
+            group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+                b.iter(|| {
+                    let mut batch = collector.collect().into_result().expect("collect");
+                    pipeline.prepare("gpu", &mut batch);
+                    sink.write(&batch).into_result().expect("write");
+                })
+            });
+        }
+        group.finish();
     }
-    group.finish();
 
     // The fixed cost of one batch crossing: an empty collection and an empty write.
     let mut empty = new_collector::<Synthetic>(args("{\"samples\":0}"), "bench")

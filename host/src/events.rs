@@ -198,7 +198,8 @@ impl Telemetry {
                     MetricKind::COUNTER => m.get_counter().get_value(),
                     _ => m.get_gauge().get_value(),
                 };
-                out.sample_with(family, labels, value);
+                let set = out.label_set_owned(labels);
+                out.sample_in(family, set, value);
             }
         }
         out.finish()

@@ -164,48 +164,54 @@ fn retain_families(batch: &mut Batch, keep: &[bool]) {
     }
 }
 
-/// Removes invalid samples; returns how many and the first reason.
+/// Removes invalid samples; returns how many and the first reason. Names are checked once
+/// per family and once per label set, not per sample.
 fn validate(batch: &mut Batch) -> (usize, Option<String>) {
     let mut first_reason: Option<String> = None;
+    let mut note = |reason: String| {
+        if first_reason.is_none() {
+            first_reason = Some(reason);
+        }
+    };
     let family_ok: Vec<bool> = batch
         .families
         .iter()
         .map(|f| {
             let ok = is_valid_metric_name(&f.name);
-            if !ok && first_reason.is_none() {
-                first_reason = Some(format!("invalid metric name `{}`", f.name));
+            if !ok {
+                note(format!("invalid metric name `{}`", f.name));
             }
             ok
+        })
+        .collect();
+    let set_ok: Vec<bool> = batch
+        .label_sets
+        .iter()
+        .map(|set| match set.iter().find(|l| !is_label_name(&l.name)) {
+            Some(bad) => {
+                note(format!("invalid label name `{}`", bad.name));
+                false
+            }
+            None => true,
         })
         .collect();
     let common_len = batch.common_labels.len();
     batch.common_labels.retain(|l| is_label_name(&l.name));
     let mut dropped = common_len - batch.common_labels.len();
-    if dropped > 0 && first_reason.is_none() {
-        first_reason = Some("invalid common label name".to_string());
+    if dropped > 0 {
+        note("invalid common label name".to_string());
     }
-    let families = batch.families.len();
     let before = batch.samples.len();
+    let (families, sets) = (family_ok.len(), set_ok.len());
     batch.samples.retain(|s| {
-        let family = s.family as usize;
-        if family >= families {
-            if first_reason.is_none() {
-                first_reason = Some(format!(
-                    "sample refers to family {family}, the batch has {families}"
-                ));
-            }
+        let (f, l) = (s.family as usize, s.labels as usize);
+        if f >= families || l >= sets {
+            note(format!(
+                "sample refers to family {f} of {families} / label set {l} of {sets}"
+            ));
             return false;
         }
-        if !family_ok[family] {
-            return false;
-        }
-        if let Some(bad) = s.labels.iter().find(|l| !is_label_name(&l.name)) {
-            if first_reason.is_none() {
-                first_reason = Some(format!("invalid label name `{}`", bad.name));
-            }
-            return false;
-        }
-        true
+        family_ok[f] && set_ok[l]
     });
     dropped += before - batch.samples.len();
     (dropped, first_reason)
@@ -222,6 +228,7 @@ fn filtered(batch: &Batch, passes: impl Fn(&str) -> bool) -> Option<Batch> {
     }
     let mut out = Batch {
         families: RVec::new(),
+        label_sets: batch.label_sets.clone(),
         samples: RVec::new(),
         common_labels: batch.common_labels.clone(),
         timestamp_ms: batch.timestamp_ms,
@@ -235,7 +242,7 @@ fn filtered(batch: &Batch, passes: impl Fn(&str) -> bool) -> Option<Batch> {
     }
     for s in batch.samples.iter() {
         if keep[s.family as usize] {
-            let mut s = s.clone();
+            let mut s = *s;
             s.family = new_index[s.family as usize];
             out.samples.push(s);
         }
@@ -314,20 +321,44 @@ impl Pipeline {
             }
             RelabelAction::DropLabels => {
                 let Some(labels) = &rule.labels else { return };
-                let families: Vec<bool> = batch
+                let strip = |set: &RVec<Label>| -> RVec<Label> {
+                    set.iter()
+                        .filter(|l| !labels.is_match(l.name.as_str()))
+                        .cloned()
+                        .collect()
+                };
+                if rule.metrics.is_none() {
+                    batch.common_labels = strip(&batch.common_labels);
+                    for set in batch.label_sets.iter_mut() {
+                        *set = strip(set);
+                    }
+                    return;
+                }
+                // Sets may be shared with metrics the rule does not match: give the matching
+                // samples stripped copies.
+                let matching: Vec<bool> = batch
                     .families
                     .iter()
                     .map(|f| rule.metric_matches(&f.name))
                     .collect();
-                if rule.metrics.is_none() {
-                    batch
-                        .common_labels
-                        .retain(|l| !labels.is_match(l.name.as_str()));
-                }
-                for s in batch.samples.iter_mut() {
-                    if families[s.family as usize] {
-                        s.labels.retain(|l| !labels.is_match(l.name.as_str()));
+                let mut stripped: Vec<Option<u32>> = vec![None; batch.label_sets.len()];
+                for i in 0..batch.samples.len() {
+                    let s = batch.samples[i];
+                    if !matching[s.family as usize] {
+                        continue;
                     }
+                    let set = s.labels as usize;
+                    let new = match stripped[set] {
+                        Some(new) => new,
+                        None => {
+                            let copy = strip(&batch.label_sets[set]);
+                            batch.label_sets.push(copy);
+                            let new = (batch.label_sets.len() - 1) as u32;
+                            stripped[set] = Some(new);
+                            new
+                        }
+                    };
+                    batch.samples[i].labels = new;
                 }
             }
         }
@@ -461,15 +492,45 @@ collectors = ["gpu"]
             names(&b),
             ["nv_temperature_celsius", "nv_power_usage_watts"]
         );
-        assert!(b.samples[0].labels.iter().all(|l| l.name.as_str() != "pid"));
+        assert!(b
+            .own_labels_of(&b.samples[0])
+            .iter()
+            .all(|l| l.name.as_str() != "pid"));
         assert_eq!(b.families.len(), 2, "dropped families are removed");
+    }
+
+    #[test]
+    fn drop_labels_on_some_metrics_leaves_shared_sets_of_others_intact() {
+        let (p, _) = pipeline(
+            "[[relabel]]\naction = \"drop_labels\"\nmetrics = [\"gpu_temp*\"]\nlabels = [\"pid\"]\n",
+            &[],
+        );
+        let mut b = BatchBuilder::new();
+        let temp = b.gauge("gpu_temperature_celsius", "", "");
+        let power = b.gauge("gpu_power_usage_watts", "", "");
+        let set = b.label_set(&[("gpu", "0"), ("pid", "7")]);
+        b.sample_in(temp, set, 1.0);
+        b.sample_in(power, set, 2.0);
+        let mut b = b.finish();
+        p.prepare("gpu", &mut b);
+        let own = |i: usize| -> Vec<String> {
+            b.own_labels_of(&b.samples[i])
+                .iter()
+                .map(|l| l.name.to_string())
+                .collect()
+        };
+        assert_eq!(own(0), ["gpu"]);
+        assert_eq!(own(1), ["gpu", "pid"]);
     }
 
     #[test]
     fn invalid_samples_are_dropped_and_counted() {
         let (p, _) = pipeline("", &[]);
         let mut b = sample_batch();
-        b.samples[0].labels.push(Label::new("bad-name", "x"));
+        let bad = b.label_sets.len() as u32;
+        b.label_sets
+            .push(RVec::from(vec![Label::new("bad-name", "x")]));
+        b.samples[0].labels = bad;
         b.samples[1].family = 99;
         assert_eq!(p.prepare("c", &mut b), 1);
         assert!(p

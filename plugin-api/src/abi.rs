@@ -85,14 +85,14 @@ pub struct MetricFamily {
     pub kind: MetricKind,
 }
 
-/// One sample: a value of one family with its own labels.
+/// One sample: a value of one family with one label set.
 #[repr(C)]
-#[derive(StableAbi, Clone, Debug, PartialEq)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq)]
 pub struct Sample {
     /// Index into [`Batch::families`].
     pub family: u32,
-    /// Labels of this sample (the batch's `common_labels` apply as well).
-    pub labels: RVec<Label>,
+    /// Index into [`Batch::label_sets`] (the batch's `common_labels` apply as well).
+    pub labels: u32,
     /// The value.
     pub value: f64,
     /// Milliseconds since the Unix epoch; `None` means "the batch's timestamp".
@@ -101,14 +101,17 @@ pub struct Sample {
 
 /// The unit of exchange: the result of one collection, or what one sink write receives.
 ///
-/// Families are listed once; samples refer to them by index. `common_labels` apply to every
-/// sample (the host adds the node's static labels there, so adding them costs nothing per
-/// sample); a sample's own label of the same name wins.
+/// Families are listed once, and so are label sets; samples refer to both by index. A GPU's
+/// identity labels (`gpu`, `uuid`, `name`, `pci_bus_id`) are one label set shared by all of
+/// that GPU's samples, so a sample costs no allocation. `common_labels` apply to every sample
+/// (the host adds the node's static labels there); a sample's own label of the same name wins.
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug, Default, PartialEq)]
 pub struct Batch {
     /// The metric families that samples refer to.
     pub families: RVec<MetricFamily>,
+    /// The label sets that samples refer to.
+    pub label_sets: RVec<RVec<Label>>,
     /// The samples.
     pub samples: RVec<Sample>,
     /// Labels that apply to every sample of the batch.

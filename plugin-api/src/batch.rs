@@ -15,16 +15,34 @@ impl FamilyId {
     }
 }
 
-/// Accumulates the families and samples of one collection.
+/// Refers to a label set added to a [`BatchBuilder`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LabelSetId(u32);
+
+impl LabelSetId {
+    /// The index into [`Batch::label_sets`].
+    pub fn index(self) -> u32 {
+        self.0
+    }
+}
+
+/// Accumulates the families, label sets and samples of one collection.
 ///
 /// ```
 /// use metricsd_plugin_api::{BatchBuilder, MetricKind};
 ///
 /// let mut out = BatchBuilder::new();
 /// let temp = out.gauge("gpu_temperature_celsius", "GPU die temperature.", "celsius");
-/// out.sample(temp, &[("gpu", "0")], 61.0);
+/// let power = out.gauge("gpu_power_usage_watts", "Power draw.", "watts");
+/// // One label set per GPU, shared by all of its samples.
+/// let gpu0 = out.label_set(&[("gpu", "0"), ("uuid", "GPU-8c2d")]);
+/// out.sample_in(temp, gpu0, 61.0);
+/// out.sample_in(power, gpu0, 312.5);
+/// // Or labels per sample; consecutive samples with equal labels share one set.
+/// out.sample(temp, &[("gpu", "1")], 58.0);
 /// let batch = out.finish();
-/// assert_eq!(batch.samples.len(), 1);
+/// assert_eq!(batch.samples.len(), 3);
+/// assert_eq!(batch.label_sets.len(), 2);
 /// assert_eq!(batch.families[0].kind, MetricKind::GAUGE);
 /// ```
 #[derive(Debug, Default)]
@@ -79,14 +97,19 @@ impl BatchBuilder {
         self.family(name, help, "", MetricKind::INFO)
     }
 
-    /// Adds a sample with the given labels.
-    pub fn sample(&mut self, family: FamilyId, labels: &[(&str, &str)], value: f64) {
-        let labels = labels.iter().map(|(n, v)| Label::new(*n, *v)).collect();
-        self.push(family, labels, value, None);
+    /// Adds a label set that samples can share.
+    pub fn label_set(&mut self, labels: &[(&str, &str)]) -> LabelSetId {
+        self.label_set_owned(labels.iter().map(|(n, v)| Label::new(*n, *v)).collect())
     }
 
-    /// Adds a sample whose labels are already built (no copy).
-    pub fn sample_with(&mut self, family: FamilyId, labels: RVec<Label>, value: f64) {
+    /// Adds a label set that is already built (no copy).
+    pub fn label_set_owned(&mut self, labels: RVec<Label>) -> LabelSetId {
+        self.batch.label_sets.push(labels);
+        LabelSetId((self.batch.label_sets.len() - 1) as u32)
+    }
+
+    /// Adds a sample with a label set added before.
+    pub fn sample_in(&mut self, family: FamilyId, labels: LabelSetId, value: f64) {
         self.push(family, labels, value, None);
     }
 
@@ -94,17 +117,35 @@ impl BatchBuilder {
     pub fn sample_at(
         &mut self,
         family: FamilyId,
-        labels: RVec<Label>,
+        labels: LabelSetId,
         value: f64,
         timestamp_ms: i64,
     ) {
         self.push(family, labels, value, Some(timestamp_ms));
     }
 
-    fn push(&mut self, family: FamilyId, labels: RVec<Label>, value: f64, ts: Option<i64>) {
+    /// Adds a sample with the given labels. When they equal the labels of the previous label
+    /// set, that set is reused, so a loop emitting several metrics per object allocates once.
+    pub fn sample(&mut self, family: FamilyId, labels: &[(&str, &str)], value: f64) {
+        let same_as_last = self.batch.label_sets.last().is_some_and(|last| {
+            last.len() == labels.len()
+                && last
+                    .iter()
+                    .zip(labels)
+                    .all(|(l, (n, v))| l.name.as_str() == *n && l.value.as_str() == *v)
+        });
+        let set = if same_as_last {
+            LabelSetId((self.batch.label_sets.len() - 1) as u32)
+        } else {
+            self.label_set(labels)
+        };
+        self.push(family, set, value, None);
+    }
+
+    fn push(&mut self, family: FamilyId, labels: LabelSetId, value: f64, ts: Option<i64>) {
         self.batch.samples.push(Sample {
             family: family.0,
-            labels,
+            labels: labels.0,
             value,
             timestamp_ms: ts.into(),
         });
@@ -136,19 +177,30 @@ impl BatchBuilder {
     }
 }
 
+static NO_LABELS: [Label; 0] = [];
+
 impl Batch {
     /// The family of a sample, if its index is valid.
     pub fn family_of(&self, sample: &Sample) -> Option<&MetricFamily> {
         self.families.get(sample.family as usize)
     }
 
+    /// A sample's own labels (empty if its label set index is invalid).
+    pub fn own_labels_of(&self, sample: &Sample) -> &[Label] {
+        self.label_sets
+            .get(sample.labels as usize)
+            .map(|s| s.as_slice())
+            .unwrap_or(&NO_LABELS)
+    }
+
     /// Iterates over a sample's effective labels: its own, then the common labels it does not
     /// override.
-    pub fn labels_of<'a>(&'a self, sample: &'a Sample) -> impl Iterator<Item = &'a Label> + 'a {
-        sample.labels.iter().chain(
+    pub fn labels_of<'a>(&'a self, sample: &Sample) -> impl Iterator<Item = &'a Label> + 'a {
+        let own = self.own_labels_of(sample);
+        own.iter().chain(
             self.common_labels
                 .iter()
-                .filter(move |c| !sample.labels.iter().any(|l| l.name == c.name)),
+                .filter(move |c| !own.iter().any(|l| l.name == c.name)),
         )
     }
 
@@ -201,11 +253,31 @@ mod tests {
     }
 
     #[test]
+    fn consecutive_equal_labels_share_a_set() {
+        let mut b = BatchBuilder::new();
+        let f = b.gauge("a", "", "");
+        let g = b.gauge("b", "", "");
+        b.sample(f, &[("gpu", "0")], 1.0);
+        b.sample(g, &[("gpu", "0")], 2.0);
+        b.sample(f, &[("gpu", "1")], 3.0);
+        b.sample(g, &[("gpu", "1"), ("x", "y")], 4.0);
+        let batch = b.finish();
+        assert_eq!(batch.label_sets.len(), 3);
+        assert_eq!(batch.samples[1].labels, 0);
+        let labels: Vec<_> = batch
+            .labels_of(&batch.samples[3])
+            .map(|l| l.value.as_str())
+            .collect();
+        assert_eq!(labels, ["1", "y"]);
+    }
+
+    #[test]
     fn sample_timestamp_falls_back_to_batch() {
         let mut b = BatchBuilder::new();
         let f = b.gauge("x", "", "");
         b.sample(f, &[], 1.0);
-        b.sample_at(f, RVec::new(), 2.0, 5);
+        let none = b.label_set(&[]);
+        b.sample_at(f, none, 2.0, 5);
         b.timestamp_ms(9);
         let batch = b.finish();
         assert_eq!(batch.timestamp_of(&batch.samples[0]), Some(9));

@@ -101,7 +101,7 @@ pub use abi::{
     Batch, ErrorKind, Header, HttpRequest, HttpResponse, Label, LogLevel, MetricFamily, MetricKind,
     PluginError, PluginKind, Sample,
 };
-pub use batch::{BatchBuilder, FamilyId};
+pub use batch::{BatchBuilder, FamilyId, LabelSetId};
 pub use error::{Error, Result};
 pub use sdk::{parse_config, Collector, Context, Sink};
 

@@ -107,7 +107,10 @@ mod tests {
         assert_eq!(first.samples[0].value, 1.0);
         assert_eq!(second.samples[0].value, 2.0);
         assert_eq!(second.samples.len(), 2 + 3);
-        assert_eq!(second.samples[0].labels[0].value.as_str(), "hej");
+        assert_eq!(
+            second.own_labels_of(&second.samples[0])[0].value.as_str(),
+            "hej"
+        );
         assert!(logs_of("hi")
             .iter()
             .any(|(_, level, _, msg)| *level == LogLevel::INFO && msg.contains("ready")));

@@ -156,9 +156,7 @@ impl Testkit {
             out.sample(value, &labels, f64::from(n) + call as f64);
         }
         if self.config.invalid_sample {
-            let mut batch_labels = metricsd_plugin_api::abi_stable::std_types::RVec::new();
-            batch_labels.push(metricsd_plugin_api::Label::new("bad label", "x"));
-            out.sample_with(value, batch_labels, 1.0);
+            out.sample(value, &[("bad label", "x")], 1.0);
         }
         Ok(())
     }
