@@ -93,6 +93,7 @@
 pub mod abi;
 mod batch;
 mod error;
+pub mod exposition;
 pub mod log;
 mod sdk;
 pub mod testing;

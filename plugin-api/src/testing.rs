@@ -144,7 +144,21 @@ impl SinkHarness {
             path: path.into(),
             ..HttpRequest::default()
         };
-        into_result(self.instance.render(&request))
+        self.render(&request)
+    }
+
+    /// Renders a request.
+    pub fn render(&self, request: &HttpRequest) -> Result<HttpResponse, PluginError> {
+        into_result(self.instance.render(request))
+    }
+
+    /// The paths the sink registers.
+    pub fn http_paths(&self) -> Vec<String> {
+        self.instance
+            .http_paths()
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect()
     }
 
     /// Flushes.

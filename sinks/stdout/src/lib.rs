@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::io::{self, BufWriter, Stdout, Write};
 use std::sync::Mutex;
 
+use metricsd_plugin_api::exposition::{push_label_value, push_value};
 use metricsd_plugin_api::{export_plugin, Batch, Context, Error, Result, Sink};
 use serde::Deserialize;
 
@@ -55,29 +56,6 @@ pub struct StdoutSink {
     out: Mutex<BufWriter<Stdout>>,
 }
 
-/// Writes a float the way Prometheus text does (`NaN`, `+Inf`, `-Inf`).
-fn push_value(line: &mut String, v: f64) {
-    if v.is_nan() {
-        line.push_str("NaN");
-    } else if v.is_infinite() {
-        line.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
-    } else {
-        let _ = write!(line, "{v}");
-    }
-}
-
-/// Escapes a label value for the Prometheus text format.
-fn push_escaped(line: &mut String, value: &str) {
-    for c in value.chars() {
-        match c {
-            '\\' => line.push_str("\\\\"),
-            '"' => line.push_str("\\\""),
-            '\n' => line.push_str("\\n"),
-            c => line.push(c),
-        }
-    }
-}
-
 /// Encodes a batch in the given format, one line per sample.
 pub fn encode(batch: &Batch, format: Format) -> String {
     let mut text = String::with_capacity(batch.samples.len() * 96);
@@ -117,7 +95,7 @@ pub fn encode(batch: &Batch, format: Format) -> String {
                     first = false;
                     text.push_str(&l.name);
                     text.push_str("=\"");
-                    push_escaped(&mut text, &l.value);
+                    push_label_value(&mut text, &l.value);
                     text.push('"');
                 }
                 if !first {
