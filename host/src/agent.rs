@@ -284,6 +284,20 @@ pub async fn run_until(
     let pipeline = Arc::new(Pipeline::new(config, queues, Arc::clone(&telemetry)));
 
     // Listeners.
+    let security = match &config.http.web_config_file {
+        Some(path) => {
+            let web = crate::webconfig::WebConfig::load(path)
+                .map_err(|e| exit(EXIT_CONFIG, format!("http.web_config_file: {e}")))?;
+            tracing::info!(
+                tls = web.tls_server_config.is_some(),
+                basic_auth_users = web.basic_auth_users.len(),
+                "web config {} loaded",
+                path.display()
+            );
+            crate::http::Security::new(&web)
+        }
+        None => crate::http::Security::default(),
+    };
     let (stop_http_tx, stop_http_rx) = watch::channel(false);
     let stop_http = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -296,6 +310,7 @@ pub async fn run_until(
     if let Some(addr) = health_addr {
         let (bound, server) = crate::http::serve_health(
             addr,
+            &security,
             Arc::clone(&health),
             Arc::clone(&telemetry),
             Arc::new(plugins.clone()),
@@ -307,7 +322,7 @@ pub async fn run_until(
                 format!("cannot listen on {addr} (http.health_listen): {e}"),
             )
         })?;
-        tracing::info!("health listener on http://{bound} (/health, /metrics/stats, /plugins)");
+        tracing::info!("health listener on {bound} (/health, /metrics/stats, /plugins)");
         servers.spawn(server);
     }
     let metrics_addr = config
@@ -319,15 +334,19 @@ pub async fn run_until(
             tracing::info!("no pull sink registers a path: the metrics listener is not started");
         } else {
             let paths: Vec<String> = http_routes.keys().cloned().collect();
-            let (bound, server) =
-                crate::http::serve_metrics(addr, http_routes, stop_http(stop_http_rx.clone()))
-                    .map_err(|e| {
-                        exit(
-                            EXIT_CONFIG,
-                            format!("cannot listen on {addr} (http.metrics_listen): {e}"),
-                        )
-                    })?;
-            tracing::info!("metrics listener on http://{bound} ({})", paths.join(", "));
+            let (bound, server) = crate::http::serve_metrics(
+                addr,
+                &security,
+                http_routes,
+                stop_http(stop_http_rx.clone()),
+            )
+            .map_err(|e| {
+                exit(
+                    EXIT_CONFIG,
+                    format!("cannot listen on {addr} (http.metrics_listen): {e}"),
+                )
+            })?;
+            tracing::info!("metrics listener on {bound} ({})", paths.join(", "));
             servers.spawn(server);
         }
     }

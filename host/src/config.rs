@@ -142,6 +142,9 @@ pub struct HttpConfig {
     /// Address of the listener that serves `/health`, `/metrics/stats` and `/plugins`;
     /// empty disables it.
     pub health_listen: String,
+    /// TLS and basic auth for both listeners, in the web-config format of Prometheus
+    /// exporters.
+    pub web_config_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -149,6 +152,7 @@ impl Default for HttpConfig {
         Self {
             metrics_listen: "0.0.0.0:8080".to_string(),
             health_listen: "0.0.0.0:8081".to_string(),
+            web_config_file: None,
         }
     }
 }

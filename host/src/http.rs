@@ -18,8 +18,116 @@ use crate::delivery::SinkRuntime;
 use crate::events::Telemetry;
 use crate::health::Health;
 use crate::loader::{PluginSet, Verdict};
+use crate::webconfig::{BasicAuth, ClientAuth, TlsConfig, WebConfig};
 
 type Reply = Response<warp::hyper::Body>;
+
+/// A running listener: its address and the future that serves it.
+pub type Listener = (
+    SocketAddr,
+    std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+);
+
+/// TLS and basic auth shared by both listeners.
+#[derive(Clone, Default)]
+pub struct Security {
+    tls: Option<TlsConfig>,
+    auth: Option<Arc<BasicAuth>>,
+}
+
+impl Security {
+    /// From a loaded web-config file.
+    pub fn new(web: &WebConfig) -> Self {
+        Self {
+            tls: web.tls_server_config.clone(),
+            auth: BasicAuth::new(&web.basic_auth_users).map(Arc::new),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Unauthorized;
+
+impl warp::reject::Reject for Unauthorized {}
+
+/// Passes when no users are configured or the request's basic auth matches one.
+fn authorized(
+    auth: Option<Arc<BasicAuth>>,
+) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and_then(move |header: Option<String>| {
+            let auth = auth.clone();
+            async move {
+                let Some(auth) = auth else { return Ok(()) };
+                // bcrypt is slow on purpose: keep it off the async workers.
+                let ok = tokio::task::spawn_blocking(move || auth.check(header.as_deref()))
+                    .await
+                    .unwrap_or(false);
+                if ok {
+                    Ok(())
+                } else {
+                    Err(warp::reject::custom(Unauthorized))
+                }
+            }
+        })
+        .untuple_one()
+}
+
+async fn rejection_reply(rejection: warp::Rejection) -> Result<Reply, Infallible> {
+    if rejection.find::<Unauthorized>().is_some() {
+        let mut reply = text(StatusCode::UNAUTHORIZED, "text/plain", "unauthorized\n");
+        reply.headers_mut().insert(
+            "www-authenticate",
+            warp::http::HeaderValue::from_static("Basic realm=\"metricsd\""),
+        );
+        return Ok(reply);
+    }
+    if rejection.is_not_found() {
+        return Ok(text(StatusCode::NOT_FOUND, "text/plain", "not found\n"));
+    }
+    Ok(text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "text/plain",
+        "only GET and HEAD\n",
+    ))
+}
+
+fn bind<F>(
+    filter: F,
+    addr: SocketAddr,
+    security: &Security,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Listener, warp::Error>
+where
+    F: Filter<Error = warp::Rejection> + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let filter = authorized(security.auth.clone())
+        .and(filter)
+        .recover(rejection_reply);
+    match &security.tls {
+        None => {
+            let (bound, server) =
+                warp::serve(filter).try_bind_with_graceful_shutdown(addr, shutdown)?;
+            Ok((bound, Box::pin(server)))
+        }
+        Some(tls) => {
+            let mut server = warp::serve(filter)
+                .tls()
+                .cert_path(&tls.cert_file)
+                .key_path(&tls.key_file);
+            if let Some(ca) = &tls.client_ca_file {
+                server = match tls.client_auth_type {
+                    ClientAuth::RequireAndVerifyClientCert => server.client_auth_required_path(ca),
+                    ClientAuth::VerifyClientCertIfGiven => server.client_auth_optional_path(ca),
+                    ClientAuth::NoClientCert => server,
+                };
+            }
+            let (bound, server) = server.try_bind_with_graceful_shutdown(addr, shutdown)?;
+            Ok((bound, Box::pin(server)))
+        }
+    }
+}
 
 fn text(status: StatusCode, content_type: &str, body: impl Into<warp::hyper::Body>) -> Reply {
     Response::builder()
@@ -98,11 +206,12 @@ pub fn plugin_report(set: &PluginSet) -> Vec<PluginFileReport> {
 /// Serves the health listener until `shutdown` resolves; returns the bound address.
 pub fn serve_health(
     addr: SocketAddr,
+    security: &Security,
     health: Arc<Health>,
     telemetry: Arc<Telemetry>,
     plugins: Arc<PluginSet>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(SocketAddr, impl Future<Output = ()>), warp::Error> {
+) -> Result<Listener, warp::Error> {
     let health_route = warp::path("health").and(warp::path::end()).map(move || {
         let report = health.report();
         let status = if report.is_failing() {
@@ -129,7 +238,7 @@ pub fn serve_health(
             .or(plugins_route)
             .unify(),
     );
-    warp::serve(routes).try_bind_with_graceful_shutdown(addr, shutdown)
+    bind(routes, addr, security, shutdown)
 }
 
 fn to_request(method: &Method, path: &str, query: String, headers: &HeaderMap) -> HttpRequest {
@@ -155,7 +264,7 @@ async fn render(
     path: warp::path::FullPath,
     query: String,
     headers: HeaderMap,
-) -> Result<Reply, Infallible> {
+) -> Result<Reply, warp::Rejection> {
     if method != Method::GET && method != Method::HEAD {
         return Ok(text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -225,9 +334,10 @@ async fn render(
 /// Serves the metrics listener until `shutdown` resolves; returns the bound address.
 pub fn serve_metrics(
     addr: SocketAddr,
+    security: &Security,
     routes: BTreeMap<String, Arc<SinkRuntime>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(SocketAddr, impl Future<Output = ()>), warp::Error> {
+) -> Result<Listener, warp::Error> {
     let routes = Arc::new(routes);
     let filter = warp::any()
         .map(move || Arc::clone(&routes))
@@ -236,5 +346,5 @@ pub fn serve_metrics(
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
         .and_then(render);
-    warp::serve(filter).try_bind_with_graceful_shutdown(addr, shutdown)
+    bind(filter, addr, security, shutdown)
 }

@@ -16,3 +16,4 @@ pub mod loader;
 pub mod pipeline;
 pub mod plugin_log;
 pub mod scheduler;
+pub mod webconfig;

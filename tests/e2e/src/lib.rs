@@ -339,3 +339,157 @@ pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
+
+/// A program the tests need from a Debian package; a missing one fails the test (CI installs
+/// them in `.ci/run`), it never skips it.
+pub fn require_tool(name: &str, package: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!("`{name}` not found on PATH: install Debian's `{package}` package (.ci/run does)")
+    })
+}
+
+/// `promtool check metrics` on a body: (exit code, what it printed).
+pub fn promtool_check_metrics(body: &str) -> (Option<i32>, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(require_tool("promtool", "prometheus"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(body.as_bytes()).expect("write to promtool");
+    }
+    let out = child.wait_with_output().expect("promtool output");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A real Prometheus server on a loopback port, with its own data directory.
+pub struct PrometheusServer {
+    child: Child,
+    /// Its HTTP port.
+    pub port: u16,
+    /// Its log file.
+    pub log_path: PathBuf,
+}
+
+impl PrometheusServer {
+    /// Starts Prometheus with `scrape_configs` (YAML list items, indented two spaces) and waits
+    /// until it is ready.
+    pub fn start(work: &Workdir, scrape_configs: &str) -> Result<Self> {
+        let port = free_port();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\nscrape_configs:\n{scrape_configs}"
+        );
+        let config_path = work.write("prometheus.yml", config);
+        let data = work.path("prometheus-data");
+        fs::create_dir_all(&data)?;
+        let log_path = work.path("prometheus.log");
+        let child = Command::new(require_tool("prometheus", "prometheus"))
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!("--storage.tsdb.path={}", data.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log_path)?)
+            .stderr(fs::File::create(work.path("prometheus.err"))?)
+            .spawn()
+            .context("start prometheus")?;
+        let server = Self {
+            child,
+            port,
+            log_path: work.path("prometheus.err"),
+        };
+        wait_for("prometheus to be ready", Duration::from_secs(30), || {
+            http_get(port, "/-/ready").ok().filter(|(s, _)| *s == 200)
+        })?;
+        Ok(server)
+    }
+
+    /// Runs an instant query; returns the `data.result` array.
+    pub fn query(&self, promql: &str) -> Result<Vec<serde_json::Value>> {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build();
+        let text = agent
+            .get(&format!("http://127.0.0.1:{}/api/v1/query", self.port))
+            .query("query", promql)
+            .call()?
+            .into_string()?;
+        let body: serde_json::Value = serde_json::from_str(&text)?;
+        if body["status"] != "success" {
+            bail!("query {promql} failed: {body}");
+        }
+        Ok(body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// The active targets (`/api/v1/targets`).
+    pub fn targets(&self) -> Result<Vec<serde_json::Value>> {
+        let (_, body) = http_get(self.port, "/api/v1/targets")?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        Ok(v["data"]["activeTargets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// Prometheus's own log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Response headers, names lower case.
+pub type Headers = Vec<(String, String)>;
+
+/// GET with extra headers: (status, headers, body bytes).
+pub fn http_get_with(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, Headers, Vec<u8>)> {
+    use std::io::Read as _;
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build();
+    let mut req = agent.get(&format!("http://127.0.0.1:{port}{path}"));
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let resp = match req.call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.into()),
+    };
+    let status = resp.status();
+    let names = resp.headers_names();
+    let hdrs = names
+        .iter()
+        .filter_map(|n| resp.header(n).map(|v| (n.to_lowercase(), v.to_string())))
+        .collect();
+    let mut body = Vec::new();
+    resp.into_reader().read_to_end(&mut body)?;
+    Ok((status, hdrs, body))
+}

@@ -29,6 +29,8 @@ pub struct Config {
     /// Number of `testkit_value` samples per call.
     #[serde(default = "one")]
     pub series: u32,
+    /// Emit `testkit_value` only up to this call (then the series vanish).
+    pub series_until: Option<u64>,
     /// Extra labels on every `testkit_value` sample.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -144,7 +146,11 @@ impl Testkit {
         out.sample(concurrent, &[("of", "max")], max as f64);
 
         let value = out.gauge("testkit_value", "Synthetic series.", "");
-        for n in 0..self.config.series {
+        let series = match self.config.series_until {
+            Some(last) if call > last => 0,
+            _ => self.config.series,
+        };
+        for n in 0..series {
             let n_text = n.to_string();
             let labels: Vec<(&str, &str)> = self
                 .config
