@@ -7,7 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use flate2::write::GzEncoder;
@@ -79,13 +80,18 @@ struct FamilyState {
     series: HashMap<LabelKey, SeriesState>,
 }
 
-/// The bodies of one state, built on demand.
+/// The four bodies of one state. Each write renders the variants scrapers have asked for, so
+/// a scrape only copies bytes; a variant asked for the first time is rendered by that scrape.
 #[derive(Default)]
 struct Rendered {
-    text: OnceLock<Vec<u8>>,
-    text_gz: OnceLock<Vec<u8>>,
-    openmetrics: OnceLock<Vec<u8>>,
-    openmetrics_gz: OnceLock<Vec<u8>>,
+    variants: [OnceLock<Vec<u8>>; 4],
+    /// When the oldest series held goes stale: a scrape after that rebuilds (no writes may come).
+    expires: Option<Instant>,
+}
+
+/// Index into [`Rendered::variants`]: OpenMetrics bit 1, gzip bit 0.
+fn variant(openmetrics: bool, gzip: bool) -> usize {
+    usize::from(openmetrics) * 2 + usize::from(gzip)
 }
 
 #[derive(Default)]
@@ -94,14 +100,39 @@ struct Store {
     series: usize,
     /// Kind conflicts and capacity drops already logged (log once).
     reported: std::collections::HashSet<String>,
-    rendered: Option<Arc<Rendered>>,
     last_sweep: Option<Instant>,
+}
+
+impl Store {
+    fn body(&self, variant: usize) -> Vec<u8> {
+        let raw = if variant >= 2 {
+            render_openmetrics(&self.families)
+        } else {
+            render_text(&self.families)
+        };
+        if variant % 2 == 1 {
+            gzip(&raw)
+        } else {
+            raw
+        }
+    }
+
+    fn oldest_seen(&self) -> Option<Instant> {
+        self.families
+            .values()
+            .flat_map(|f| f.series.values().map(|s| s.seen))
+            .min()
+    }
 }
 
 /// The sink instance.
 pub struct PrometheusSink {
     config: Config,
     store: Mutex<Store>,
+    /// What scrapes read; replaced (never mutated in place) by writes.
+    cache: RwLock<Arc<Rendered>>,
+    /// Variants scrapers have asked for, pre-rendered by each write.
+    wanted: [AtomicBool; 4],
 }
 
 impl Store {
@@ -124,7 +155,6 @@ impl Store {
         });
         if removed > 0 {
             self.series -= removed;
-            self.rendered = None;
         }
     }
 }
@@ -163,14 +193,45 @@ impl PrometheusSink {
             .map_err(|_| Error::fatal("prometheus sink state lock poisoned"))
     }
 
-    fn rendered(&self) -> Result<Arc<Rendered>> {
-        let mut store = self.lock()?;
-        store.sweep(Instant::now(), self.config.stale_after);
-        Ok(Arc::clone(
-            store
-                .rendered
-                .get_or_insert_with(|| Arc::new(Rendered::default())),
-        ))
+    /// Builds the cache for the current state: the wanted variants, eagerly.
+    fn rebuild(&self, store: &mut Store, now: Instant) -> Arc<Rendered> {
+        store.sweep(now, self.config.stale_after);
+        let rendered = Rendered {
+            expires: store.oldest_seen().map(|t| t + self.config.stale_after),
+            ..Rendered::default()
+        };
+        for (i, wanted) in self.wanted.iter().enumerate() {
+            if wanted.load(Ordering::Relaxed) {
+                let _ = rendered.variants[i].set(store.body(i));
+            }
+        }
+        let rendered = Arc::new(rendered);
+        if let Ok(mut cache) = self.cache.write() {
+            *cache = Arc::clone(&rendered);
+        }
+        rendered
+    }
+
+    /// The body of one variant, from the cache when it can be.
+    fn body(&self, variant: usize) -> Result<Vec<u8>> {
+        self.wanted[variant].store(true, Ordering::Relaxed);
+        let now = Instant::now();
+        let cached = self
+            .cache
+            .read()
+            .map(|c| Arc::clone(&c))
+            .map_err(|_| Error::fatal("prometheus sink cache lock poisoned"))?;
+        let cached = if cached.expires.is_some_and(|t| now > t) {
+            let mut store = self.lock()?;
+            self.rebuild(&mut store, now)
+        } else {
+            cached
+        };
+        if let Some(body) = cached.variants[variant].get() {
+            return Ok(body.clone());
+        }
+        let body = self.lock()?.body(variant);
+        Ok(cached.variants[variant].get_or_init(|| body).clone())
     }
 }
 
@@ -301,6 +362,9 @@ impl Sink for PrometheusSink {
         Ok(PrometheusSink {
             config,
             store: Mutex::new(Store::default()),
+            cache: RwLock::new(Arc::new(Rendered::default())),
+            // The text format is what most scrapers get; have it ready from the first write.
+            wanted: [true, false, false, false].map(AtomicBool::new),
         })
     }
 
@@ -391,7 +455,7 @@ impl Sink for PrometheusSink {
                 self.config.max_series
             );
         }
-        store.rendered = None;
+        self.rebuild(store, now);
         Ok(())
     }
 
@@ -399,40 +463,11 @@ impl Sink for PrometheusSink {
         let openmetrics =
             self.config.openmetrics && accepts(request, "accept", "application/openmetrics-text");
         let gzip_ok = self.config.gzip && accepts(request, "accept-encoding", "gzip");
-        let rendered = self.rendered()?;
-        let plain = |lock: &OnceLock<Vec<u8>>, om: bool| -> Result<Vec<u8>> {
-            if let Some(body) = lock.get() {
-                return Ok(body.clone());
-            }
-            let store = self.lock()?;
-            let body = if om {
-                render_openmetrics(&store.families)
-            } else {
-                render_text(&store.families)
-            };
-            drop(store);
-            Ok(lock.get_or_init(|| body).clone())
-        };
-        let (body, content_type) = match (openmetrics, gzip_ok) {
-            (false, false) => (plain(&rendered.text, false)?, TEXT_CONTENT_TYPE),
-            (true, false) => (
-                plain(&rendered.openmetrics, true)?,
-                OPENMETRICS_CONTENT_TYPE,
-            ),
-            (false, true) => {
-                let raw = plain(&rendered.text, false)?;
-                (
-                    rendered.text_gz.get_or_init(|| gzip(&raw)).clone(),
-                    TEXT_CONTENT_TYPE,
-                )
-            }
-            (true, true) => {
-                let raw = plain(&rendered.openmetrics, true)?;
-                (
-                    rendered.openmetrics_gz.get_or_init(|| gzip(&raw)).clone(),
-                    OPENMETRICS_CONTENT_TYPE,
-                )
-            }
+        let body = self.body(variant(openmetrics, gzip_ok))?;
+        let content_type = if openmetrics {
+            OPENMETRICS_CONTENT_TYPE
+        } else {
+            TEXT_CONTENT_TYPE
         };
         let mut headers: Vec<Header> = vec![Header {
             name: "vary".into(),

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Side-by-side scrape benchmark and idle cost of metricsd, prometheus-node-exporter and
+# collectd (write_prometheus), all on loopback. Prints Markdown tables for docs/BENCHMARKS.md.
+#
+#   apt-get install prometheus-node-exporter collectd-core libmicrohttpd12 libprotobuf-c1 wrk
+#   cargo build --workspace --release
+#   bash scripts/bench-scrape.sh            # IDLE_SECONDS=120 WRK_SECONDS=10 by default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IDLE_SECONDS=${IDLE_SECONDS:-120}
+WRK_SECONDS=${WRK_SECONDS:-10}
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+for tool in wrk prometheus-node-exporter collectd; do
+    command -v "$tool" >/dev/null || { echo "missing $tool (see the header of this script)" >&2; exit 1; }
+done
+[ -x target/release/metricsd ] || { echo "build first: cargo build --workspace --release" >&2; exit 1; }
+
+# Installed as an operator would: the binary alone, and only the plugins the configs use (the
+# synthetic collector is the test-only testkit plugin).
+mkdir -p "$work/bin" "$work/plugins"
+cp target/release/metricsd "$work/bin/"
+cp target/release/libmetricsd_{system,prometheus,testkit}.so "$work/plugins/"
+chmod 755 "$work" "$work/bin" "$work/plugins"
+metricsd="$work/bin/metricsd"
+
+metricsd_config() { # $1 port base, $2 extra collector toml
+    cat > "$work/metricsd-$1.toml" <<EOF
+[agent]
+interval = "1s"
+plugin_path = ["$work/plugins"]
+[http]
+metrics_listen = "127.0.0.1:$1"
+health_listen = "127.0.0.1:$(($1 + 1))"
+[[collectors]]
+name = "system"
+plugin = "system"
+$2
+[[sinks]]
+name = "prometheus"
+plugin = "prometheus"
+EOF
+    echo "$work/metricsd-$1.toml"
+}
+
+start() { # name, command...
+    local name=$1; shift
+    "$@" > "$work/$name.log" 2>&1 &
+    pids+=($!)
+    echo $!
+}
+
+wait_http() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "no answer from $1" >&2; return 1; }
+
+cat > "$work/collectd.conf" <<EOF
+Interval 1
+FQDNLookup false
+LoadPlugin cpu
+LoadPlugin memory
+LoadPlugin df
+LoadPlugin disk
+LoadPlugin interface
+LoadPlugin load
+LoadPlugin write_prometheus
+<Plugin write_prometheus>
+  Port "19103"
+</Plugin>
+EOF
+
+m_pid=$(start metricsd "$metricsd" -c "$(metricsd_config 19080 "")" run)
+n_pid=$(start node-exporter prometheus-node-exporter --web.listen-address=127.0.0.1:19100)
+c_pid=$(start collectd collectd -f -C "$work/collectd.conf")
+wait_http http://127.0.0.1:19080/metrics
+wait_http http://127.0.0.1:19100/metrics
+wait_http http://127.0.0.1:19103/metrics
+sleep 3
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hz=$(getconf CLK_TCK)
+
+echo "## Idle cost at a 1 s collection interval (${IDLE_SECONDS} s, no scrapes)"
+echo
+echo "| agent | series exposed | CPU per collection cycle | CPU per hour | RSS |"
+echo "|---|---|---|---|---|"
+declare -A start_ticks
+for pair in "metricsd:$m_pid" "node_exporter:$n_pid" "collectd:$c_pid"; do
+    start_ticks[${pair%%:*}]=$(cpu_ticks "${pair##*:}")
+done
+sleep "$IDLE_SECONDS"
+for pair in "metricsd:$m_pid:19080" "node_exporter:$n_pid:19100" "collectd:$c_pid:19103"; do
+    IFS=: read -r name pid port <<< "$pair"
+    ticks=$(( $(cpu_ticks "$pid") - ${start_ticks[$name]} ))
+    series=$(curl -s "http://127.0.0.1:$port/metrics" | grep -vc '^#')
+    awk -v n="$name" -v s="$series" -v t="$ticks" -v hz="$hz" -v secs="$IDLE_SECONDS" -v rss="$(rss_kib "$pid")" 'BEGIN {
+        cpu = t / hz;
+        note = (n == "node_exporter") ? "(collects on scrape: none here)" : sprintf("%.2f ms", cpu / secs * 1000);
+        printf "| %s | %d | %s | %.1f s | %.1f MiB |\n", n, s, note, cpu / secs * 3600, rss / 1024 }'
+done
+echo
+echo "node_exporter collects when scraped, so its idle CPU is not a collection cost; its cost per"
+echo "scrape is in the latency table below."
+echo
+
+wrk_row() { # label url connections
+    local out p50 p99 rps
+    out=$(wrk -t"$([ "$3" -gt 1 ] && echo 2 || echo 1)" -c"$3" -d"${WRK_SECONDS}s" --latency "$2" 2>&1)
+    p50=$(awk '$1 == "50%" {print $2}' <<< "$out")
+    p99=$(awk '$1 == "99%" {print $2}' <<< "$out")
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<< "$out")
+    echo "| $1 | $3 | $p50 | $p99 | $rps |"
+}
+
+echo "## Scrape latency (wrk, ${WRK_SECONDS} s each)"
+echo
+echo "| target | connections | p50 | p99 | requests/s |"
+echo "|---|---|---|---|---|"
+for c in 1 64; do
+    wrk_row "metricsd, default set" http://127.0.0.1:19080/metrics "$c"
+    wrk_row "node_exporter, default collectors" http://127.0.0.1:19100/metrics "$c"
+    wrk_row "collectd write_prometheus" http://127.0.0.1:19103/metrics "$c"
+done
+
+for n in 10000 100000; do
+    port=$((19200 + n / 10000))
+    kill "$m_pid" 2>/dev/null || true
+    cfg=$(metricsd_config "$port" "[[collectors]]
+name = \"synthetic\"
+plugin = \"testkit\"
+[collectors.config]
+series = $n")
+    m_pid=$(start "metricsd-$n" "$metricsd" -c "$cfg" run)
+    wait_http "http://127.0.0.1:$port/metrics"
+    for _ in $(seq 50); do
+        [ "$(curl -s "http://127.0.0.1:$port/metrics" | grep -c '^testkit_value')" -ge "$n" ] && break
+        sleep 0.2
+    done
+    for c in 1 64; do
+        wrk_row "metricsd, $n synthetic series" "http://127.0.0.1:$port/metrics" "$c"
+    done
+done
