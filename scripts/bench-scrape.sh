@@ -47,11 +47,12 @@ EOF
     echo "$work/metricsd-$1.toml"
 }
 
-start() { # name, command...
+started=0
+start() { # name, command...; sets $started to the pid
     local name=$1; shift
     "$@" > "$work/$name.log" 2>&1 &
-    pids+=($!)
-    echo $!
+    started=$!
+    pids+=("$started")
 }
 
 wait_http() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "no answer from $1" >&2; return 1; }
@@ -71,13 +72,16 @@ LoadPlugin write_prometheus
 </Plugin>
 EOF
 
-m_pid=$(start metricsd "$metricsd" -c "$(metricsd_config 19080 "")" run)
-n_pid=$(start node-exporter prometheus-node-exporter --web.listen-address=127.0.0.1:19100)
-c_pid=$(start collectd collectd -f -C "$work/collectd.conf")
+start metricsd "$metricsd" -c "$(metricsd_config 19080 "")" run; m_pid=$started
+start node-exporter prometheus-node-exporter --web.listen-address=127.0.0.1:19100; n_pid=$started
+start collectd collectd -f -C "$work/collectd.conf"; c_pid=$started
 wait_http http://127.0.0.1:19080/metrics
 wait_http http://127.0.0.1:19100/metrics
 wait_http http://127.0.0.1:19103/metrics
 sleep 3
+for p in "$m_pid" "$n_pid" "$c_pid"; do
+    kill -0 "$p" 2>/dev/null || { echo "process $p exited (port in use?)" >&2; cat "$work"/*.log >&2; exit 1; }
+done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
@@ -133,7 +137,7 @@ name = \"synthetic\"
 plugin = \"testkit\"
 [collectors.config]
 series = $n")
-    m_pid=$(start "metricsd-$n" "$metricsd" -c "$cfg" run)
+    start "metricsd-$n" "$metricsd" -c "$cfg" run; m_pid=$started
     wait_http "http://127.0.0.1:$port/metrics"
     for _ in $(seq 50); do
         [ "$(curl -s "http://127.0.0.1:$port/metrics" | grep -c '^testkit_value')" -ge "$n" ] && break

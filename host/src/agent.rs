@@ -2,6 +2,7 @@
 //! until SIGTERM / Ctrl-C.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -163,40 +164,97 @@ fn config_json(table: &serde_json::Map<String, serde_json::Value>) -> String {
     serde_json::Value::Object(table.clone()).to_string()
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received: shutting down"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received: shutting down"),
-                }
+/// Why a run of the pipeline ended.
+pub enum StopReason {
+    /// SIGTERM or Ctrl-C: exit.
+    Shutdown,
+    /// SIGHUP with a valid new configuration: run again with it.
+    Reload(Box<LoadedConfig>, Box<PluginSet>),
+}
+
+/// Reads and checks the configuration again; `None` (with the reason logged) keeps the
+/// running one.
+fn reload(path: Option<&Path>) -> Option<StopReason> {
+    let loaded = match crate::config::load(path, &crate::config::ProcessEnv) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("SIGHUP: config reload failed, keeping the running config: {e}");
+            return None;
+        }
+    };
+    let plugins = load_plugins(&loaded.config);
+    if let Some(problem) = plan(&loaded, &plugins).required_problem() {
+        tracing::error!(
+            "SIGHUP: config reload failed, keeping the running config: required {problem}"
+        );
+        return None;
+    }
+    Some(StopReason::Reload(Box::new(loaded), Box::new(plugins)))
+}
+
+/// Waits for SIGTERM / Ctrl-C (shutdown) or SIGHUP with a valid config (reload).
+async fn next_stop(path: Option<&Path>) -> StopReason {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(h)) => (t, h),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("cannot listen for SIGTERM/SIGHUP ({e}); only Ctrl-C stops the agent");
+            let _ = tokio::signal::ctrl_c().await;
+            return StopReason::Shutdown;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM received: shutting down");
+                return StopReason::Shutdown;
             }
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM ({e}); only Ctrl-C stops the agent");
-                let _ = tokio::signal::ctrl_c().await;
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupt received: shutting down");
+                return StopReason::Shutdown;
+            }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                if let Some(reason) = reload(path) {
+                    return reason;
+                }
             }
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C; SIGHUP re-reads the config file and restarts the
+/// pipeline with it (an invalid new config is reported and the running one kept).
+pub async fn run(
+    mut loaded: LoadedConfig,
+    mut plugins: PluginSet,
+    path: Option<&Path>,
+) -> Result<(), ExitError> {
+    loop {
+        match run_until(loaded, plugins, next_stop(path)).await? {
+            StopReason::Shutdown => {
+                tracing::info!("metricsd stopped");
+                return Ok(());
+            }
+            StopReason::Reload(new_config, new_plugins) => {
+                loaded = *new_config;
+                plugins = *new_plugins;
+                tracing::info!("configuration reloaded: starting the new pipeline");
+            }
+        }
     }
 }
 
-/// Runs the agent until SIGTERM or Ctrl-C.
-pub async fn run(loaded: LoadedConfig, plugins: PluginSet) -> Result<(), ExitError> {
-    run_until(loaded, plugins, shutdown_signal()).await
-}
-
-/// Runs the agent until `stop` resolves.
-pub async fn run_until(
+/// Runs the agent until `stop` resolves, stops it (draining and flushing every sink), and
+/// returns what `stop` resolved to.
+pub async fn run_until<T>(
     loaded: LoadedConfig,
     plugins: PluginSet,
-    stop: impl std::future::Future<Output = ()>,
-) -> Result<(), ExitError> {
+    stop: impl std::future::Future<Output = T>,
+) -> Result<T, ExitError> {
     let config = &loaded.config;
     let plan = plan(&loaded, &plugins);
     for s in &plan.skipped {
@@ -416,7 +474,7 @@ pub async fn run_until(
         env!("CARGO_PKG_VERSION")
     );
 
-    stop.await;
+    let reason = stop.await;
 
     // Stop collecting, then drain and flush every sink within the shutdown timeout.
     let _ = stop_tx.send(true);
@@ -458,8 +516,7 @@ pub async fn run_until(
         while servers.join_next().await.is_some() {}
     })
     .await;
-    tracing::info!("metricsd stopped");
-    Ok(())
+    Ok(reason)
 }
 
 /// Collects every collector once and prints the samples through the stdout sink plugin.

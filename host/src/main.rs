@@ -187,7 +187,7 @@ fn main_inner(cli: Cli) -> Result<(), ExitError> {
                 .block_on(agent::once(loaded, plugins, format))
                 .map(|_| ())
         }
-        Command::Run => runtime()?.block_on(agent::run(loaded, plugins)),
+        Command::Run => runtime()?.block_on(agent::run(loaded, plugins, cli.config.as_deref())),
     }
 }
 

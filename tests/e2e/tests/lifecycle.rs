@@ -217,3 +217,73 @@ fn once_prints_every_collector_and_fails_when_one_fails() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("panic"));
 }
+
+#[test]
+fn sighup_reloads_the_config_and_keeps_it_when_the_new_one_is_invalid() {
+    let work = Workdir::new();
+    let base = r#"
+[agent]
+interval = "200ms"
+[http]
+health_listen = "127.0.0.1:{health}"
+metrics_listen = ""
+[[collectors]]
+name = "hi"
+plugin = "hello"
+"#;
+    let mut agent = Agent::start(&work, base, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let config_path = work.path("metricsd.toml");
+    let running = std::fs::read_to_string(&config_path).expect("config");
+    let instances = |agent: &Agent| -> Option<Vec<String>> {
+        let (_, body) = agent.get_health("/health").ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        Some(v["instances"].as_object()?.keys().cloned().collect())
+    };
+    let hup = |agent: &Agent| {
+        let pid = nix::unistd::Pid::from_raw(agent.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    };
+
+    // An invalid config is reported and the running one kept.
+    std::fs::write(
+        &config_path,
+        running.replace("interval = \"200ms\"", "interval = \"soon\""),
+    )
+    .expect("write");
+    hup(&agent);
+    wait_for("the reload error", Duration::from_secs(10), || {
+        agent
+            .stderr()
+            .contains("config reload failed, keeping the running config")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert!(agent.is_running());
+    assert_eq!(instances(&agent).expect("health"), ["hi"]);
+
+    // A valid one replaces the pipeline, on the same listener.
+    std::fs::write(
+        &config_path,
+        format!("{running}\n[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\n"),
+    )
+    .expect("write");
+    hup(&agent);
+    wait_for("the new instance", Duration::from_secs(15), || {
+        let names = instances(&agent)?;
+        (names == ["hi", "tk"]).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    wait_for(
+        "the new instance to collect",
+        Duration::from_secs(10),
+        || {
+            agent
+                .stat("metricsd_collector_collections_total{collector=\"tk\"}")
+                .filter(|v| *v >= 1.0)
+        },
+    )
+    .expect("tk collects");
+    let status = agent.terminate().expect("terminate");
+    assert_eq!(status.code(), Some(0));
+}
