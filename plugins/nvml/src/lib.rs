@@ -1,0 +1,501 @@
+//! metricsd collector for NVIDIA GPUs through NVML (nvml-wrapper).
+//!
+//! Behaviour operators depend on:
+//! - a query a GPU answers NOT_SUPPORTED is remembered per GPU and not asked again; its metric
+//!   is absent (never 0), logged once at debug level;
+//! - a GPU that falls off the bus is reported as `gpu_up 0` with its last identity labels while
+//!   the other GPUs keep reporting, and is picked up again when it returns;
+//! - NVML failing to initialise (no driver, library missing, driver/library mismatch, no
+//!   permission) is an error in words an operator understands; the host retries with back-off
+//!   and no other collector is held up.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsStr;
+
+use metricsd_plugin_api::{
+    export_plugin, BatchBuilder, Collector, Context, Error, FamilyId, LabelSetId, Result,
+};
+use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
+use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::{Device, Nvml};
+use serde::Deserialize;
+
+/// The instance's `[collectors.config]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The NVML library to load.
+    #[serde(default = "default_library_path")]
+    pub library_path: String,
+    /// Only these GPUs (indices like `"0"` or UUIDs); empty means all.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Never these GPUs (indices or UUIDs).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+fn default_library_path() -> String {
+    "libnvidia-ml.so.1".to_string()
+}
+
+/// Identity labels of a GPU, kept so a lost GPU can still be reported under them.
+#[derive(Debug, Clone)]
+struct Identity {
+    uuid: String,
+    name: String,
+    pci_bus_id: String,
+    serial: Option<String>,
+    vbios: Option<String>,
+}
+
+/// Queries that can answer NOT_SUPPORTED, remembered per GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Query {
+    Utilization,
+    Memory,
+    Temperature,
+    PowerUsage,
+    PowerLimit,
+    PowerLimitDefault,
+    Energy,
+    Clock(u8),
+    MaxClock(u8),
+    PState,
+    Fan,
+    Encoder,
+    Decoder,
+}
+
+/// Why a GPU's queries stopped this cycle.
+enum Stop {
+    Lost,
+    Nvml(NvmlError),
+}
+
+/// The collector instance.
+pub struct NvmlCollector {
+    config: Config,
+    nvml: Option<Nvml>,
+    driver_version: String,
+    cuda_version: String,
+    identities: BTreeMap<u32, Identity>,
+    unsupported: HashSet<(u32, Query)>,
+}
+
+/// One line an operator understands, for an NVML error at start-up.
+pub fn describe_init_error(library: &str, err: &NvmlError) -> String {
+    match err {
+        NvmlError::LibloadingError(e) => format!(
+            "cannot load the NVML library {library} ({e}): is the NVIDIA driver installed? Inside a container, run it with the NVIDIA container runtime; set library_path if the library lives elsewhere"
+        ),
+        NvmlError::DriverNotLoaded => "the NVIDIA kernel driver is not loaded (NVML: driver not loaded)".to_string(),
+        NvmlError::LibRmVersionMismatch => "the NVML library and the loaded NVIDIA kernel module are different versions (usually after a driver upgrade without reboot): reboot, or reload the nvidia kernel modules".to_string(),
+        NvmlError::NoPermission => "no permission to use the GPUs (/dev/nvidia*): run as a user in the video group, or give the container access to the devices".to_string(),
+        other => format!("NVML initialisation failed: {other}"),
+    }
+}
+
+fn is_fatal_for_session(err: &NvmlError) -> bool {
+    matches!(
+        err,
+        NvmlError::Uninitialized
+            | NvmlError::LibRmVersionMismatch
+            | NvmlError::DriverNotLoaded
+            | NvmlError::NoPermission
+    )
+}
+
+struct Families {
+    up: FamilyId,
+    util: FamilyId,
+    mem_util: FamilyId,
+    mem_total: FamilyId,
+    mem_used: FamilyId,
+    mem_free: FamilyId,
+    mem_reserved: FamilyId,
+    temp: FamilyId,
+    power: FamilyId,
+    power_limit: FamilyId,
+    power_limit_default: FamilyId,
+    energy: FamilyId,
+    clock: FamilyId,
+    clock_max: FamilyId,
+    pstate: FamilyId,
+    fan: FamilyId,
+    encoder: FamilyId,
+    decoder: FamilyId,
+    info: FamilyId,
+}
+
+impl Families {
+    fn declare(out: &mut BatchBuilder) -> Self {
+        Self {
+            up: out.gauge(
+                "gpu_up",
+                "1 if the GPU answers NVML queries, 0 if it is lost.",
+                "",
+            ),
+            util: out.gauge(
+                "gpu_utilization_ratio",
+                "Fraction of the last sample period a kernel ran on the GPU.",
+                "ratio",
+            ),
+            mem_util: out.gauge(
+                "gpu_memory_utilization_ratio",
+                "Fraction of the last sample period device memory was read or written.",
+                "ratio",
+            ),
+            mem_total: out.gauge(
+                "gpu_memory_total_bytes",
+                "Installed device memory.",
+                "bytes",
+            ),
+            mem_used: out.gauge("gpu_memory_used_bytes", "Device memory in use.", "bytes"),
+            mem_free: out.gauge("gpu_memory_free_bytes", "Device memory free.", "bytes"),
+            mem_reserved: out.gauge(
+                "gpu_memory_reserved_bytes",
+                "Device memory reserved by the driver and firmware.",
+                "bytes",
+            ),
+            temp: out.gauge("gpu_temperature_celsius", "GPU die temperature.", "celsius"),
+            power: out.gauge("gpu_power_usage_watts", "Power draw of the board.", "watts"),
+            power_limit: out.gauge("gpu_power_limit_watts", "Enforced power limit.", "watts"),
+            power_limit_default: out.gauge(
+                "gpu_power_default_limit_watts",
+                "Default power management limit.",
+                "watts",
+            ),
+            energy: out.counter(
+                "gpu_energy_consumed_joules_total",
+                "Energy consumed since the driver was loaded.",
+                "joules",
+            ),
+            clock: out.gauge("gpu_clock_hertz", "Current clock by domain.", "hertz"),
+            clock_max: out.gauge("gpu_clock_max_hertz", "Maximum clock by domain.", "hertz"),
+            pstate: out.gauge(
+                "gpu_performance_state",
+                "Performance state (0 = P0, maximum performance; 15 = minimum).",
+                "",
+            ),
+            fan: out.gauge(
+                "gpu_fan_speed_ratio",
+                "Intended fan speed as a fraction of its maximum.",
+                "ratio",
+            ),
+            encoder: out.gauge(
+                "gpu_encoder_utilization_ratio",
+                "Video encoder utilization.",
+                "ratio",
+            ),
+            decoder: out.gauge(
+                "gpu_decoder_utilization_ratio",
+                "Video decoder utilization.",
+                "ratio",
+            ),
+            info: out.info("gpu_info", "GPU identity and driver versions; always 1."),
+        }
+    }
+}
+
+const CLOCKS: [(Clock, &str, u8); 4] = [
+    (Clock::Graphics, "graphics", 0),
+    (Clock::SM, "sm", 1),
+    (Clock::Memory, "memory", 2),
+    (Clock::Video, "video", 3),
+];
+
+impl NvmlCollector {
+    fn selected(&self, index: u32, uuid: Option<&str>) -> bool {
+        let matches = |list: &[String]| {
+            list.iter()
+                .any(|s| *s == index.to_string() || Some(s.as_str()) == uuid)
+        };
+        (self.config.include.is_empty() || matches(&self.config.include))
+            && !matches(&self.config.exclude)
+    }
+
+    fn ensure_nvml(&mut self) -> Result<()> {
+        if self.nvml.is_some() {
+            return Ok(());
+        }
+        let nvml = Nvml::builder()
+            .lib_path(OsStr::new(&self.config.library_path))
+            .init()
+            .map_err(|e| Error::transient(describe_init_error(&self.config.library_path, &e)))?;
+        self.driver_version = nvml.sys_driver_version().unwrap_or_default();
+        self.cuda_version = nvml
+            .sys_cuda_driver_version()
+            .map(|v| format!("{}.{}", v / 1000, (v % 1000) / 10))
+            .unwrap_or_default();
+        tracing::info!(
+            driver = %self.driver_version,
+            cuda = %self.cuda_version,
+            "NVML initialised from {}",
+            self.config.library_path
+        );
+        self.nvml = Some(nvml);
+        Ok(())
+    }
+
+    fn identity(
+        &mut self,
+        index: u32,
+        device: &Device,
+    ) -> std::result::Result<Identity, NvmlError> {
+        if let Some(id) = self.identities.get(&index) {
+            return Ok(id.clone());
+        }
+        let id = Identity {
+            uuid: device.uuid()?,
+            name: device.name()?,
+            pci_bus_id: device.pci_info()?.bus_id,
+            serial: device.serial().ok(),
+            vbios: device.vbios_version().ok(),
+        };
+        self.identities.insert(index, id.clone());
+        Ok(id)
+    }
+}
+
+/// Asks one query unless the GPU said NOT_SUPPORTED before.
+fn ask<T>(
+    unsupported: &mut HashSet<(u32, Query)>,
+    index: u32,
+    query: Query,
+    call: impl FnOnce() -> std::result::Result<T, NvmlError>,
+) -> std::result::Result<Option<T>, Stop> {
+    if unsupported.contains(&(index, query)) {
+        return Ok(None);
+    }
+    match call() {
+        Ok(v) => Ok(Some(v)),
+        Err(NvmlError::NotSupported) => {
+            tracing::debug!(
+                gpu = index,
+                ?query,
+                "not supported by this GPU: not asked again"
+            );
+            unsupported.insert((index, query));
+            Ok(None)
+        }
+        Err(NvmlError::GpuLost) => Err(Stop::Lost),
+        Err(e) if is_fatal_for_session(&e) => Err(Stop::Nvml(e)),
+        Err(e) => {
+            tracing::debug!(gpu = index, ?query, "query failed: {e}");
+            Ok(None)
+        }
+    }
+}
+
+fn gpu_metrics(
+    out: &mut BatchBuilder,
+    f: &Families,
+    set: LabelSetId,
+    labels: &[(&str, &str)],
+    index: u32,
+    device: &Device,
+    unsupported: &mut HashSet<(u32, Query)>,
+) -> std::result::Result<(), Stop> {
+    if let Some(u) = ask(unsupported, index, Query::Utilization, || {
+        device.utilization_rates()
+    })? {
+        out.sample_in(f.util, set, f64::from(u.gpu) / 100.0);
+        out.sample_in(f.mem_util, set, f64::from(u.memory) / 100.0);
+    }
+    if let Some(m) = ask(unsupported, index, Query::Memory, || device.memory_info())? {
+        out.sample_in(f.mem_total, set, m.total as f64);
+        out.sample_in(f.mem_used, set, m.used as f64);
+        out.sample_in(f.mem_free, set, m.free as f64);
+        out.sample_in(f.mem_reserved, set, m.reserved as f64);
+    }
+    if let Some(t) = ask(unsupported, index, Query::Temperature, || {
+        device.temperature(TemperatureSensor::Gpu)
+    })? {
+        out.sample_in(f.temp, set, f64::from(t));
+    }
+    if let Some(p) = ask(unsupported, index, Query::PowerUsage, || {
+        device.power_usage()
+    })? {
+        out.sample_in(f.power, set, f64::from(p) / 1000.0);
+    }
+    if let Some(p) = ask(unsupported, index, Query::PowerLimit, || {
+        device.enforced_power_limit()
+    })? {
+        out.sample_in(f.power_limit, set, f64::from(p) / 1000.0);
+    }
+    if let Some(p) = ask(unsupported, index, Query::PowerLimitDefault, || {
+        device.power_management_limit_default()
+    })? {
+        out.sample_in(f.power_limit_default, set, f64::from(p) / 1000.0);
+    }
+    if let Some(e) = ask(unsupported, index, Query::Energy, || {
+        device.total_energy_consumption()
+    })? {
+        out.sample_in(f.energy, set, e as f64 / 1000.0);
+    }
+    for (clock, name, id) in CLOCKS {
+        let current = ask(unsupported, index, Query::Clock(id), || {
+            device.clock_info(clock)
+        })?;
+        let max = ask(unsupported, index, Query::MaxClock(id), || {
+            device.max_clock_info(clock)
+        })?;
+        if current.is_none() && max.is_none() {
+            continue;
+        }
+        let mut with_clock = labels.to_vec();
+        with_clock.push(("clock", name));
+        let clock_set = out.label_set(&with_clock);
+        if let Some(mhz) = current {
+            out.sample_in(f.clock, clock_set, f64::from(mhz) * 1e6);
+        }
+        if let Some(mhz) = max {
+            out.sample_in(f.clock_max, clock_set, f64::from(mhz) * 1e6);
+        }
+    }
+    if let Some(p) = ask(unsupported, index, Query::PState, || {
+        device.performance_state()
+    })? {
+        out.sample_in(f.pstate, set, f64::from(p.as_c()));
+    }
+    if let Some(s) = ask(unsupported, index, Query::Fan, || device.fan_speed(0))? {
+        out.sample_in(f.fan, set, f64::from(s) / 100.0);
+    }
+    if let Some(u) = ask(unsupported, index, Query::Encoder, || {
+        device.encoder_utilization()
+    })? {
+        out.sample_in(f.encoder, set, f64::from(u.utilization) / 100.0);
+    }
+    if let Some(u) = ask(unsupported, index, Query::Decoder, || {
+        device.decoder_utilization()
+    })? {
+        out.sample_in(f.decoder, set, f64::from(u.utilization) / 100.0);
+    }
+    Ok(())
+}
+
+impl Collector for NvmlCollector {
+    type Config = Config;
+
+    fn new(config: Config, _ctx: &Context) -> Result<Self> {
+        Ok(NvmlCollector {
+            config,
+            nvml: None,
+            driver_version: String::new(),
+            cuda_version: String::new(),
+            identities: BTreeMap::new(),
+            unsupported: HashSet::new(),
+        })
+    }
+
+    fn collect(&mut self, out: &mut BatchBuilder) -> Result<()> {
+        self.ensure_nvml()?;
+        let count = match self.nvml.as_ref().map(|n| n.device_count()) {
+            Some(Ok(n)) => n,
+            Some(Err(e)) => {
+                self.nvml = None;
+                return Err(Error::transient(format!("NVML cannot count the GPUs: {e}")));
+            }
+            None => 0,
+        };
+        let families = Families::declare(out);
+        let count_family = out.gauge("gpu_count", "GPUs NVML reports on this node.", "");
+        out.sample(count_family, &[], f64::from(count));
+        let Some(nvml) = self.nvml.take() else {
+            return Ok(());
+        };
+        let mut session_error = None;
+        for index in 0..count {
+            let device = match nvml.device_by_index(index) {
+                Ok(d) => Ok(d),
+                Err(NvmlError::GpuLost) => Err(Stop::Lost),
+                Err(e) if is_fatal_for_session(&e) => Err(Stop::Nvml(e)),
+                Err(e) => {
+                    tracing::debug!(gpu = index, "cannot get a handle: {e}");
+                    continue;
+                }
+            };
+            let identity = match &device {
+                Ok(d) => match self.identity(index, d) {
+                    Ok(id) => Some(id),
+                    Err(NvmlError::GpuLost) => None,
+                    Err(e) => {
+                        tracing::debug!(gpu = index, "cannot read identity: {e}");
+                        None
+                    }
+                },
+                Err(_) => None,
+            }
+            .or_else(|| self.identities.get(&index).cloned());
+            if !self.selected(index, identity.as_ref().map(|i| i.uuid.as_str())) {
+                continue;
+            }
+            let index_text = index.to_string();
+            let labels: Vec<(&str, &str)> = match &identity {
+                Some(id) => vec![
+                    ("gpu", index_text.as_str()),
+                    ("uuid", id.uuid.as_str()),
+                    ("name", id.name.as_str()),
+                    ("pci_bus_id", id.pci_bus_id.as_str()),
+                ],
+                None => vec![("gpu", index_text.as_str())],
+            };
+            let set = out.label_set(&labels);
+            let result = match device {
+                Ok(d) if identity.is_some() => gpu_metrics(
+                    out,
+                    &families,
+                    set,
+                    &labels,
+                    index,
+                    &d,
+                    &mut self.unsupported,
+                ),
+                Ok(_) => Err(Stop::Lost),
+                Err(stop) => Err(stop),
+            };
+            match result {
+                Ok(()) => {
+                    out.sample_in(families.up, set, 1.0);
+                    if let Some(id) = &identity {
+                        let mut info = labels.clone();
+                        info.push(("driver_version", self.driver_version.as_str()));
+                        info.push(("cuda_version", self.cuda_version.as_str()));
+                        info.push(("vbios_version", id.vbios.as_deref().unwrap_or("")));
+                        info.push(("serial", id.serial.as_deref().unwrap_or("")));
+                        out.sample(families.info, &info, 1.0);
+                    }
+                }
+                Err(Stop::Lost) => {
+                    tracing::warn!(
+                        gpu = index,
+                        "GPU has fallen off the bus (NVML: GPU is lost); reported as gpu_up 0"
+                    );
+                    out.sample_in(families.up, set, 0.0);
+                }
+                Err(Stop::Nvml(e)) => {
+                    session_error = Some(e);
+                    break;
+                }
+            }
+        }
+        match session_error {
+            // Start over with a fresh NVML session at the next attempt; nothing stale is sent.
+            Some(e) => Err(Error::transient(describe_init_error(
+                &self.config.library_path,
+                &e,
+            ))),
+            None => {
+                self.nvml = Some(nvml);
+                Ok(())
+            }
+        }
+    }
+}
+
+export_plugin! {
+    name: "nvml",
+    description: "NVIDIA GPUs through NVML",
+    collector: NvmlCollector,
+}

@@ -1,0 +1,286 @@
+//! The NVML collector through nvml-wrapper's real loading and call path, against the NVML
+//! simulator library (tests/nvml-sim) and its scenario files.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use metricsd_e2e::{build, json_lines, root, wait_for, Agent, Workdir};
+use serde_json::Value;
+
+fn sim_library() -> String {
+    build().join("libnvml_sim.so").display().to_string()
+}
+
+fn scenario(name: &str) -> String {
+    let path: PathBuf = root().join("tests/nvml-sim/scenarios").join(name);
+    assert!(path.is_file(), "{}", path.display());
+    path.display().to_string()
+}
+
+fn nvml_collector(library: &str, extra: &str) -> String {
+    format!(
+        "[[collectors]]\nname = \"gpu\"\nplugin = \"nvml\"\n{extra}\n[collectors.config]\nlibrary_path = \"{library}\"\n"
+    )
+}
+
+/// Rows of one metric, optionally for one GPU.
+fn rows<'a>(rows: &'a [Value], name: &str, gpu: Option<&str>) -> Vec<&'a Value> {
+    rows.iter()
+        .filter(|r| r["name"] == name)
+        .filter(|r| gpu.is_none_or(|g| r["labels"]["gpu"] == g))
+        .collect()
+}
+
+fn value(all: &[Value], name: &str, gpu: &str) -> f64 {
+    let found = rows(all, name, Some(gpu));
+    assert_eq!(found.len(), 1, "{name} for gpu {gpu}: {found:?}");
+    found[0]["value"].as_f64().expect("number")
+}
+
+#[test]
+fn eight_gpus_report_every_metric_with_the_scenario_values() {
+    let work = Workdir::new();
+    let config = work.write("c.toml", nvml_collector(&sim_library(), ""));
+    let out = work.metricsd(
+        &[
+            "-c",
+            config.to_str().expect("path"),
+            "once",
+            "--format",
+            "json",
+        ],
+        &[("NVML_SIM_SCENARIO", &scenario("h100-sxm-8.toml"))],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(rows(&all, "gpu_count", None)[0]["value"], 8.0);
+    let mut uuids = std::collections::BTreeSet::new();
+    for gpu in 0..8 {
+        let g = gpu.to_string();
+        let g = g.as_str();
+        assert_eq!(value(&all, "gpu_up", g), 1.0);
+        assert_eq!(value(&all, "gpu_utilization_ratio", g), 0.87);
+        assert_eq!(value(&all, "gpu_memory_utilization_ratio", g), 0.41);
+        assert_eq!(value(&all, "gpu_memory_total_bytes", g), 85_520_809_984.0);
+        assert_eq!(value(&all, "gpu_memory_used_bytes", g), 42_949_672_960.0);
+        assert_eq!(value(&all, "gpu_memory_reserved_bytes", g), 566_231_040.0);
+        assert_eq!(
+            value(&all, "gpu_memory_free_bytes", g),
+            85_520_809_984.0 - 42_949_672_960.0 - 566_231_040.0
+        );
+        assert_eq!(value(&all, "gpu_temperature_celsius", g), 61.0);
+        assert_eq!(value(&all, "gpu_power_usage_watts", g), 512.345);
+        assert_eq!(value(&all, "gpu_power_limit_watts", g), 700.0);
+        assert_eq!(value(&all, "gpu_power_default_limit_watts", g), 700.0);
+        assert!(value(&all, "gpu_energy_consumed_joules_total", g) >= 1.0e6);
+        assert_eq!(value(&all, "gpu_performance_state", g), 0.0);
+        assert_eq!(value(&all, "gpu_encoder_utilization_ratio", g), 0.03);
+        assert_eq!(value(&all, "gpu_decoder_utilization_ratio", g), 0.05);
+        for (clock, current, max) in [
+            ("graphics", 1.98e9, 1.98e9),
+            ("sm", 1.98e9, 1.98e9),
+            ("memory", 2.619e9, 2.619e9),
+            ("video", 1.635e9, 1.755e9),
+        ] {
+            let pick = |name: &str| -> f64 {
+                rows(&all, name, Some(g))
+                    .into_iter()
+                    .find(|r| r["labels"]["clock"] == clock)
+                    .and_then(|r| r["value"].as_f64())
+                    .unwrap_or_else(|| panic!("{name} clock={clock} gpu={g}"))
+            };
+            assert_eq!(pick("gpu_clock_hertz"), current);
+            assert_eq!(pick("gpu_clock_max_hertz"), max);
+        }
+        // The fan query answers NOT_SUPPORTED on this card: absent, never 0.
+        assert!(rows(&all, "gpu_fan_speed_ratio", Some(g)).is_empty());
+        let info = rows(&all, "gpu_info", Some(g));
+        assert_eq!(info.len(), 1);
+        let labels = &info[0]["labels"];
+        assert_eq!(labels["driver_version"], "550.54.15");
+        assert_eq!(labels["cuda_version"], "12.4");
+        assert_eq!(labels["name"], "NVIDIA H100 80GB HBM3");
+        assert_eq!(labels["vbios_version"], "96.00.74.00.01");
+        assert_eq!(
+            labels["pci_bus_id"],
+            format!("00000000:{:02X}:00.0", 0x18 + gpu * 0x10)
+        );
+        uuids.insert(labels["uuid"].as_str().expect("uuid").to_string());
+    }
+    assert_eq!(uuids.len(), 8, "every GPU has its own UUID");
+}
+
+#[test]
+fn not_supported_queries_are_absent_and_asked_once() {
+    let work = Workdir::new();
+    let call_log = work.path("nvml-calls.log");
+    let config = format!(
+        "[agent]\ninterval = \"200ms\"\ninternal_metrics = false\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n{}[[sinks]]\nname = \"out\"\nplugin = \"stdout\"\n",
+        nvml_collector(&sim_library(), "")
+    );
+    let mut agent = Agent::start(
+        &work,
+        &config,
+        &[
+            ("NVML_SIM_SCENARIO", &scenario("rtx4090.toml")),
+            ("NVML_SIM_CALL_LOG", call_log.to_str().expect("path")),
+        ],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for("four collections", Duration::from_secs(15), || {
+        agent
+            .stat("metricsd_collector_collections_total{collector=\"gpu\"}")
+            .filter(|v| *v >= 4.0)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let calls = std::fs::read_to_string(&call_log).expect("call log");
+    let count = |q: &str| calls.lines().filter(|l| *l == q).count();
+    assert_eq!(count("total_energy"), 1, "NOT_SUPPORTED is remembered");
+    assert_eq!(count("power_limit_default"), 1);
+    assert!(
+        count("power_usage") >= 4,
+        "supported queries are asked every cycle"
+    );
+    let all = json_lines(&agent.stdout());
+    assert!(rows(&all, "gpu_energy_consumed_joules_total", None).is_empty());
+    assert!(rows(&all, "gpu_power_default_limit_watts", None).is_empty());
+    let fan = rows(&all, "gpu_fan_speed_ratio", Some("0"));
+    assert!(
+        !fan.is_empty() && fan.iter().all(|r| r["value"] == 0.45),
+        "{fan:?}"
+    );
+    let pstate = rows(&all, "gpu_performance_state", Some("0"));
+    assert!(pstate.iter().all(|r| r["value"] == 2.0));
+}
+
+#[test]
+fn a_lost_gpu_reports_up_0_while_the_others_continue_and_comes_back() {
+    let work = Workdir::new();
+    let config = format!(
+        "[agent]\ninterval = \"250ms\"\ninternal_metrics = false\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n{}[[sinks]]\nname = \"out\"\nplugin = \"stdout\"\n",
+        nvml_collector(&sim_library(), "")
+    );
+    let mut agent = Agent::start(
+        &work,
+        &config,
+        &[("NVML_SIM_SCENARIO", &scenario("lost-gpu.toml"))],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    let up_rows = |agent: &Agent, gpu: &str| -> Vec<Value> {
+        rows(&json_lines(&agent.stdout()), "gpu_up", Some(gpu))
+            .into_iter()
+            .cloned()
+            .collect()
+    };
+    let lost = wait_for("GPU 2 to be lost", Duration::from_secs(15), || {
+        up_rows(&agent, "2").into_iter().find(|r| r["value"] == 0.0)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    // Reported under its last identity.
+    assert_eq!(
+        lost["labels"]["uuid"],
+        "GPU-5f7c0002-1d2e-4c3b-9a8f-0e1d2c3b0002"
+    );
+    assert_eq!(lost["labels"]["name"], "NVIDIA H100 80GB HBM3");
+    assert!(agent.stderr().contains("GPU has fallen off the bus"));
+    // While it is lost, its other metrics are not served, and the others carry on.
+    let lost_ts = lost["timestamp_ms"].as_i64().expect("ts");
+    let all = json_lines(&agent.stdout());
+    assert!(!all.iter().any(|r| r["name"] == "gpu_temperature_celsius"
+        && r["labels"]["gpu"] == "2"
+        && r["timestamp_ms"] == lost_ts));
+    for other in ["0", "1", "3"] {
+        assert!(all.iter().any(|r| r["name"] == "gpu_up"
+            && r["labels"]["gpu"] == other
+            && r["timestamp_ms"] == lost_ts
+            && r["value"] == 1.0));
+    }
+    wait_for("GPU 2 to come back", Duration::from_secs(20), || {
+        up_rows(&agent, "2")
+            .into_iter()
+            .filter(|r| r["timestamp_ms"].as_i64() > Some(lost_ts))
+            .find(|r| r["value"] == 1.0)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let status = agent.terminate().expect("terminate");
+    assert!(status.success());
+}
+
+#[test]
+fn a_hanging_nvml_call_is_timed_out_and_the_next_cycle_recovers() {
+    let work = Workdir::new();
+    let config = format!(
+        "[agent]\ninterval = \"250ms\"\ntimeout = \"500ms\"\nmax_backoff = \"1s\"\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n{}[[collectors]]\nname = \"hi\"\nplugin = \"hello\"\n",
+        nvml_collector(&sim_library(), "")
+    );
+    let mut agent = Agent::start(
+        &work,
+        &config,
+        &[("NVML_SIM_SCENARIO", &scenario("hang.toml"))],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for("a timeout", Duration::from_secs(15), || {
+        agent
+            .stat("metricsd_collector_timeouts_total{collector=\"gpu\"}")
+            .filter(|v| *v >= 1.0)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let before = agent
+        .stat("metricsd_collector_collections_total{collector=\"gpu\"}")
+        .unwrap_or(0.0);
+    wait_for(
+        "collections after the hang",
+        Duration::from_secs(15),
+        || {
+            agent
+                .stat("metricsd_collector_collections_total{collector=\"gpu\"}")
+                .filter(|v| *v >= before + 3.0)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_eq!(
+        agent.stat("metricsd_collector_stale{collector=\"gpu\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        agent.stat("metricsd_collector_up{collector=\"gpu\",plugin=\"nvml\"}"),
+        Some(1.0)
+    );
+    assert!(agent
+        .stat("metricsd_collector_collections_total{collector=\"hi\"}")
+        .is_some_and(|v| v >= 4.0));
+}
+
+#[test]
+fn a_missing_nvml_library_gives_a_clear_error_and_a_running_host() {
+    let work = Workdir::new();
+    let config = format!(
+        "[agent]\ninterval = \"200ms\"\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n{}[[collectors]]\nname = \"hi\"\nplugin = \"hello\"\n",
+        nvml_collector("/nonexistent/libnvidia-ml.so.1", "")
+    );
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let health = wait_for("the NVML error in /health", Duration::from_secs(10), || {
+        let (_, body) = agent.get_health("/health").ok()?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        (v["instances"]["gpu"]["state"] == "failing").then_some(v)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let error = health["instances"]["gpu"]["last_error"]
+        .as_str()
+        .expect("error");
+    assert!(
+        error.contains("cannot load the NVML library /nonexistent/libnvidia-ml.so.1"),
+        "{error}"
+    );
+    assert!(error.contains("is the NVIDIA driver installed?"), "{error}");
+    assert_eq!(health["instances"]["hi"]["state"], "ok");
+    assert!(agent.is_running());
+}

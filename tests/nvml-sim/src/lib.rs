@@ -1,0 +1,666 @@
+//! An NVML simulator: a shared library exporting the NVML C functions that metricsd's NVML
+//! plugin calls (same symbol names and versions as `libnvidia-ml.so.1`), answering from a
+//! scenario file named by `NVML_SIM_SCENARIO` (a built-in 2-GPU scenario when unset). The plugin
+//! loads it through its `library_path`, so nvml-wrapper's real loading and call path runs.
+//!
+//! `NVML_SIM_CALL_LOG=FILE` appends the name of every device query to FILE, so tests can check
+//! which calls were made and how often.
+
+#![allow(clippy::missing_safety_doc)]
+
+use std::ffi::{c_char, c_int, c_uint, c_ulonglong, CStr};
+use std::io::Write as _;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nvml_wrapper_sys::bindings::*;
+use serde::Deserialize;
+
+/// A value that may move over time: a constant, or a sine wave.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+pub enum Curve {
+    /// Always this value.
+    Constant(f64),
+    /// `base + amplitude * sin(2π t / period_s)`.
+    Wave {
+        /// Centre value.
+        base: f64,
+        /// Half the swing.
+        amplitude: f64,
+        /// Seconds per cycle.
+        period_s: f64,
+    },
+}
+
+impl Curve {
+    fn at(&self, t: f64) -> f64 {
+        match *self {
+            Curve::Constant(v) => v,
+            Curve::Wave {
+                base,
+                amplitude,
+                period_s,
+            } => base + amplitude * (std::f64::consts::TAU * t / period_s.max(0.001)).sin(),
+        }
+    }
+}
+
+/// One simulated GPU (or `count` identical ones).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuSpec {
+    /// Identical GPUs to create from this entry.
+    #[serde(default = "one")]
+    pub count: u32,
+    /// Model name.
+    pub name: String,
+    /// Board memory.
+    pub memory_total_bytes: f64,
+    /// Memory used.
+    pub memory_used_bytes: Curve,
+    /// Memory reserved by the driver.
+    #[serde(default)]
+    pub memory_reserved_bytes: f64,
+    /// GPU utilization, percent.
+    pub utilization_gpu: Curve,
+    /// Memory controller utilization, percent.
+    pub utilization_memory: Curve,
+    /// Die temperature, °C.
+    pub temperature: Curve,
+    /// Power draw, milliwatts.
+    pub power_mw: Curve,
+    /// Enforced power limit, milliwatts.
+    pub power_limit_mw: f64,
+    /// Default power limit, milliwatts.
+    pub power_limit_default_mw: f64,
+    /// SM clock, MHz (graphics uses the same).
+    pub sm_clock_mhz: Curve,
+    /// Memory clock, MHz.
+    pub mem_clock_mhz: f64,
+    /// Video clock, MHz.
+    pub video_clock_mhz: f64,
+    /// Max SM/graphics, memory and video clocks, MHz.
+    pub max_clocks_mhz: [f64; 3],
+    /// Fan speed, percent.
+    #[serde(default)]
+    pub fan_percent: Option<f64>,
+    /// Performance state (0 = P0).
+    #[serde(default)]
+    pub pstate: u32,
+    /// Encoder and decoder utilization, percent.
+    #[serde(default)]
+    pub encoder_decoder: [f64; 2],
+    /// Seconds after start when the GPU falls off the bus (GPU_IS_LOST).
+    pub lost_at_s: Option<f64>,
+    /// Seconds after start when it comes back.
+    pub back_at_s: Option<f64>,
+    /// Queries that answer NOT_SUPPORTED: `fan_speed`, `power_usage`, `total_energy`,
+    /// `encoder`, `decoder`, `temperature`, `pstate`, `power_limit_default`, `max_clocks`.
+    #[serde(default)]
+    pub not_supported: Vec<String>,
+    /// A query that blocks for a while.
+    pub hang: Option<Hang>,
+    /// Serial number.
+    #[serde(default)]
+    pub serial: String,
+    /// VBIOS version.
+    #[serde(default)]
+    pub vbios: String,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A query that blocks for `seconds` when asked between `from_s` and `until_s`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hang {
+    /// The query (as in `not_supported`).
+    pub query: String,
+    /// How long each such call blocks.
+    pub seconds: f64,
+    /// From this second after start.
+    #[serde(default)]
+    pub from_s: f64,
+    /// Until this second (for ever when absent).
+    pub until_s: Option<f64>,
+}
+
+/// The scenario file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Driver version string.
+    pub driver_version: String,
+    /// CUDA driver version as NVML reports it (12040 = 12.4).
+    pub cuda_version: i32,
+    /// `nvmlInit` fails with this NVML error code (e.g. 9 = DRIVER_NOT_LOADED).
+    pub init_error: Option<u32>,
+    /// The GPUs.
+    pub gpus: Vec<GpuSpec>,
+}
+
+/// Built-in scenario: two H100 SXM GPUs.
+pub const DEFAULT_SCENARIO: &str = include_str!("../scenarios/h100-sxm-2.toml");
+
+struct Sim {
+    scenario: Scenario,
+    gpus: Vec<GpuSpec>,
+    start: Instant,
+}
+
+fn sim() -> &'static Result<Sim, String> {
+    static SIM: OnceLock<Result<Sim, String>> = OnceLock::new();
+    SIM.get_or_init(|| {
+        let text = match std::env::var("NVML_SIM_SCENARIO") {
+            Ok(path) => std::fs::read_to_string(&path)
+                .map_err(|e| format!("nvml-sim: cannot read {path}: {e}"))?,
+            Err(_) => DEFAULT_SCENARIO.to_string(),
+        };
+        let scenario: Scenario =
+            toml::from_str(&text).map_err(|e| format!("nvml-sim: bad scenario: {e}"))?;
+        let gpus = scenario
+            .gpus
+            .iter()
+            .flat_map(|g| std::iter::repeat_n(g.clone(), g.count as usize))
+            .collect();
+        Ok(Sim {
+            scenario,
+            gpus,
+            start: Instant::now(),
+        })
+    })
+}
+
+fn log_call(name: &str) {
+    if let Ok(path) = std::env::var("NVML_SIM_CALL_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{name}");
+        }
+    }
+}
+
+const SUCCESS: nvmlReturn_t = nvmlReturn_enum_NVML_SUCCESS;
+const INVALID_ARGUMENT: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
+const NOT_SUPPORTED: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED;
+const GPU_IS_LOST: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST;
+const UNINITIALIZED: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_UNINITIALIZED;
+const INSUFFICIENT_SIZE: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE;
+
+/// Resolves a handle to its GPU and the scenario time, applying loss, NOT_SUPPORTED and hangs.
+fn lookup(
+    handle: nvmlDevice_t,
+    query: &str,
+) -> Result<(usize, &'static GpuSpec, f64), nvmlReturn_t> {
+    log_call(query);
+    let sim = sim().as_ref().map_err(|_| UNINITIALIZED)?;
+    let index = (handle as usize).checked_sub(1).ok_or(INVALID_ARGUMENT)?;
+    let gpu = sim.gpus.get(index).ok_or(INVALID_ARGUMENT)?;
+    let t = sim.start.elapsed().as_secs_f64();
+    let lost =
+        gpu.lost_at_s.is_some_and(|at| t >= at) && !gpu.back_at_s.is_some_and(|back| t >= back);
+    if lost {
+        return Err(GPU_IS_LOST);
+    }
+    if gpu.not_supported.iter().any(|q| q == query) {
+        return Err(NOT_SUPPORTED);
+    }
+    if let Some(h) = &gpu.hang {
+        if h.query == query && t >= h.from_s && h.until_s.is_none_or(|until| t < until) {
+            std::thread::sleep(Duration::from_secs_f64(h.seconds));
+        }
+    }
+    Ok((index, gpu, t))
+}
+
+macro_rules! answer {
+    ($handle:expr, $query:expr, |$i:ident, $gpu:ident, $t:ident| $body:expr) => {
+        match lookup($handle, $query) {
+            Ok(($i, $gpu, $t)) => {
+                let _ = (&$i, &$gpu, &$t);
+                $body;
+                SUCCESS
+            }
+            Err(code) => code,
+        }
+    };
+}
+
+/// Copies `text` with its NUL into a caller buffer of `length` bytes.
+unsafe fn write_str(text: &str, buf: *mut c_char, length: c_uint) -> nvmlReturn_t {
+    if buf.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let bytes = text.as_bytes();
+    if bytes.len() + 1 > length as usize {
+        return INSUFFICIENT_SIZE;
+    }
+    // SAFETY: the caller gave a writable buffer of `length` bytes, checked to be large enough.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.cast::<u8>(), bytes.len());
+        *buf.add(bytes.len()) = 0;
+    }
+    SUCCESS
+}
+
+/// Writes a value through an out pointer, refusing null.
+unsafe fn put<T>(out: *mut T, value: T) {
+    if !out.is_null() {
+        // SAFETY: NVML's contract: out pointers point to writable storage of their type.
+        unsafe { out.write(value) }
+    }
+}
+
+fn uuid(index: usize) -> String {
+    format!("GPU-5f7c{index:04x}-1d2e-4c3b-9a8f-0e1d2c3b{index:04x}")
+}
+
+fn bus_id(index: usize) -> String {
+    format!("00000000:{:02X}:00.0", 0x18 + index * 0x10)
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlInit_v2() -> nvmlReturn_t {
+    match sim() {
+        Ok(s) => s.scenario.init_error.unwrap_or(SUCCESS),
+        Err(e) => {
+            eprintln!("{e}");
+            UNINITIALIZED
+        }
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> nvmlReturn_t {
+    nvmlInit_v2()
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlShutdown() -> nvmlReturn_t {
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlErrorString(result: nvmlReturn_t) -> *const c_char {
+    let text: &'static CStr = match result {
+        SUCCESS => c"Success",
+        NOT_SUPPORTED => c"Not Supported",
+        GPU_IS_LOST => c"GPU is lost",
+        UNINITIALIZED => c"Uninitialized",
+        _ => c"Unknown Error",
+    };
+    text.as_ptr()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlSystemGetDriverVersion(
+    version: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
+    match sim() {
+        // SAFETY: forwarded caller buffer.
+        Ok(s) => unsafe { write_str(&s.scenario.driver_version, version, length) },
+        Err(_) => UNINITIALIZED,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion_v2(version: *mut c_int) -> nvmlReturn_t {
+    match sim() {
+        Ok(s) => {
+            // SAFETY: caller's out pointer.
+            unsafe { put(version, s.scenario.cuda_version) };
+            SUCCESS
+        }
+        Err(_) => UNINITIALIZED,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> nvmlReturn_t {
+    match sim() {
+        Ok(s) => {
+            // SAFETY: caller's out pointer.
+            unsafe { put(count, s.gpus.len() as c_uint) };
+            SUCCESS
+        }
+        Err(_) => UNINITIALIZED,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
+    index: c_uint,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    let Ok(s) = sim() else { return UNINITIALIZED };
+    if index as usize >= s.gpus.len() {
+        return INVALID_ARGUMENT;
+    }
+    let handle = (index as usize + 1) as nvmlDevice_t;
+    // The handle is valid, but queries on a lost GPU fail, as with the real driver.
+    // SAFETY: caller's out pointer.
+    unsafe { put(device, handle) };
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetIndex(
+    device: nvmlDevice_t,
+    index: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: caller's out pointer.
+    answer!(device, "index", |i, _g, _t| unsafe {
+        put(index, i as c_uint)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetName(
+    device: nvmlDevice_t,
+    name: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
+    match lookup(device, "name") {
+        // SAFETY: forwarded caller buffer.
+        Ok((_, g, _)) => unsafe { write_str(&g.name, name, length) },
+        Err(code) => code,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetUUID(
+    device: nvmlDevice_t,
+    buf: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
+    match lookup(device, "uuid") {
+        // SAFETY: forwarded caller buffer.
+        Ok((i, _, _)) => unsafe { write_str(&uuid(i), buf, length) },
+        Err(code) => code,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetSerial(
+    device: nvmlDevice_t,
+    buf: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
+    match lookup(device, "serial") {
+        // SAFETY: forwarded caller buffer.
+        Ok((i, g, _)) => unsafe { write_str(&format!("{}{i}", g.serial), buf, length) },
+        Err(code) => code,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetVbiosVersion(
+    device: nvmlDevice_t,
+    buf: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
+    match lookup(device, "vbios") {
+        // SAFETY: forwarded caller buffer.
+        Ok((_, g, _)) => unsafe { write_str(&g.vbios, buf, length) },
+        Err(code) => code,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(
+    device: nvmlDevice_t,
+    pci: *mut nvmlPciInfo_t,
+) -> nvmlReturn_t {
+    match lookup(device, "pci_info") {
+        Ok((i, _, _)) => {
+            if pci.is_null() {
+                return INVALID_ARGUMENT;
+            }
+            let id = bus_id(i);
+            // SAFETY: `pci` points to a caller-owned nvmlPciInfo_t; all of it is initialised here.
+            unsafe {
+                let mut info: nvmlPciInfo_t = std::mem::zeroed();
+                for (dst, src) in info.busId.iter_mut().zip(id.bytes()) {
+                    *dst = src as c_char;
+                }
+                for (dst, src) in info.busIdLegacy.iter_mut().zip(id[4..].bytes()) {
+                    *dst = src as c_char;
+                }
+                info.bus = (0x18 + i * 0x10) as c_uint;
+                info.pciDeviceId = 0x2330_10de;
+                pci.write(info);
+            }
+            SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
+    device: nvmlDevice_t,
+    util: *mut nvmlUtilization_t,
+) -> nvmlReturn_t {
+    answer!(device, "utilization", |_i, g, t| {
+        let value = nvmlUtilization_t {
+            gpu: g.utilization_gpu.at(t).clamp(0.0, 100.0) as c_uint,
+            memory: g.utilization_memory.at(t).clamp(0.0, 100.0) as c_uint,
+        };
+        // SAFETY: caller's out pointer.
+        unsafe { put(util, value) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    device: nvmlDevice_t,
+    memory: *mut nvmlMemory_v2_t,
+) -> nvmlReturn_t {
+    answer!(device, "memory", |_i, g, t| {
+        let used = g.memory_used_bytes.at(t).clamp(0.0, g.memory_total_bytes) as c_ulonglong;
+        let total = g.memory_total_bytes as c_ulonglong;
+        let reserved = g.memory_reserved_bytes as c_ulonglong;
+        let value = nvmlMemory_v2_t {
+            // NVML_STRUCT_VERSION(Memory, 2), as the caller set it.
+            version: (std::mem::size_of::<nvmlMemory_v2_t>() | (2 << 24)) as c_uint,
+            total,
+            reserved,
+            free: total.saturating_sub(used).saturating_sub(reserved),
+            used,
+        };
+        // SAFETY: caller's out pointer.
+        unsafe { put(memory, value) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetTemperature(
+    device: nvmlDevice_t,
+    sensor: nvmlTemperatureSensors_t,
+    temp: *mut c_uint,
+) -> nvmlReturn_t {
+    if sensor != 0 {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: caller's out pointer.
+    answer!(device, "temperature", |_i, g, t| unsafe {
+        put(temp, g.temperature.at(t).max(0.0) as c_uint)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(
+    device: nvmlDevice_t,
+    power: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: caller's out pointer.
+    answer!(device, "power_usage", |_i, g, t| unsafe {
+        put(power, g.power_mw.at(t).max(0.0) as c_uint)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetEnforcedPowerLimit(
+    device: nvmlDevice_t,
+    limit: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: caller's out pointer.
+    answer!(device, "power_limit", |_i, g, _t| unsafe {
+        put(limit, g.power_limit_mw as c_uint)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetPowerManagementDefaultLimit(
+    device: nvmlDevice_t,
+    limit: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: caller's out pointer.
+    answer!(device, "power_limit_default", |_i, g, _t| unsafe {
+        put(limit, g.power_limit_default_mw as c_uint)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
+    device: nvmlDevice_t,
+    energy: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    // Energy in mJ: the integral of the power curve, approximated by the mean power so far.
+    answer!(device, "total_energy", |_i, g, t| {
+        let mean_mw = (g.power_mw.at(0.0) + g.power_mw.at(t)) / 2.0;
+        // SAFETY: caller's out pointer.
+        unsafe { put(energy, (1.0e9 + mean_mw * t) as c_ulonglong) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetClockInfo(
+    device: nvmlDevice_t,
+    clock: nvmlClockType_t,
+    mhz: *mut c_uint,
+) -> nvmlReturn_t {
+    answer!(device, "clocks", |_i, g, t| {
+        let value = match clock {
+            0 | 1 => g.sm_clock_mhz.at(t),
+            2 => g.mem_clock_mhz,
+            _ => g.video_clock_mhz,
+        };
+        // SAFETY: caller's out pointer.
+        unsafe { put(mhz, value as c_uint) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMaxClockInfo(
+    device: nvmlDevice_t,
+    clock: nvmlClockType_t,
+    mhz: *mut c_uint,
+) -> nvmlReturn_t {
+    answer!(device, "max_clocks", |_i, g, _t| {
+        let value = match clock {
+            0 | 1 => g.max_clocks_mhz[0],
+            2 => g.max_clocks_mhz[1],
+            _ => g.max_clocks_mhz[2],
+        };
+        // SAFETY: caller's out pointer.
+        unsafe { put(mhz, value as c_uint) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetFanSpeed_v2(
+    device: nvmlDevice_t,
+    fan: c_uint,
+    speed: *mut c_uint,
+) -> nvmlReturn_t {
+    match lookup(device, "fan_speed") {
+        Ok((_, g, _)) => match g.fan_percent {
+            Some(p) if fan == 0 => {
+                // SAFETY: caller's out pointer.
+                unsafe { put(speed, p as c_uint) };
+                SUCCESS
+            }
+            Some(_) => INVALID_ARGUMENT,
+            None => NOT_SUPPORTED,
+        },
+        Err(code) => code,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetPerformanceState(
+    device: nvmlDevice_t,
+    state: *mut nvmlPstates_t,
+) -> nvmlReturn_t {
+    // SAFETY: caller's out pointer.
+    answer!(device, "pstate", |_i, g, _t| unsafe {
+        put(state, g.pstate as nvmlPstates_t)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetEncoderUtilization(
+    device: nvmlDevice_t,
+    util: *mut c_uint,
+    period_us: *mut c_uint,
+) -> nvmlReturn_t {
+    answer!(device, "encoder", |_i, g, _t| {
+        // SAFETY: caller's out pointers.
+        unsafe {
+            put(util, g.encoder_decoder[0] as c_uint);
+            put(period_us, 167_000);
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetDecoderUtilization(
+    device: nvmlDevice_t,
+    util: *mut c_uint,
+    period_us: *mut c_uint,
+) -> nvmlReturn_t {
+    answer!(device, "decoder", |_i, g, _t| {
+        // SAFETY: caller's out pointers.
+        unsafe {
+            put(util, g.encoder_decoder[1] as c_uint);
+            put(period_us, 167_000);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_scenario_parses() {
+        let s: Scenario = toml::from_str(DEFAULT_SCENARIO).expect("scenario");
+        assert_eq!(s.gpus.iter().map(|g| g.count).sum::<u32>(), 2);
+    }
+
+    #[test]
+    fn shipped_scenarios_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        for entry in std::fs::read_dir(dir).expect("scenarios") {
+            let path = entry.expect("entry").path();
+            let text = std::fs::read_to_string(&path).expect("read");
+            toml::from_str::<Scenario>(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+    }
+
+    #[test]
+    fn layouts_match_nvml_h() {
+        // Sizes from nvml.h (x86_64): the structs the plugin's calls fill.
+        assert_eq!(std::mem::size_of::<nvmlMemory_v2_t>(), 40);
+        assert_eq!(std::mem::size_of::<nvmlUtilization_t>(), 8);
+        assert_eq!(std::mem::size_of::<nvmlPciInfo_t>(), 68);
+    }
+}
