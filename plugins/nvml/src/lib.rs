@@ -33,6 +33,20 @@ pub struct Config {
     /// Never these GPUs (indices or UUIDs).
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// Report per-process GPU memory (`gpu_process_memory_used_bytes`).
+    #[serde(default = "yes")]
+    pub processes: bool,
+    /// Most processes reported per GPU (pid labels churn series; staleness clears them).
+    #[serde(default = "default_max_processes")]
+    pub max_processes: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_max_processes() -> usize {
+    32
 }
 
 fn default_library_path() -> String {
@@ -65,6 +79,16 @@ enum Query {
     Fan,
     Encoder,
     Decoder,
+    PowerManagementLimit,
+    Thresholds,
+    Pcie,
+    PcieReplay,
+    Throttle,
+    Ecc,
+    EccErrors,
+    RetiredPages,
+    Bar1,
+    Processes,
 }
 
 /// Why a GPU's queries stopped this cycle.
@@ -126,6 +150,21 @@ struct Families {
     encoder: FamilyId,
     decoder: FamilyId,
     info: FamilyId,
+    power_mgmt_limit: FamilyId,
+    temp_slowdown: FamilyId,
+    temp_shutdown: FamilyId,
+    pcie_gen: FamilyId,
+    pcie_width: FamilyId,
+    pcie_gen_max: FamilyId,
+    pcie_width_max: FamilyId,
+    pcie_replays: FamilyId,
+    throttle: FamilyId,
+    ecc_mode: FamilyId,
+    ecc_errors: FamilyId,
+    retired_pending: FamilyId,
+    bar1_total: FamilyId,
+    bar1_used: FamilyId,
+    process_memory: FamilyId,
 }
 
 impl Families {
@@ -194,9 +233,37 @@ impl Families {
                 "ratio",
             ),
             info: out.info("gpu_info", "GPU identity and driver versions; always 1."),
+            power_mgmt_limit: out.gauge("gpu_power_management_limit_watts", "Power management limit currently set.", "watts"),
+            temp_slowdown: out.gauge("gpu_temperature_slowdown_threshold_celsius", "Temperature at which the GPU starts to slow down.", "celsius"),
+            temp_shutdown: out.gauge("gpu_temperature_shutdown_threshold_celsius", "Temperature at which the GPU shuts down.", "celsius"),
+            pcie_gen: out.gauge("gpu_pcie_link_generation", "Current PCIe link generation.", ""),
+            pcie_width: out.gauge("gpu_pcie_link_width", "Current PCIe link width (lanes).", ""),
+            pcie_gen_max: out.gauge("gpu_pcie_link_max_generation", "Maximum PCIe link generation of the GPU and system.", ""),
+            pcie_width_max: out.gauge("gpu_pcie_link_max_width", "Maximum PCIe link width (lanes).", ""),
+            pcie_replays: out.counter("gpu_pcie_replays_total", "PCIe replay counter.", ""),
+            throttle: out.gauge("gpu_clocks_event_active", "1 while this reason holds the clocks down (clocks event / throttle reasons).", ""),
+            ecc_mode: out.gauge("gpu_ecc_enabled", "1 if ECC is enabled.", ""),
+            ecc_errors: out.counter("gpu_ecc_errors_total", "ECC errors by type (corrected, uncorrected) and scope (volatile: since driver load; aggregate: lifetime).", ""),
+            retired_pending: out.gauge("gpu_retired_pages_pending", "1 if pages are waiting to be retired at the next driver reload.", ""),
+            bar1_total: out.gauge("gpu_bar1_memory_total_bytes", "BAR1 memory size.", "bytes"),
+            bar1_used: out.gauge("gpu_bar1_memory_used_bytes", "BAR1 memory in use.", "bytes"),
+            process_memory: out.gauge("gpu_process_memory_used_bytes", "GPU memory used by a compute process.", "bytes"),
         }
     }
 }
+
+/// Clocks event (throttle) reasons, as in nvml.h.
+const THROTTLE_REASONS: [(u64, &str); 9] = [
+    (0x1, "gpu_idle"),
+    (0x2, "applications_clocks_setting"),
+    (0x4, "sw_power_cap"),
+    (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"),
+    (0x20, "sw_thermal_slowdown"),
+    (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake_slowdown"),
+    (0x100, "display_clock_setting"),
+];
 
 const CLOCKS: [(Clock, &str, u8); 4] = [
     (Clock::Graphics, "graphics", 0),
@@ -288,6 +355,14 @@ fn ask<T>(
     }
 }
 
+/// Per-process reporting options.
+struct ProcessOptions<'a> {
+    enabled: bool,
+    max: usize,
+    nvml: &'a Nvml,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn gpu_metrics(
     out: &mut BatchBuilder,
     f: &Families,
@@ -296,7 +371,119 @@ fn gpu_metrics(
     index: u32,
     device: &Device,
     unsupported: &mut HashSet<(u32, Query)>,
+    processes: &ProcessOptions,
 ) -> std::result::Result<(), Stop> {
+    use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureThreshold};
+    use nvml_wrapper::enums::device::UsedGpuMemory;
+    let with = |out: &mut BatchBuilder, extra: &[(&str, &str)]| {
+        let mut all = labels.to_vec();
+        all.extend_from_slice(extra);
+        out.label_set(&all)
+    };
+    if let Some(p) = ask(unsupported, index, Query::PowerManagementLimit, || {
+        device.power_management_limit()
+    })? {
+        out.sample_in(f.power_mgmt_limit, set, f64::from(p) / 1000.0);
+    }
+    if let Some((slow, shut)) = ask(unsupported, index, Query::Thresholds, || {
+        Ok((
+            device.temperature_threshold(TemperatureThreshold::Slowdown)?,
+            device.temperature_threshold(TemperatureThreshold::Shutdown)?,
+        ))
+    })? {
+        out.sample_in(f.temp_slowdown, set, f64::from(slow));
+        out.sample_in(f.temp_shutdown, set, f64::from(shut));
+    }
+    if let Some((g, w, gm, wm)) = ask(unsupported, index, Query::Pcie, || {
+        Ok((
+            device.current_pcie_link_gen()?,
+            device.current_pcie_link_width()?,
+            device.max_pcie_link_gen()?,
+            device.max_pcie_link_width()?,
+        ))
+    })? {
+        out.sample_in(f.pcie_gen, set, f64::from(g));
+        out.sample_in(f.pcie_width, set, f64::from(w));
+        out.sample_in(f.pcie_gen_max, set, f64::from(gm));
+        out.sample_in(f.pcie_width_max, set, f64::from(wm));
+    }
+    if let Some(r) = ask(unsupported, index, Query::PcieReplay, || {
+        device.pcie_replay_counter()
+    })? {
+        out.sample_in(f.pcie_replays, set, f64::from(r));
+    }
+    if let Some(bits) = ask(unsupported, index, Query::Throttle, || {
+        device.current_throttle_reasons().map(|r| r.bits())
+    })? {
+        for (bit, reason) in THROTTLE_REASONS {
+            let reason_set = with(out, &[("reason", reason)]);
+            out.sample_in(
+                f.throttle,
+                reason_set,
+                if bits & bit != 0 { 1.0 } else { 0.0 },
+            );
+        }
+    }
+    if let Some(mode) = ask(unsupported, index, Query::Ecc, || device.is_ecc_enabled())? {
+        out.sample_in(
+            f.ecc_mode,
+            set,
+            if mode.currently_enabled { 1.0 } else { 0.0 },
+        );
+        if mode.currently_enabled {
+            for (kind, kind_name) in [
+                (MemoryError::Corrected, "corrected"),
+                (MemoryError::Uncorrected, "uncorrected"),
+            ] {
+                for (scope, scope_name) in [
+                    (EccCounter::Volatile, "volatile"),
+                    (EccCounter::Aggregate, "aggregate"),
+                ] {
+                    if let Some(n) = ask(unsupported, index, Query::EccErrors, || {
+                        device.total_ecc_errors(kind.clone(), scope.clone())
+                    })? {
+                        let ecc_set = with(out, &[("type", kind_name), ("scope", scope_name)]);
+                        out.sample_in(f.ecc_errors, ecc_set, n as f64);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(p) = ask(unsupported, index, Query::RetiredPages, || {
+        device.are_pages_pending_retired()
+    })? {
+        out.sample_in(f.retired_pending, set, if p { 1.0 } else { 0.0 });
+    }
+    if let Some(b) = ask(unsupported, index, Query::Bar1, || {
+        device.bar1_memory_info()
+    })? {
+        out.sample_in(f.bar1_total, set, b.total as f64);
+        out.sample_in(f.bar1_used, set, b.used as f64);
+    }
+    if processes.enabled {
+        if let Some(mut list) = ask(unsupported, index, Query::Processes, || {
+            device.running_compute_processes()
+        })? {
+            list.sort_by_key(|p| {
+                std::cmp::Reverse(match p.used_gpu_memory {
+                    UsedGpuMemory::Used(b) => b,
+                    UsedGpuMemory::Unavailable => 0,
+                })
+            });
+            for p in list.iter().take(processes.max) {
+                let UsedGpuMemory::Used(bytes) = p.used_gpu_memory else {
+                    continue;
+                };
+                let pid = p.pid.to_string();
+                let name = processes
+                    .nvml
+                    .sys_process_name(p.pid, 64)
+                    .unwrap_or_default();
+                let process_set = with(out, &[("pid", pid.as_str()), ("process", name.as_str())]);
+                out.sample_in(f.process_memory, process_set, bytes as f64);
+            }
+        }
+    }
     if let Some(u) = ask(unsupported, index, Query::Utilization, || {
         device.utilization_rates()
     })? {
@@ -443,15 +630,23 @@ impl Collector for NvmlCollector {
             };
             let set = out.label_set(&labels);
             let result = match device {
-                Ok(d) if identity.is_some() => gpu_metrics(
-                    out,
-                    &families,
-                    set,
-                    &labels,
-                    index,
-                    &d,
-                    &mut self.unsupported,
-                ),
+                Ok(d) if identity.is_some() => {
+                    let processes = ProcessOptions {
+                        enabled: self.config.processes,
+                        max: self.config.max_processes,
+                        nvml: &nvml,
+                    };
+                    gpu_metrics(
+                        out,
+                        &families,
+                        set,
+                        &labels,
+                        index,
+                        &d,
+                        &mut self.unsupported,
+                        &processes,
+                    )
+                }
                 Ok(_) => Err(Stop::Lost),
                 Err(stop) => Err(stop),
             };

@@ -96,6 +96,70 @@ fn eight_gpus_report_every_metric_with_the_scenario_values() {
             assert_eq!(pick("gpu_clock_hertz"), current);
             assert_eq!(pick("gpu_clock_max_hertz"), max);
         }
+        assert_eq!(value(&all, "gpu_power_management_limit_watts", g), 700.0);
+        assert_eq!(
+            value(&all, "gpu_temperature_slowdown_threshold_celsius", g),
+            87.0
+        );
+        assert_eq!(
+            value(&all, "gpu_temperature_shutdown_threshold_celsius", g),
+            92.0
+        );
+        assert_eq!(value(&all, "gpu_pcie_link_generation", g), 5.0);
+        assert_eq!(value(&all, "gpu_pcie_link_width", g), 16.0);
+        assert_eq!(value(&all, "gpu_pcie_link_max_generation", g), 5.0);
+        assert_eq!(value(&all, "gpu_pcie_link_max_width", g), 16.0);
+        assert_eq!(value(&all, "gpu_pcie_replays_total", g), 2.0);
+        assert_eq!(value(&all, "gpu_ecc_enabled", g), 1.0);
+        assert_eq!(value(&all, "gpu_retired_pages_pending", g), 0.0);
+        assert_eq!(
+            value(&all, "gpu_bar1_memory_total_bytes", g),
+            274_877_906_944.0
+        );
+        assert_eq!(value(&all, "gpu_bar1_memory_used_bytes", g), 8_388_608.0);
+        let labelled = |name: &str, key: &str, want: &str| -> f64 {
+            rows(&all, name, Some(g))
+                .into_iter()
+                .find(|r| r["labels"][key] == want)
+                .and_then(|r| r["value"].as_f64())
+                .unwrap_or_else(|| panic!("{name} {key}={want} gpu={g}"))
+        };
+        assert_eq!(
+            labelled("gpu_clocks_event_active", "reason", "sw_power_cap"),
+            1.0
+        );
+        assert_eq!(
+            labelled("gpu_clocks_event_active", "reason", "hw_thermal_slowdown"),
+            0.0
+        );
+        assert_eq!(rows(&all, "gpu_clocks_event_active", Some(g)).len(), 9);
+        let ecc: Vec<(String, String, f64)> = rows(&all, "gpu_ecc_errors_total", Some(g))
+            .into_iter()
+            .map(|r| {
+                (
+                    r["labels"]["type"].as_str().unwrap_or("").to_string(),
+                    r["labels"]["scope"].as_str().unwrap_or("").to_string(),
+                    r["value"].as_f64().unwrap_or(-1.0),
+                )
+            })
+            .collect();
+        for (kind, scope, n) in [
+            ("corrected", "volatile", 12.0),
+            ("uncorrected", "volatile", 0.0),
+            ("corrected", "aggregate", 340.0),
+            ("uncorrected", "aggregate", 1.0),
+        ] {
+            assert!(ecc.contains(&(kind.into(), scope.into(), n)), "{ecc:?}");
+        }
+        assert_eq!(
+            labelled("gpu_process_memory_used_bytes", "pid", "4242"),
+            21_474_836_480.0
+        );
+        let python = rows(&all, "gpu_process_memory_used_bytes", Some(g))
+            .into_iter()
+            .find(|r| r["labels"]["pid"] == "4242")
+            .expect("process");
+        assert_eq!(python["labels"]["process"], "python3");
         // The fan query answers NOT_SUPPORTED on this card: absent, never 0.
         assert!(rows(&all, "gpu_fan_speed_ratio", Some(g)).is_empty());
         let info = rows(&all, "gpu_info", Some(g));
@@ -210,6 +274,39 @@ fn a_lost_gpu_reports_up_0_while_the_others_continue_and_comes_back() {
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
     let status = agent.terminate().expect("terminate");
     assert!(status.success());
+}
+
+#[test]
+fn processes_that_end_go_stale_in_the_prometheus_exposition() {
+    let work = Workdir::new();
+    let config = format!(
+        "[agent]\ninterval = \"250ms\"\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"127.0.0.1:{{metrics}}\"\n{}[[sinks]]\nname = \"prom\"\nplugin = \"prometheus\"\n[sinks.config]\nstale_after = \"1s\"\n",
+        nvml_collector(&sim_library(), "")
+    );
+    let mut agent = Agent::start(
+        &work,
+        &config,
+        &[("NVML_SIM_SCENARIO", &scenario("h100-sxm-8.toml"))],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    let scrape = |agent: &Agent| {
+        metricsd_e2e::http_get(agent.metrics_port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    };
+    wait_for("both processes", Duration::from_secs(10), || {
+        let body = scrape(&agent);
+        (body.contains("pid=\"4343\"") && body.contains("pid=\"4242\"")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    // The scenario ends process 4343 at 3 s; its series leave the exposition after stale_after.
+    let body = wait_for("process 4343 to go stale", Duration::from_secs(15), || {
+        let body = scrape(&agent);
+        (!body.contains("pid=\"4343\"") && body.contains("pid=\"4242\"")).then_some(body)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", scrape(&agent)));
+    assert!(body.contains("gpu_up{"));
 }
 
 #[test]

@@ -101,6 +101,34 @@ pub struct GpuSpec {
     pub not_supported: Vec<String>,
     /// A query that blocks for a while.
     pub hang: Option<Hang>,
+    /// Slowdown and shutdown temperature thresholds, °C.
+    #[serde(default = "default_thresholds")]
+    pub temp_thresholds: [f64; 2],
+    /// PCIe link: current generation, current width, max generation, max width.
+    #[serde(default = "default_pcie")]
+    pub pcie: [u32; 4],
+    /// PCIe replay counter.
+    #[serde(default)]
+    pub pcie_replays: u32,
+    /// Clock throttle (clocks event) reason bitmask, as NVML reports it.
+    #[serde(default)]
+    pub throttle_reasons: u64,
+    /// ECC mode enabled.
+    #[serde(default = "yes")]
+    pub ecc: bool,
+    /// ECC errors: corrected volatile, uncorrected volatile, corrected aggregate, uncorrected
+    /// aggregate.
+    #[serde(default)]
+    pub ecc_errors: [u64; 4],
+    /// Pages waiting to be retired at the next driver reload.
+    #[serde(default)]
+    pub retired_pages_pending: bool,
+    /// BAR1 total and used, bytes.
+    #[serde(default)]
+    pub bar1_bytes: [f64; 2],
+    /// Compute processes that come and go.
+    #[serde(default)]
+    pub processes: Vec<ProcessSpec>,
     /// Serial number.
     #[serde(default)]
     pub serial: String,
@@ -111,6 +139,41 @@ pub struct GpuSpec {
 
 fn one() -> u32 {
     1
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_thresholds() -> [f64; 2] {
+    [87.0, 92.0]
+}
+
+fn default_pcie() -> [u32; 4] {
+    [5, 16, 5, 16]
+}
+
+/// A compute process on a GPU, present between `from_s` and `until_s`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// Process id.
+    pub pid: u32,
+    /// Process name (what `nvmlSystemGetProcessName` answers).
+    pub name: String,
+    /// GPU memory it uses, bytes.
+    pub used_bytes: f64,
+    /// Present from this second.
+    #[serde(default)]
+    pub from_s: f64,
+    /// Gone at this second (never when absent).
+    pub until_s: Option<f64>,
+}
+
+impl ProcessSpec {
+    fn running(&self, t: f64) -> bool {
+        t >= self.from_s && self.until_s.is_none_or(|until| t < until)
+    }
 }
 
 /// A query that blocks for `seconds` when asked between `from_s` and `until_s`.
@@ -634,6 +697,212 @@ pub unsafe extern "C" fn nvmlDeviceGetDecoderUtilization(
             put(period_us, 167_000);
         }
     })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetPowerManagementLimit(
+    device: nvmlDevice_t,
+    limit: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: caller's out pointer.
+    answer!(device, "power_management_limit", |_i, g, _t| unsafe {
+        put(limit, g.power_limit_mw as c_uint)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetTemperatureThreshold(
+    device: nvmlDevice_t,
+    kind: nvmlTemperatureThresholds_t,
+    temp: *mut c_uint,
+) -> nvmlReturn_t {
+    match lookup(device, "temperature_threshold") {
+        Ok((_, g, _)) => {
+            let value = match kind {
+                0 => g.temp_thresholds[1],
+                1 => g.temp_thresholds[0],
+                _ => return NOT_SUPPORTED,
+            };
+            // SAFETY: caller's out pointer.
+            unsafe { put(temp, value as c_uint) };
+            SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkGeneration(
+    device: nvmlDevice_t,
+    value: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: caller's out pointer.
+    answer!(device, "pcie", |_i, g, _t| unsafe { put(value, g.pcie[0]) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetCurrPcieLinkWidth(
+    device: nvmlDevice_t,
+    value: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: caller's out pointer.
+    answer!(device, "pcie", |_i, g, _t| unsafe { put(value, g.pcie[1]) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkGeneration(
+    device: nvmlDevice_t,
+    value: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: caller's out pointer.
+    answer!(device, "pcie", |_i, g, _t| unsafe { put(value, g.pcie[2]) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkWidth(
+    device: nvmlDevice_t,
+    value: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: caller's out pointer.
+    answer!(device, "pcie", |_i, g, _t| unsafe { put(value, g.pcie[3]) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetPcieReplayCounter(
+    device: nvmlDevice_t,
+    value: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: caller's out pointer.
+    answer!(device, "pcie_replay", |_i, g, _t| unsafe {
+        put(value, g.pcie_replays)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksThrottleReasons(
+    device: nvmlDevice_t,
+    reasons: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    // SAFETY: caller's out pointer.
+    answer!(device, "throttle", |_i, g, _t| unsafe {
+        put(reasons, g.throttle_reasons)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetEccMode(
+    device: nvmlDevice_t,
+    current: *mut nvmlEnableState_t,
+    pending: *mut nvmlEnableState_t,
+) -> nvmlReturn_t {
+    answer!(device, "ecc", |_i, g, _t| {
+        let state = nvmlEnableState_t::from(g.ecc);
+        // SAFETY: caller's out pointers.
+        unsafe {
+            put(current, state);
+            put(pending, state);
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetTotalEccErrors(
+    device: nvmlDevice_t,
+    error: nvmlMemoryErrorType_t,
+    counter: nvmlEccCounterType_t,
+    count: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    answer!(device, "ecc_errors", |_i, g, _t| {
+        let slot = (error.min(1) + 2 * counter.min(1)) as usize;
+        // SAFETY: caller's out pointer.
+        unsafe { put(count, g.ecc_errors[slot]) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPagesPendingStatus(
+    device: nvmlDevice_t,
+    pending: *mut nvmlEnableState_t,
+) -> nvmlReturn_t {
+    // SAFETY: caller's out pointer.
+    answer!(device, "retired_pages", |_i, g, _t| unsafe {
+        put(pending, nvmlEnableState_t::from(g.retired_pages_pending))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetBAR1MemoryInfo(
+    device: nvmlDevice_t,
+    bar1: *mut nvmlBAR1Memory_t,
+) -> nvmlReturn_t {
+    answer!(device, "bar1", |_i, g, _t| {
+        let [total, used] = g.bar1_bytes;
+        let value = nvmlBAR1Memory_t {
+            bar1Total: total as c_ulonglong,
+            bar1Free: (total - used).max(0.0) as c_ulonglong,
+            bar1Used: used as c_ulonglong,
+        };
+        // SAFETY: caller's out pointer.
+        unsafe { put(bar1, value) }
+    })
+}
+
+/// NVML's count-then-fill protocol: with too small a buffer (or none), answer
+/// INSUFFICIENT_SIZE and the count needed.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+    infos: *mut nvmlProcessInfo_t,
+) -> nvmlReturn_t {
+    let (_, g, t) = match lookup(device, "processes") {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    if count.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let running: Vec<&ProcessSpec> = g.processes.iter().filter(|p| p.running(t)).collect();
+    // SAFETY: `count` is non-null and points to the caller's buffer length.
+    let capacity = unsafe { *count } as usize;
+    // SAFETY: as above.
+    unsafe { *count = running.len() as c_uint };
+    if running.is_empty() {
+        return SUCCESS;
+    }
+    if infos.is_null() || capacity < running.len() {
+        return INSUFFICIENT_SIZE;
+    }
+    for (i, p) in running.iter().enumerate() {
+        let info = nvmlProcessInfo_t {
+            pid: p.pid,
+            usedGpuMemory: p.used_bytes as c_ulonglong,
+            gpuInstanceId: u32::MAX,
+            computeInstanceId: u32::MAX,
+        };
+        // SAFETY: `infos` holds at least `capacity` >= running.len() elements.
+        unsafe { infos.add(i).write(info) };
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlSystemGetProcessName(
+    pid: c_uint,
+    name: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
+    let Ok(s) = sim() else { return UNINITIALIZED };
+    let found = s
+        .gpus
+        .iter()
+        .flat_map(|g| g.processes.iter())
+        .find(|p| p.pid == pid);
+    match found {
+        // SAFETY: forwarded caller buffer.
+        Some(p) => unsafe { write_str(&p.name, name, length) },
+        None => nvmlReturn_enum_NVML_ERROR_NOT_FOUND,
+    }
 }
 
 #[cfg(test)]
