@@ -440,7 +440,7 @@ fn gpu_metrics(
                     (EccCounter::Aggregate, "aggregate"),
                 ] {
                     if let Some(n) = ask(unsupported, index, Query::EccErrors, || {
-                        device.total_ecc_errors(kind.clone(), scope.clone())
+                        device.total_ecc_errors(kind, scope)
                     })? {
                         let ecc_set = with(out, &[("type", kind_name), ("scope", scope_name)]);
                         out.sample_in(f.ecc_errors, ecc_set, n as f64);
