@@ -9,6 +9,8 @@
 //!   permission) is an error in words an operator understands; the host retries with back-off
 //!   and no other collector is held up.
 
+pub mod dcgm;
+
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 
@@ -39,6 +41,20 @@ pub struct Config {
     /// Most processes reported per GPU (pid labels churn series; staleness clears them).
     #[serde(default = "default_max_processes")]
     pub max_processes: usize,
+    /// `default` (metricsd names) or `dcgm` (dcgm-exporter names, units and labels).
+    #[serde(default)]
+    pub naming: Naming,
+}
+
+/// Metric naming profile.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Naming {
+    /// metricsd's names: base units, `gpu_*`.
+    #[default]
+    Default,
+    /// dcgm-exporter's names for the metrics both have.
+    Dcgm,
 }
 
 fn yes() -> bool {
@@ -105,6 +121,8 @@ pub struct NvmlCollector {
     cuda_version: String,
     identities: BTreeMap<u32, Identity>,
     unsupported: HashSet<(u32, Query)>,
+    /// `Hostname` label of the dcgm profile: `NODE_NAME` (Kubernetes) or the kernel hostname.
+    hostname: String,
 }
 
 /// One line an operator understands, for an NVML error at start-up.
@@ -573,10 +591,37 @@ impl Collector for NvmlCollector {
             cuda_version: String::new(),
             identities: BTreeMap::new(),
             unsupported: HashSet::new(),
+            hostname: std::env::var("NODE_NAME")
+                .ok()
+                .filter(|n| !n.is_empty())
+                .or_else(|| {
+                    std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .ok()
+                        .map(|h| h.trim().to_string())
+                })
+                .unwrap_or_default(),
         })
     }
 
     fn collect(&mut self, out: &mut BatchBuilder) -> Result<()> {
+        if self.config.naming == Naming::Dcgm {
+            let mut plain = BatchBuilder::new();
+            self.collect_plain(&mut plain)?;
+            dcgm::translate(
+                &plain.finish(),
+                out,
+                &self.hostname,
+                &self.driver_version,
+                &THROTTLE_REASONS,
+            );
+            return Ok(());
+        }
+        self.collect_plain(out)
+    }
+}
+
+impl NvmlCollector {
+    fn collect_plain(&mut self, out: &mut BatchBuilder) -> Result<()> {
         self.ensure_nvml()?;
         let count = match self.nvml.as_ref().map(|n| n.device_count()) {
             Some(Ok(n)) => n,

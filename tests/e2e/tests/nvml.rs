@@ -381,3 +381,134 @@ fn a_missing_nvml_library_gives_a_clear_error_and_a_running_host() {
     assert_eq!(health["instances"]["hi"]["state"], "ok");
     assert!(agent.is_running());
 }
+
+/// DCGM field names, types and units from the reference table (dcgm-exporter's
+/// default-counters), expanding its `NAME / _OTHER` shorthand.
+fn dcgm_reference() -> Vec<(String, String, String)> {
+    let text =
+        std::fs::read_to_string(root().join("plugins/nvml/testdata/dcgm-exporter-fields.md"))
+            .expect("reference table");
+    let mut fields = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("| DCGM_")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (names, kind, unit) = (cells[1], cells[2], cells[3]);
+        let mut parts = names.split(" / ");
+        let first = parts.next().expect("a name").to_string();
+        // "_X" abbreviates within the row's family of names (DCGM_FI_DEV_…, or
+        // DCGM_FI_DEV_PCIE_… for the PCIe link row, as in dcgm_fields.h).
+        let prefix = if first.starts_with("DCGM_FI_DEV_PCIE_") {
+            "DCGM_FI_DEV_PCIE"
+        } else {
+            "DCGM_FI_DEV"
+        };
+        let mut names = vec![first];
+        for p in parts {
+            names.push(if p.starts_with("DCGM_") {
+                p.to_string()
+            } else if p.starts_with("_PCIE") {
+                format!("DCGM_FI_DEV{p}")
+            } else {
+                format!("{prefix}{p}")
+            });
+        }
+        for n in names {
+            fields.push((n, kind.to_string(), unit.to_string()));
+        }
+    }
+    fields
+}
+
+#[test]
+fn the_dcgm_profile_matches_dcgm_exporter_names_types_units_and_labels() {
+    let work = Workdir::new();
+    let config = work.write(
+        "c.toml",
+        nvml_collector(&sim_library(), "").replace(
+            "[collectors.config]\n",
+            "[collectors.config]\nnaming = \"dcgm\"\n",
+        ),
+    );
+    let out = work.metricsd(
+        &[
+            "-c",
+            config.to_str().expect("path"),
+            "once",
+            "--format",
+            "json",
+        ],
+        &[
+            ("NVML_SIM_SCENARIO", &scenario("h100-sxm-8.toml")),
+            ("NODE_NAME", "gpu-node-17"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = json_lines(&String::from_utf8_lossy(&out.stdout));
+    let reference = dcgm_reference();
+    assert!(reference.len() > 30, "reference parsed: {reference:?}");
+    let mut emitted = std::collections::BTreeSet::new();
+    for row in all
+        .iter()
+        .filter(|r| r["name"].as_str().is_some_and(|n| n.starts_with("DCGM_")))
+    {
+        let name = row["name"].as_str().expect("name");
+        emitted.insert(name.to_string());
+        let (_, kind, unit) = reference
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} is not a dcgm-exporter field"));
+        assert!(
+            kind.contains(row["kind"].as_str().expect("kind")),
+            "{name}: {kind} vs {row}"
+        );
+        assert_eq!(row["unit"].as_str(), Some(unit.as_str()), "{name}");
+        let labels = &row["labels"];
+        for key in [
+            "gpu",
+            "UUID",
+            "pci_bus_id",
+            "device",
+            "modelName",
+            "Hostname",
+            "DCGM_FI_DRIVER_VERSION",
+        ] {
+            assert!(
+                labels[key].is_string(),
+                "{name} lacks label {key}: {labels}"
+            );
+        }
+        assert_eq!(labels["Hostname"], "gpu-node-17");
+        assert_eq!(labels["DCGM_FI_DRIVER_VERSION"], "550.54.15");
+        assert_eq!(labels["modelName"], "NVIDIA H100 80GB HBM3");
+        assert_eq!(
+            labels["device"],
+            format!("nvidia{}", labels["gpu"].as_str().expect("gpu"))
+        );
+    }
+    let dcgm = |name: &str| -> f64 {
+        all.iter()
+            .find(|r| r["name"] == name && r["labels"]["gpu"] == "0")
+            .and_then(|r| r["value"].as_f64())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    assert_eq!(dcgm("DCGM_FI_DEV_SM_CLOCK"), 1980.0);
+    assert_eq!(dcgm("DCGM_FI_DEV_MEM_CLOCK"), 2619.0);
+    assert_eq!(dcgm("DCGM_FI_DEV_GPU_TEMP"), 61.0);
+    assert_eq!(dcgm("DCGM_FI_DEV_POWER_USAGE"), 512.345);
+    assert_eq!(dcgm("DCGM_FI_DEV_GPU_UTIL"), 87.0);
+    assert_eq!(dcgm("DCGM_FI_DEV_MEM_COPY_UTIL"), 41.0);
+    assert_eq!(dcgm("DCGM_FI_DEV_FB_USED"), 40960.0);
+    assert_eq!(dcgm("DCGM_FI_DEV_FB_RESERVED"), 540.0);
+    assert_eq!(dcgm("DCGM_FI_DEV_CLOCKS_EVENT_REASONS"), 4.0);
+    assert_eq!(dcgm("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL"), 1.0);
+    assert!(dcgm("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION") >= 1.0e9);
+    assert!(emitted.len() >= 25, "{emitted:?}");
+    // Metrics dcgm-exporter lacks keep metricsd's names.
+    assert!(all
+        .iter()
+        .any(|r| r["name"] == "gpu_up" && r["labels"]["uuid"].is_string()));
+    assert!(!all.iter().any(|r| r["name"] == "gpu_temperature_celsius"));
+}
