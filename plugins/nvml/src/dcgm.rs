@@ -104,6 +104,7 @@ pub fn field_for(name: &str, labels: &[Label]) -> Option<Field> {
                 field("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL", C, "", 1.0)
             }
             ("gpu_retired_pages_pending", ..) => field("DCGM_FI_DEV_RETIRED_PENDING", G, "", 1.0),
+            ("gpu_last_xid", ..) => field("DCGM_FI_DEV_XID_ERRORS", G, "last Xid", 1.0),
             _ => return None,
         },
     )

@@ -13,6 +13,10 @@ pub mod dcgm;
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use metricsd_plugin_api::{
     export_plugin, BatchBuilder, Collector, Context, Error, FamilyId, LabelSetId, Result,
@@ -44,6 +48,110 @@ pub struct Config {
     /// `default` (metricsd names) or `dcgm` (dcgm-exporter names, units and labels).
     #[serde(default)]
     pub naming: Naming,
+    /// Count critical Xid errors from an NVML event set, on a thread of the plugin's own.
+    #[serde(default = "yes")]
+    pub xid_events: bool,
+}
+
+/// Xid errors seen by the event thread.
+#[derive(Default)]
+struct XidBook {
+    /// (GPU index, Xid) → count since the watcher started.
+    counts: BTreeMap<(u32, u64), u64>,
+    /// GPU index → (last Xid, when, seconds since the epoch).
+    last: BTreeMap<u32, (u64, f64)>,
+}
+
+/// The thread that waits on an NVML event set for critical Xid errors.
+struct XidWatcher {
+    book: Arc<Mutex<XidBook>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl XidWatcher {
+    fn start(nvml: Arc<Nvml>, dispatch: tracing::Dispatch) -> Self {
+        let book = Arc::new(Mutex::new(XidBook::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (thread_book, thread_stop) = (Arc::clone(&book), Arc::clone(&stop));
+        let thread = std::thread::Builder::new()
+            .name("nvml-xid".to_string())
+            .spawn(move || {
+                tracing::dispatcher::with_default(&dispatch, || {
+                    xid_loop(&nvml, &thread_book, &thread_stop);
+                });
+            })
+            .map_err(|e| tracing::warn!("cannot start the Xid event thread: {e}"))
+            .ok();
+        Self { book, stop, thread }
+    }
+}
+
+impl Drop for XidWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            // The thread wakes at least every 500 ms to look at the flag.
+            let _ = t.join();
+        }
+    }
+}
+
+fn xid_loop(nvml: &Nvml, book: &Mutex<XidBook>, stop: &AtomicBool) {
+    use nvml_wrapper::bitmasks::event::EventTypes;
+    use nvml_wrapper::enums::event::XidError;
+    let mut set = match nvml.create_event_set() {
+        Ok(set) => set,
+        Err(e) => {
+            tracing::warn!("Xid errors are not counted: cannot create an NVML event set: {e}");
+            return;
+        }
+    };
+    let count = nvml.device_count().unwrap_or(0);
+    for index in 0..count {
+        let Ok(device) = nvml.device_by_index(index) else {
+            continue;
+        };
+        set = match device.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+            Ok(set) => set,
+            Err(e) => {
+                tracing::warn!(
+                    gpu = index,
+                    "Xid errors are not counted: cannot register for events: {}",
+                    e.error
+                );
+                return;
+            }
+        };
+    }
+    while !stop.load(Ordering::Relaxed) {
+        match set.wait(500) {
+            Ok(event) => {
+                let xid = match event.event_data {
+                    Some(XidError::Value(v)) => v,
+                    Some(XidError::Unknown) => 999,
+                    None => continue,
+                };
+                let Ok(index) = event.device.index() else {
+                    continue;
+                };
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                tracing::warn!(gpu = index, xid, "GPU reported critical Xid error {xid}");
+                if let Ok(mut b) = book.lock() {
+                    *b.counts.entry((index, xid)).or_insert(0) += 1;
+                    b.last.insert(index, (xid, now));
+                }
+            }
+            Err(NvmlError::Timeout) => {}
+            Err(e) => {
+                tracing::warn!("waiting for NVML events failed: {e}; retrying in 1 s");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 /// Metric naming profile.
@@ -116,13 +224,15 @@ enum Stop {
 /// The collector instance.
 pub struct NvmlCollector {
     config: Config,
-    nvml: Option<Nvml>,
+    nvml: Option<Arc<Nvml>>,
     driver_version: String,
     cuda_version: String,
     identities: BTreeMap<u32, Identity>,
     unsupported: HashSet<(u32, Query)>,
     /// `Hostname` label of the dcgm profile: `NODE_NAME` (Kubernetes) or the kernel hostname.
     hostname: String,
+    xid: Option<XidWatcher>,
+    dispatch: tracing::Dispatch,
 }
 
 /// One line an operator understands, for an NVML error at start-up.
@@ -319,8 +429,63 @@ impl NvmlCollector {
             "NVML initialised from {}",
             self.config.library_path
         );
+        let nvml = Arc::new(nvml);
+        // A new session gets a new event thread; the old one (if any) stops with its session.
+        self.xid = self
+            .config
+            .xid_events
+            .then(|| XidWatcher::start(Arc::clone(&nvml), self.dispatch.clone()));
         self.nvml = Some(nvml);
         Ok(())
+    }
+
+    fn xid_metrics(&self, out: &mut BatchBuilder) {
+        let Some(watcher) = &self.xid else { return };
+        let Ok(book) = watcher.book.lock() else {
+            return;
+        };
+        if book.counts.is_empty() {
+            return;
+        }
+        let errors = out.counter(
+            "gpu_xid_errors_total",
+            "Critical Xid errors reported by the driver, by Xid code.",
+            "",
+        );
+        let last = out.gauge("gpu_last_xid", "The last critical Xid error code.", "");
+        let last_at = out.gauge(
+            "gpu_last_xid_timestamp_seconds",
+            "When the last critical Xid error was reported.",
+            "seconds",
+        );
+        let labels_of = |index: &u32| -> Vec<(String, String)> {
+            let mut labels = vec![("gpu".to_string(), index.to_string())];
+            if let Some(id) = self.identities.get(index) {
+                labels.push(("uuid".into(), id.uuid.clone()));
+                labels.push(("name".into(), id.name.clone()));
+                labels.push(("pci_bus_id".into(), id.pci_bus_id.clone()));
+            }
+            labels
+        };
+        for ((index, xid), n) in &book.counts {
+            let mut labels = labels_of(index);
+            labels.push(("xid".into(), xid.to_string()));
+            let refs: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            out.sample(errors, &refs, *n as f64);
+        }
+        for (index, (xid, at)) in &book.last {
+            let labels = labels_of(index);
+            let refs: Vec<(&str, &str)> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let set = out.label_set(&refs);
+            out.sample_in(last, set, *xid as f64);
+            out.sample_in(last_at, set, *at);
+        }
     }
 
     fn identity(
@@ -583,8 +748,10 @@ fn gpu_metrics(
 impl Collector for NvmlCollector {
     type Config = Config;
 
-    fn new(config: Config, _ctx: &Context) -> Result<Self> {
+    fn new(config: Config, ctx: &Context) -> Result<Self> {
         Ok(NvmlCollector {
+            xid: None,
+            dispatch: ctx.log_dispatch().clone(),
             config,
             nvml: None,
             driver_version: String::new(),
@@ -720,12 +887,16 @@ impl NvmlCollector {
                 }
             }
         }
+        self.xid_metrics(out);
         match session_error {
             // Start over with a fresh NVML session at the next attempt; nothing stale is sent.
-            Some(e) => Err(Error::transient(describe_init_error(
-                &self.config.library_path,
-                &e,
-            ))),
+            Some(e) => {
+                self.xid = None;
+                Err(Error::transient(describe_init_error(
+                    &self.config.library_path,
+                    &e,
+                )))
+            }
             None => {
                 self.nvml = Some(nvml);
                 Ok(())

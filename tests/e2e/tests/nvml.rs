@@ -512,3 +512,64 @@ fn the_dcgm_profile_matches_dcgm_exporter_names_types_units_and_labels() {
         .any(|r| r["name"] == "gpu_up" && r["labels"]["uuid"].is_string()));
     assert!(!all.iter().any(|r| r["name"] == "gpu_temperature_celsius"));
 }
+
+#[test]
+fn xid_errors_are_counted_per_gpu_and_code_from_the_event_thread() {
+    let work = Workdir::new();
+    let config = format!(
+        "[agent]\ninterval = \"250ms\"\ninternal_metrics = false\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n{}[[sinks]]\nname = \"out\"\nplugin = \"stdout\"\n",
+        nvml_collector(&sim_library(), "")
+    );
+    let mut agent = Agent::start(
+        &work,
+        &config,
+        &[("NVML_SIM_SCENARIO", &scenario("xid.toml"))],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    let latest = |agent: &Agent, name: &str, gpu: &str, xid: Option<&str>| -> Option<f64> {
+        let all = json_lines(&agent.stdout());
+        all.iter()
+            .rev()
+            .find(|r| {
+                r["name"] == name
+                    && r["labels"]["gpu"] == gpu
+                    && xid.is_none_or(|x| r["labels"]["xid"] == x)
+            })
+            .and_then(|r| r["value"].as_f64())
+    };
+    wait_for("all three Xid events", Duration::from_secs(15), || {
+        (latest(&agent, "gpu_xid_errors_total", "3", Some("79")) == Some(1.0)
+            && latest(&agent, "gpu_xid_errors_total", "1", Some("48")) == Some(1.0))
+        .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_eq!(
+        latest(&agent, "gpu_xid_errors_total", "1", Some("79")),
+        Some(1.0)
+    );
+    assert_eq!(latest(&agent, "gpu_last_xid", "1", None), Some(48.0));
+    assert_eq!(latest(&agent, "gpu_last_xid", "3", None), Some(79.0));
+    assert!(
+        latest(&agent, "gpu_last_xid", "0", None).is_none(),
+        "no Xid, no series"
+    );
+    let at = latest(&agent, "gpu_last_xid_timestamp_seconds", "1", None).expect("timestamp");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(now - at < 60.0 && at <= now, "{at} vs {now}");
+    let rows = json_lines(&agent.stdout());
+    let xid_row = rows
+        .iter()
+        .find(|r| r["name"] == "gpu_xid_errors_total" && r["labels"]["gpu"] == "1")
+        .expect("row");
+    assert_eq!(
+        xid_row["labels"]["uuid"],
+        "GPU-5f7c0001-1d2e-4c3b-9a8f-0e1d2c3b0001"
+    );
+    assert!(agent.stderr().contains("critical Xid error 79"));
+    let status = agent.terminate().expect("terminate");
+    assert!(status.success(), "the event thread stops with the instance");
+}

@@ -129,6 +129,9 @@ pub struct GpuSpec {
     /// Compute processes that come and go.
     #[serde(default)]
     pub processes: Vec<ProcessSpec>,
+    /// Critical Xid events delivered through NVML event sets.
+    #[serde(default)]
+    pub xid_events: Vec<XidSpec>,
     /// Serial number.
     #[serde(default)]
     pub serial: String,
@@ -151,6 +154,16 @@ fn default_thresholds() -> [f64; 2] {
 
 fn default_pcie() -> [u32; 4] {
     [5, 16, 5, 16]
+}
+
+/// A critical Xid error raised at `at_s`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XidSpec {
+    /// Seconds after start.
+    pub at_s: f64,
+    /// The Xid code.
+    pub xid: u64,
 }
 
 /// A compute process on a GPU, present between `from_s` and `until_s`.
@@ -902,6 +915,85 @@ pub unsafe extern "C" fn nvmlSystemGetProcessName(
         // SAFETY: forwarded caller buffer.
         Some(p) => unsafe { write_str(&p.name, name, length) },
         None => nvmlReturn_enum_NVML_ERROR_NOT_FOUND,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlEventSetCreate(set: *mut nvmlEventSet_t) -> nvmlReturn_t {
+    if sim().is_err() {
+        return UNINITIALIZED;
+    }
+    // One set per process is all the plugin uses; the handle is never dereferenced.
+    // SAFETY: caller's out pointer.
+    unsafe { put(set, 1usize as nvmlEventSet_t) };
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceRegisterEvents(
+    device: nvmlDevice_t,
+    _types: c_ulonglong,
+    _set: nvmlEventSet_t,
+) -> nvmlReturn_t {
+    match lookup(device, "register_events") {
+        Ok(_) => SUCCESS,
+        Err(code) => code,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlEventSetFree(_set: nvmlEventSet_t) -> nvmlReturn_t {
+    SUCCESS
+}
+
+/// Delivers each scenario Xid once, when due; otherwise waits up to `timeout_ms` and answers
+/// TIMEOUT, like the driver.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlEventSetWait_v2(
+    _set: nvmlEventSet_t,
+    data: *mut nvmlEventData_t,
+    timeout_ms: c_uint,
+) -> nvmlReturn_t {
+    static DELIVERED: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+    let Ok(s) = sim() else { return UNINITIALIZED };
+    let deadline = Instant::now() + Duration::from_millis(u64::from(timeout_ms));
+    loop {
+        let t = s.start.elapsed().as_secs_f64();
+        let due = {
+            let mut delivered = DELIVERED.lock().unwrap_or_else(|p| p.into_inner());
+            let next = s
+                .gpus
+                .iter()
+                .enumerate()
+                .flat_map(|(g, gpu)| {
+                    gpu.xid_events
+                        .iter()
+                        .enumerate()
+                        .map(move |(e, x)| (g, e, x))
+                })
+                .filter(|(g, e, x)| x.at_s <= t && !delivered.contains(&(*g, *e)))
+                .min_by(|a, b| a.2.at_s.total_cmp(&b.2.at_s));
+            if let Some((g, e, _)) = next {
+                delivered.push((g, e));
+            }
+            next
+        };
+        if let Some((g, _, x)) = due {
+            let event = nvmlEventData_t {
+                device: (g + 1) as nvmlDevice_t,
+                eventType: c_ulonglong::from(nvmlEventTypeXidCriticalError),
+                eventData: x.xid,
+                gpuInstanceId: u32::MAX,
+                computeInstanceId: u32::MAX,
+            };
+            // SAFETY: caller's out pointer.
+            unsafe { put(data, event) };
+            return SUCCESS;
+        }
+        if Instant::now() >= deadline {
+            return nvmlReturn_enum_NVML_ERROR_TIMEOUT;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
