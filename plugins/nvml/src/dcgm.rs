@@ -104,6 +104,16 @@ pub fn field_for(name: &str, labels: &[Label]) -> Option<Field> {
                 field("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL", C, "", 1.0)
             }
             ("gpu_retired_pages_pending", ..) => field("DCGM_FI_DEV_RETIRED_PENDING", G, "", 1.0),
+            ("gpu_memory_temperature_celsius", ..) => {
+                field("DCGM_FI_DEV_MEMORY_TEMP", G, "°C", 1.0)
+            }
+            ("gpu_remapped_rows_total", _, Some("correctable"), _) => {
+                field("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", C, "", 1.0)
+            }
+            ("gpu_remapped_rows_total", _, Some("uncorrectable"), _) => {
+                field("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", C, "", 1.0)
+            }
+            ("gpu_row_remap_failure", ..) => field("DCGM_FI_DEV_ROW_REMAP_FAILURE", G, "", 1.0),
             ("gpu_last_xid", ..) => field("DCGM_FI_DEV_XID_ERRORS", G, "last Xid", 1.0),
             _ => return None,
         },

@@ -213,7 +213,26 @@ enum Query {
     RetiredPages,
     Bar1,
     Processes,
+    Field(u32),
 }
+
+/// Field-value ids (nvml.h): memory temperature, PCIe byte counters, remapped rows.
+const FIELD_MEMORY_TEMP: u32 = 82;
+const FIELD_REMAPPED_COR: u32 = 142;
+const FIELD_REMAPPED_UNC: u32 = 143;
+const FIELD_REMAPPED_PENDING: u32 = 144;
+const FIELD_REMAPPED_FAILURE: u32 = 145;
+const FIELD_PCIE_TX_BYTES: u32 = 197;
+const FIELD_PCIE_RX_BYTES: u32 = 198;
+const FIELDS: [u32; 7] = [
+    FIELD_MEMORY_TEMP,
+    FIELD_REMAPPED_COR,
+    FIELD_REMAPPED_UNC,
+    FIELD_REMAPPED_PENDING,
+    FIELD_REMAPPED_FAILURE,
+    FIELD_PCIE_TX_BYTES,
+    FIELD_PCIE_RX_BYTES,
+];
 
 /// Why a GPU's queries stopped this cycle.
 enum Stop {
@@ -293,6 +312,12 @@ struct Families {
     bar1_total: FamilyId,
     bar1_used: FamilyId,
     process_memory: FamilyId,
+    memory_temp: FamilyId,
+    pcie_tx: FamilyId,
+    pcie_rx: FamilyId,
+    remapped: FamilyId,
+    remap_pending: FamilyId,
+    remap_failure: FamilyId,
 }
 
 impl Families {
@@ -376,6 +401,12 @@ impl Families {
             bar1_total: out.gauge("gpu_bar1_memory_total_bytes", "BAR1 memory size.", "bytes"),
             bar1_used: out.gauge("gpu_bar1_memory_used_bytes", "BAR1 memory in use.", "bytes"),
             process_memory: out.gauge("gpu_process_memory_used_bytes", "GPU memory used by a compute process.", "bytes"),
+            memory_temp: out.gauge("gpu_memory_temperature_celsius", "Memory (HBM) temperature.", "celsius"),
+            pcie_tx: out.counter("gpu_pcie_transmit_bytes_total", "Bytes the GPU transmitted over PCIe.", "bytes"),
+            pcie_rx: out.counter("gpu_pcie_receive_bytes_total", "Bytes the GPU received over PCIe.", "bytes"),
+            remapped: out.counter("gpu_remapped_rows_total", "Memory rows remapped, by the kind of error that caused it.", ""),
+            remap_pending: out.gauge("gpu_remapped_rows_pending", "1 if a row remapping waits for the next GPU reset.", ""),
+            remap_failure: out.gauge("gpu_row_remap_failure", "1 if a row remapping failed.", ""),
         }
     }
 }
@@ -642,6 +673,55 @@ fn gpu_metrics(
     })? {
         out.sample_in(f.bar1_total, set, b.total as f64);
         out.sample_in(f.bar1_used, set, b.used as f64);
+    }
+    let fields: Vec<nvml_wrapper::structs::device::FieldId> = FIELDS
+        .iter()
+        .filter(|id| !unsupported.contains(&(index, Query::Field(**id))))
+        .map(|id| nvml_wrapper::structs::device::FieldId(*id))
+        .collect();
+    if !fields.is_empty() {
+        if let Some(samples) = ask(unsupported, index, Query::Field(0), || {
+            device.field_values_for(&fields)
+        })? {
+            use nvml_wrapper::enums::device::SampleValue;
+            for sample in samples.into_iter().flatten() {
+                let id = sample.field.0;
+                let value = match sample.value {
+                    Ok(SampleValue::F64(v)) => v,
+                    Ok(SampleValue::U32(v)) => f64::from(v),
+                    Ok(SampleValue::U64(v)) => v as f64,
+                    Ok(SampleValue::I64(v)) => v as f64,
+                    Err(NvmlError::NotSupported) => {
+                        tracing::debug!(
+                            gpu = index,
+                            field = id,
+                            "field not supported by this GPU: not asked again"
+                        );
+                        unsupported.insert((index, Query::Field(id)));
+                        continue;
+                    }
+                    Err(NvmlError::GpuLost) => return Err(Stop::Lost),
+                    Err(_) => continue,
+                };
+                match id {
+                    FIELD_MEMORY_TEMP => out.sample_in(f.memory_temp, set, value),
+                    FIELD_PCIE_TX_BYTES => out.sample_in(f.pcie_tx, set, value),
+                    FIELD_PCIE_RX_BYTES => out.sample_in(f.pcie_rx, set, value),
+                    FIELD_REMAPPED_COR | FIELD_REMAPPED_UNC => {
+                        let kind = if id == FIELD_REMAPPED_COR {
+                            "correctable"
+                        } else {
+                            "uncorrectable"
+                        };
+                        let remap_set = with(out, &[("type", kind)]);
+                        out.sample_in(f.remapped, remap_set, value);
+                    }
+                    FIELD_REMAPPED_PENDING => out.sample_in(f.remap_pending, set, value),
+                    FIELD_REMAPPED_FAILURE => out.sample_in(f.remap_failure, set, value),
+                    _ => {}
+                }
+            }
+        }
     }
     if processes.enabled {
         if let Some(mut list) = ask(unsupported, index, Query::Processes, || {

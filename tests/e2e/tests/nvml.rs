@@ -504,6 +504,8 @@ fn the_dcgm_profile_matches_dcgm_exporter_names_types_units_and_labels() {
     assert_eq!(dcgm("DCGM_FI_DEV_FB_RESERVED"), 540.0);
     assert_eq!(dcgm("DCGM_FI_DEV_CLOCKS_EVENT_REASONS"), 4.0);
     assert_eq!(dcgm("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL"), 1.0);
+    assert_eq!(dcgm("DCGM_FI_DEV_MEMORY_TEMP"), 48.0);
+    assert_eq!(dcgm("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS"), 3.0);
     assert!(dcgm("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION") >= 1.0e9);
     assert!(emitted.len() >= 25, "{emitted:?}");
     // Metrics dcgm-exporter lacks keep metricsd's names.

@@ -129,6 +129,14 @@ pub struct GpuSpec {
     /// Compute processes that come and go.
     #[serde(default)]
     pub processes: Vec<ProcessSpec>,
+    /// Memory (HBM) temperature, °C (field 82); NOT_SUPPORTED when absent.
+    pub memory_temperature: Option<f64>,
+    /// PCIe bytes per second transmitted and received (fields 197 and 198, counters).
+    #[serde(default = "default_pcie_rates")]
+    pub pcie_bytes_per_s: [f64; 2],
+    /// Remapped rows: correctable, uncorrectable, pending (0/1), failure (0/1) (fields 142-145).
+    #[serde(default)]
+    pub remapped_rows: [u32; 4],
     /// Critical Xid events delivered through NVML event sets.
     #[serde(default)]
     pub xid_events: Vec<XidSpec>,
@@ -150,6 +158,10 @@ fn yes() -> bool {
 
 fn default_thresholds() -> [f64; 2] {
     [87.0, 92.0]
+}
+
+fn default_pcie_rates() -> [f64; 2] {
+    [2.0e9, 5.0e9]
 }
 
 fn default_pcie() -> [u32; 4] {
@@ -916,6 +928,49 @@ pub unsafe extern "C" fn nvmlSystemGetProcessName(
         Some(p) => unsafe { write_str(&p.name, name, length) },
         None => nvmlReturn_enum_NVML_ERROR_NOT_FOUND,
     }
+}
+
+/// Field values: each entry answers with its own return code, as the driver does.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetFieldValues(
+    device: nvmlDevice_t,
+    count: c_int,
+    values: *mut nvmlFieldValue_t,
+) -> nvmlReturn_t {
+    let (_, g, t) = match lookup(device, "field_values") {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    if values.is_null() || count < 0 {
+        return INVALID_ARGUMENT;
+    }
+    for i in 0..count as usize {
+        // SAFETY: the caller passes `count` initialised entries.
+        let entry = unsafe { &mut *values.add(i) };
+        entry.timestamp = (t * 1e6) as i64;
+        entry.latencyUsec = 0;
+        entry.nvmlReturn = SUCCESS;
+        match entry.fieldId {
+            82 => match g.memory_temperature {
+                Some(v) => {
+                    entry.valueType = nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT;
+                    entry.value.uiVal = v as c_uint;
+                }
+                None => entry.nvmlReturn = NOT_SUPPORTED,
+            },
+            197 | 198 => {
+                let rate = g.pcie_bytes_per_s[(entry.fieldId - 197) as usize];
+                entry.valueType = nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG;
+                entry.value.ullVal = (1.0e12 + rate * t) as c_ulonglong;
+            }
+            142..=145 => {
+                entry.valueType = nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT;
+                entry.value.uiVal = g.remapped_rows[(entry.fieldId - 142) as usize];
+            }
+            _ => entry.nvmlReturn = NOT_SUPPORTED,
+        }
+    }
+    SUCCESS
 }
 
 #[no_mangle]
