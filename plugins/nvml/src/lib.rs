@@ -48,6 +48,9 @@ pub struct Config {
     /// `default` (metricsd names) or `dcgm` (dcgm-exporter names, units and labels).
     #[serde(default)]
     pub naming: Naming,
+    /// Report NVLink link state, error counters and throughput where the GPU has links.
+    #[serde(default = "yes")]
+    pub nvlink: bool,
     /// Count critical Xid errors from an NVML event set, on a thread of the plugin's own.
     #[serde(default = "yes")]
     pub xid_events: bool,
@@ -214,6 +217,7 @@ enum Query {
     Bar1,
     Processes,
     Field(u32),
+    NvLink,
 }
 
 /// Field-value ids (nvml.h): memory temperature, PCIe byte counters, remapped rows.
@@ -224,7 +228,11 @@ const FIELD_REMAPPED_PENDING: u32 = 144;
 const FIELD_REMAPPED_FAILURE: u32 = 145;
 const FIELD_PCIE_TX_BYTES: u32 = 197;
 const FIELD_PCIE_RX_BYTES: u32 = 198;
-const FIELDS: [u32; 7] = [
+const FIELD_NVLINK_TX_KIB: u32 = 138;
+const FIELD_NVLINK_RX_KIB: u32 = 139;
+const FIELDS: [u32; 9] = [
+    FIELD_NVLINK_TX_KIB,
+    FIELD_NVLINK_RX_KIB,
     FIELD_MEMORY_TEMP,
     FIELD_REMAPPED_COR,
     FIELD_REMAPPED_UNC,
@@ -318,6 +326,10 @@ struct Families {
     remapped: FamilyId,
     remap_pending: FamilyId,
     remap_failure: FamilyId,
+    nvlink_up: FamilyId,
+    nvlink_errors: FamilyId,
+    nvlink_tx: FamilyId,
+    nvlink_rx: FamilyId,
 }
 
 impl Families {
@@ -407,6 +419,10 @@ impl Families {
             remapped: out.counter("gpu_remapped_rows_total", "Memory rows remapped, by the kind of error that caused it.", ""),
             remap_pending: out.gauge("gpu_remapped_rows_pending", "1 if a row remapping waits for the next GPU reset.", ""),
             remap_failure: out.gauge("gpu_row_remap_failure", "1 if a row remapping failed.", ""),
+            nvlink_up: out.gauge("gpu_nvlink_up", "1 if the NVLink link is active.", ""),
+            nvlink_errors: out.counter("gpu_nvlink_errors_total", "NVLink data-link errors by link and type.", ""),
+            nvlink_tx: out.counter("gpu_nvlink_transmit_bytes_total", "Bytes the GPU transmitted over all its NVLink links.", "bytes"),
+            nvlink_rx: out.counter("gpu_nvlink_receive_bytes_total", "Bytes the GPU received over all its NVLink links.", "bytes"),
         }
     }
 }
@@ -569,10 +585,65 @@ fn ask<T>(
     }
 }
 
-/// Per-process reporting options.
-struct ProcessOptions<'a> {
+/// NVLink link state and error counters; links are probed until the driver says there are
+/// no more. A GPU without NVLink answers NOT_SUPPORTED once and is not asked again.
+fn nvlink_metrics(
+    out: &mut BatchBuilder,
+    f: &Families,
+    labels: &[(&str, &str)],
+    index: u32,
+    device: &Device,
+    unsupported: &mut HashSet<(u32, Query)>,
+) -> std::result::Result<(), Stop> {
+    use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
+    if unsupported.contains(&(index, Query::NvLink)) {
+        return Ok(());
+    }
+    for link in 0..nvml_wrapper_sys::bindings::NVML_NVLINK_MAX_LINKS {
+        let nvlink = device.link_wrapper_for(link);
+        let active = match nvlink.is_active() {
+            Ok(a) => a,
+            Err(NvmlError::NotSupported) if link == 0 => {
+                tracing::debug!(gpu = index, "no NVLink on this GPU: not asked again");
+                unsupported.insert((index, Query::NvLink));
+                return Ok(());
+            }
+            Err(NvmlError::GpuLost) => return Err(Stop::Lost),
+            Err(e) if is_fatal_for_session(&e) => return Err(Stop::Nvml(e)),
+            // Past the last link (InvalidArg) or a link that is not there.
+            Err(_) => break,
+        };
+        let link_text = link.to_string();
+        let mut with_link = labels.to_vec();
+        with_link.push(("link", link_text.as_str()));
+        let link_set = out.label_set(&with_link);
+        out.sample_in(f.nvlink_up, link_set, if active { 1.0 } else { 0.0 });
+        for (counter, kind) in [
+            (ErrorCounter::DlReplay, "replay"),
+            (ErrorCounter::DlRecovery, "recovery"),
+            (ErrorCounter::DlCrcFlit, "crc_flit"),
+            (ErrorCounter::DlCrcData, "crc_data"),
+        ] {
+            if let Ok(n) = nvlink.error_counter(counter) {
+                let mut with_kind = with_link.clone();
+                with_kind.push(("type", kind));
+                let kind_set = out.label_set(&with_kind);
+                out.sample_in(f.nvlink_errors, kind_set, n as f64);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What to collect beyond the always-on queries.
+struct CollectOptions<'a> {
+    /// Per-process memory.
     enabled: bool,
+    /// NVLink state, errors and throughput.
+    nvlink: bool,
+    /// Most processes per GPU.
     max: usize,
+    /// For process names.
     nvml: &'a Nvml,
 }
 
@@ -585,7 +656,7 @@ fn gpu_metrics(
     index: u32,
     device: &Device,
     unsupported: &mut HashSet<(u32, Query)>,
-    processes: &ProcessOptions,
+    options: &CollectOptions,
 ) -> std::result::Result<(), Stop> {
     use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureThreshold};
     use nvml_wrapper::enums::device::UsedGpuMemory;
@@ -716,6 +787,8 @@ fn gpu_metrics(
                         let remap_set = with(out, &[("type", kind)]);
                         out.sample_in(f.remapped, remap_set, value);
                     }
+                    FIELD_NVLINK_TX_KIB => out.sample_in(f.nvlink_tx, set, value * 1024.0),
+                    FIELD_NVLINK_RX_KIB => out.sample_in(f.nvlink_rx, set, value * 1024.0),
                     FIELD_REMAPPED_PENDING => out.sample_in(f.remap_pending, set, value),
                     FIELD_REMAPPED_FAILURE => out.sample_in(f.remap_failure, set, value),
                     _ => {}
@@ -723,7 +796,10 @@ fn gpu_metrics(
             }
         }
     }
-    if processes.enabled {
+    if options.nvlink {
+        nvlink_metrics(out, f, labels, index, device, unsupported)?;
+    }
+    if options.enabled {
         if let Some(mut list) = ask(unsupported, index, Query::Processes, || {
             device.running_compute_processes()
         })? {
@@ -733,15 +809,12 @@ fn gpu_metrics(
                     UsedGpuMemory::Unavailable => 0,
                 })
             });
-            for p in list.iter().take(processes.max) {
+            for p in list.iter().take(options.max) {
                 let UsedGpuMemory::Used(bytes) = p.used_gpu_memory else {
                     continue;
                 };
                 let pid = p.pid.to_string();
-                let name = processes
-                    .nvml
-                    .sys_process_name(p.pid, 64)
-                    .unwrap_or_default();
+                let name = options.nvml.sys_process_name(p.pid, 64).unwrap_or_default();
                 let process_set = with(out, &[("pid", pid.as_str()), ("process", name.as_str())]);
                 out.sample_in(f.process_memory, process_set, bytes as f64);
             }
@@ -923,8 +996,9 @@ impl NvmlCollector {
             let set = out.label_set(&labels);
             let result = match device {
                 Ok(d) if identity.is_some() => {
-                    let processes = ProcessOptions {
+                    let options = CollectOptions {
                         enabled: self.config.processes,
+                        nvlink: self.config.nvlink,
                         max: self.config.max_processes,
                         nvml: &nvml,
                     };
@@ -936,7 +1010,7 @@ impl NvmlCollector {
                         index,
                         &d,
                         &mut self.unsupported,
-                        &processes,
+                        &options,
                     )
                 }
                 Ok(_) => Err(Stop::Lost),

@@ -212,6 +212,11 @@ fn not_supported_queries_are_absent_and_asked_once() {
     );
     let all = json_lines(&agent.stdout());
     assert!(rows(&all, "gpu_energy_consumed_joules_total", None).is_empty());
+    assert!(
+        rows(&all, "gpu_nvlink_up", None).is_empty(),
+        "no NVLink on this card"
+    );
+    assert_eq!(count("nvlink"), 1, "a GPU without NVLink is probed once");
     assert!(rows(&all, "gpu_power_default_limit_watts", None).is_empty());
     let fan = rows(&all, "gpu_fan_speed_ratio", Some("0"));
     assert!(
@@ -507,6 +512,8 @@ fn the_dcgm_profile_matches_dcgm_exporter_names_types_units_and_labels() {
     assert_eq!(dcgm("DCGM_FI_DEV_MEMORY_TEMP"), 48.0);
     assert_eq!(dcgm("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS"), 3.0);
     assert!(dcgm("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION") >= 1.0e9);
+    // A card without NVLink (the RTX 4090 scenario) has no NVLink series: checked in
+    // not_supported_queries_are_absent_and_asked_once.
     assert!(emitted.len() >= 25, "{emitted:?}");
     // Metrics dcgm-exporter lacks keep metricsd's names.
     assert!(all

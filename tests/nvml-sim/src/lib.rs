@@ -137,6 +137,18 @@ pub struct GpuSpec {
     /// Remapped rows: correctable, uncorrectable, pending (0/1), failure (0/1) (fields 142-145).
     #[serde(default)]
     pub remapped_rows: [u32; 4],
+    /// NVLink links of the GPU (0: no NVLink, queries answer NOT_SUPPORTED).
+    #[serde(default)]
+    pub nvlinks: u32,
+    /// Links that are down.
+    #[serde(default)]
+    pub nvlinks_down: Vec<u32>,
+    /// NVLink error counters per link: replay, recovery, CRC flit, CRC data.
+    #[serde(default)]
+    pub nvlink_errors: [u64; 4],
+    /// NVLink KiB per second transmitted and received, whole GPU (fields 138 and 139).
+    #[serde(default)]
+    pub nvlink_kib_per_s: [f64; 2],
     /// Critical Xid events delivered through NVML event sets.
     #[serde(default)]
     pub xid_events: Vec<XidSpec>,
@@ -963,6 +975,11 @@ pub unsafe extern "C" fn nvmlDeviceGetFieldValues(
                 entry.valueType = nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG;
                 entry.value.ullVal = (1.0e12 + rate * t) as c_ulonglong;
             }
+            138 | 139 if g.nvlinks > 0 => {
+                let rate = g.nvlink_kib_per_s[(entry.fieldId - 138) as usize];
+                entry.valueType = nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG;
+                entry.value.ullVal = (rate * t) as c_ulonglong;
+            }
             142..=145 => {
                 entry.valueType = nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT;
                 entry.value.uiVal = g.remapped_rows[(entry.fieldId - 142) as usize];
@@ -971,6 +988,48 @@ pub unsafe extern "C" fn nvmlDeviceGetFieldValues(
         }
     }
     SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetNvLinkState(
+    device: nvmlDevice_t,
+    link: c_uint,
+    active: *mut nvmlEnableState_t,
+) -> nvmlReturn_t {
+    match lookup(device, "nvlink") {
+        Ok((_, g, _)) if g.nvlinks == 0 => NOT_SUPPORTED,
+        Ok((_, g, _)) if link >= g.nvlinks => INVALID_ARGUMENT,
+        Ok((_, g, _)) => {
+            // SAFETY: caller's out pointer.
+            unsafe {
+                put(
+                    active,
+                    nvmlEnableState_t::from(!g.nvlinks_down.contains(&link)),
+                )
+            };
+            SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetNvLinkErrorCounter(
+    device: nvmlDevice_t,
+    link: c_uint,
+    counter: nvmlNvLinkErrorCounter_t,
+    value: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    match lookup(device, "nvlink_errors") {
+        Ok((_, g, _)) if g.nvlinks == 0 => NOT_SUPPORTED,
+        Ok((_, g, _)) if link >= g.nvlinks || counter > 3 => INVALID_ARGUMENT,
+        Ok((_, g, _)) => {
+            // SAFETY: caller's out pointer.
+            unsafe { put(value, g.nvlink_errors[counter as usize]) };
+            SUCCESS
+        }
+        Err(code) => code,
+    }
 }
 
 #[no_mangle]
