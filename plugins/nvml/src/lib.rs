@@ -218,6 +218,7 @@ enum Query {
     Processes,
     Field(u32),
     NvLink,
+    Mig,
 }
 
 /// Field-value ids (nvml.h): memory temperature, PCIe byte counters, remapped rows.
@@ -330,6 +331,9 @@ struct Families {
     nvlink_errors: FamilyId,
     nvlink_tx: FamilyId,
     nvlink_rx: FamilyId,
+    mig_enabled: FamilyId,
+    mig_pending: FamilyId,
+    mig_instances: FamilyId,
 }
 
 impl Families {
@@ -423,6 +427,9 @@ impl Families {
             nvlink_errors: out.counter("gpu_nvlink_errors_total", "NVLink data-link errors by link and type.", ""),
             nvlink_tx: out.counter("gpu_nvlink_transmit_bytes_total", "Bytes the GPU transmitted over all its NVLink links.", "bytes"),
             nvlink_rx: out.counter("gpu_nvlink_receive_bytes_total", "Bytes the GPU received over all its NVLink links.", "bytes"),
+            mig_enabled: out.gauge("gpu_mig_mode_enabled", "1 if MIG mode is enabled.", ""),
+            mig_pending: out.gauge("gpu_mig_mode_pending", "1 if MIG mode will be enabled after the next GPU reset.", ""),
+            mig_instances: out.gauge("gpu_mig_instances", "MIG devices configured on the GPU.", ""),
         }
     }
 }
@@ -798,6 +805,17 @@ fn gpu_metrics(
     }
     if options.nvlink {
         nvlink_metrics(out, f, labels, index, device, unsupported)?;
+    }
+    if let Some(mode) = ask(unsupported, index, Query::Mig, || device.mig_mode())? {
+        out.sample_in(f.mig_enabled, set, f64::from(mode.current));
+        out.sample_in(f.mig_pending, set, f64::from(mode.pending));
+        if mode.current == 1 {
+            let max = device.mig_device_count().unwrap_or(0);
+            let instances = (0..max)
+                .filter(|i| device.mig_device_by_index(*i).is_ok())
+                .count();
+            out.sample_in(f.mig_instances, set, instances as f64);
+        }
     }
     if options.enabled {
         if let Some(mut list) = ask(unsupported, index, Query::Processes, || {

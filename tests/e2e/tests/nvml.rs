@@ -179,6 +179,47 @@ fn eight_gpus_report_every_metric_with_the_scenario_values() {
 }
 
 #[test]
+fn mig_mode_and_instances() {
+    let work = Workdir::new();
+    let config = work.write("c.toml", nvml_collector(&sim_library(), ""));
+    let out = work.metricsd(
+        &[
+            "-c",
+            config.to_str().expect("path"),
+            "once",
+            "--format",
+            "json",
+        ],
+        &[("NVML_SIM_SCENARIO", &scenario("a100.toml"))],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = json_lines(&String::from_utf8_lossy(&out.stdout));
+    for gpu in ["0", "1", "2", "3"] {
+        assert_eq!(value(&all, "gpu_mig_mode_enabled", gpu), 1.0);
+        assert_eq!(value(&all, "gpu_mig_mode_pending", gpu), 1.0);
+        assert_eq!(value(&all, "gpu_mig_instances", gpu), 3.0);
+    }
+    // MIG not supported (RTX 4090 scenario) leaves the series out.
+    let out = work.metricsd(
+        &[
+            "-c",
+            config.to_str().expect("path"),
+            "once",
+            "--format",
+            "json",
+        ],
+        &[("NVML_SIM_SCENARIO", &scenario("rtx4090.toml"))],
+    );
+    let all = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert!(rows(&all, "gpu_mig_mode_enabled", None).is_empty());
+    assert_eq!(rows(&all, "gpu_up", None).len(), 1);
+}
+
+#[test]
 fn not_supported_queries_are_absent_and_asked_once() {
     let work = Workdir::new();
     let call_log = work.path("nvml-calls.log");

@@ -137,6 +137,9 @@ pub struct GpuSpec {
     /// Remapped rows: correctable, uncorrectable, pending (0/1), failure (0/1) (fields 142-145).
     #[serde(default)]
     pub remapped_rows: [u32; 4],
+    /// MIG: `None` when the GPU has no MIG support (NOT_SUPPORTED); else (enabled, pending,
+    /// instances).
+    pub mig: Option<(bool, bool, u32)>,
     /// NVLink links of the GPU (0: no NVLink, queries answer NOT_SUPPORTED).
     #[serde(default)]
     pub nvlinks: u32,
@@ -1028,6 +1031,66 @@ pub unsafe extern "C" fn nvmlDeviceGetNvLinkErrorCounter(
             unsafe { put(value, g.nvlink_errors[counter as usize]) };
             SUCCESS
         }
+        Err(code) => code,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMigMode(
+    device: nvmlDevice_t,
+    current: *mut c_uint,
+    pending: *mut c_uint,
+) -> nvmlReturn_t {
+    match lookup(device, "mig") {
+        Ok((_, g, _)) => match g.mig {
+            Some((enabled, next, _)) => {
+                // SAFETY: caller's out pointers.
+                unsafe {
+                    put(current, c_uint::from(enabled));
+                    put(pending, c_uint::from(next));
+                }
+                SUCCESS
+            }
+            None => NOT_SUPPORTED,
+        },
+        Err(code) => code,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+) -> nvmlReturn_t {
+    match lookup(device, "mig") {
+        Ok((_, g, _)) if g.mig.is_some() => {
+            // SAFETY: caller's out pointer.
+            unsafe { put(count, 7) };
+            SUCCESS
+        }
+        Ok(_) => NOT_SUPPORTED,
+        Err(code) => code,
+    }
+}
+
+/// MIG device handles live above 1,000,000 so they never collide with GPU handles; only their
+/// existence is simulated.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
+    device: nvmlDevice_t,
+    index: c_uint,
+    mig: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    match lookup(device, "mig") {
+        Ok((gpu, g, _)) => match g.mig {
+            Some((true, _, instances)) if index < instances => {
+                // SAFETY: caller's out pointer.
+                unsafe { put(mig, (1_000_000 + gpu * 10 + index as usize) as nvmlDevice_t) };
+                SUCCESS
+            }
+            Some(_) => nvmlReturn_enum_NVML_ERROR_NOT_FOUND,
+            None => NOT_SUPPORTED,
+        },
         Err(code) => code,
     }
 }
