@@ -114,6 +114,14 @@ pub fn field_for(name: &str, labels: &[Label]) -> Option<Field> {
                 field("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", C, "", 1.0)
             }
             ("gpu_row_remap_failure", ..) => field("DCGM_FI_DEV_ROW_REMAP_FAILURE", G, "", 1.0),
+            ("gpu_retired_pages_total", ..)
+                if label("cause") == Some("multiple_single_bit_ecc") =>
+            {
+                field("DCGM_FI_DEV_RETIRED_SBE", C, "", 1.0)
+            }
+            ("gpu_retired_pages_total", ..) if label("cause") == Some("double_bit_ecc") => {
+                field("DCGM_FI_DEV_RETIRED_DBE", C, "", 1.0)
+            }
             ("gpu_last_xid", ..) => field("DCGM_FI_DEV_XID_ERRORS", G, "last Xid", 1.0),
             _ => return None,
         },

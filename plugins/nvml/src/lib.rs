@@ -48,6 +48,10 @@ pub struct Config {
     /// `default` (metricsd names) or `dcgm` (dcgm-exporter names, units and labels).
     #[serde(default)]
     pub naming: Naming,
+    /// Also ask `nvmlDeviceGetPcieThroughput`, which samples for 20 ms per direction and GPU
+    /// (over 300 ms per cycle on 8 GPUs); the PCIe byte counters are collected either way.
+    #[serde(default)]
+    pub pcie_throughput_sampled: bool,
     /// Report NVLink link state, error counters and throughput where the GPU has links.
     #[serde(default = "yes")]
     pub nvlink: bool,
@@ -219,6 +223,8 @@ enum Query {
     Field(u32),
     NvLink,
     Mig,
+    RetiredPageCount,
+    PcieThroughput,
 }
 
 /// Field-value ids (nvml.h): memory temperature, PCIe byte counters, remapped rows.
@@ -334,6 +340,8 @@ struct Families {
     mig_enabled: FamilyId,
     mig_pending: FamilyId,
     mig_instances: FamilyId,
+    retired_pages: FamilyId,
+    pcie_throughput: FamilyId,
 }
 
 impl Families {
@@ -430,6 +438,8 @@ impl Families {
             mig_enabled: out.gauge("gpu_mig_mode_enabled", "1 if MIG mode is enabled.", ""),
             mig_pending: out.gauge("gpu_mig_mode_pending", "1 if MIG mode will be enabled after the next GPU reset.", ""),
             mig_instances: out.gauge("gpu_mig_instances", "MIG devices configured on the GPU.", ""),
+            retired_pages: out.counter("gpu_retired_pages_total", "Memory pages retired, by cause.", ""),
+            pcie_throughput: out.gauge("gpu_pcie_throughput_bytes_per_second", "PCIe throughput sampled over 20 ms (opt-in).", "bytes"),
         }
     }
 }
@@ -648,6 +658,8 @@ struct CollectOptions<'a> {
     enabled: bool,
     /// NVLink state, errors and throughput.
     nvlink: bool,
+    /// The sampled PCIe throughput call.
+    pcie_throughput_sampled: bool,
     /// Most processes per GPU.
     max: usize,
     /// For process names.
@@ -738,6 +750,36 @@ fn gpu_metrics(
                         out.sample_in(f.ecc_errors, ecc_set, n as f64);
                     }
                 }
+            }
+        }
+    }
+    if let Some((sbe, dbe)) = ask(unsupported, index, Query::RetiredPageCount, || {
+        use nvml_wrapper::enum_wrappers::device::RetirementCause;
+        Ok((
+            device
+                .retired_pages(RetirementCause::MultipleSingleBitEccErrors)?
+                .len(),
+            device
+                .retired_pages(RetirementCause::DoubleBitEccError)?
+                .len(),
+        ))
+    })? {
+        for (cause, n) in [("multiple_single_bit_ecc", sbe), ("double_bit_ecc", dbe)] {
+            let cause_set = with(out, &[("cause", cause)]);
+            out.sample_in(f.retired_pages, cause_set, n as f64);
+        }
+    }
+    if options.pcie_throughput_sampled {
+        use nvml_wrapper::enum_wrappers::device::PcieUtilCounter;
+        if let Some((tx, rx)) = ask(unsupported, index, Query::PcieThroughput, || {
+            Ok((
+                device.pcie_throughput(PcieUtilCounter::Send)?,
+                device.pcie_throughput(PcieUtilCounter::Receive)?,
+            ))
+        })? {
+            for (direction, kb) in [("tx", tx), ("rx", rx)] {
+                let dir_set = with(out, &[("direction", direction)]);
+                out.sample_in(f.pcie_throughput, dir_set, f64::from(kb) * 1024.0);
             }
         }
     }
@@ -1017,6 +1059,7 @@ impl NvmlCollector {
                     let options = CollectOptions {
                         enabled: self.config.processes,
                         nvlink: self.config.nvlink,
+                        pcie_throughput_sampled: self.config.pcie_throughput_sampled,
                         max: self.config.max_processes,
                         nvml: &nvml,
                     };

@@ -203,6 +203,31 @@ fn mig_mode_and_instances() {
         assert_eq!(value(&all, "gpu_mig_mode_pending", gpu), 1.0);
         assert_eq!(value(&all, "gpu_mig_instances", gpu), 3.0);
     }
+    // The sampled PCIe call, when switched on.
+    let sampled = work.write(
+        "sampled.toml",
+        nvml_collector(&sim_library(), "").replace(
+            "[collectors.config]\n",
+            "[collectors.config]\npcie_throughput_sampled = true\n",
+        ),
+    );
+    let out = work.metricsd(
+        &[
+            "-c",
+            sampled.to_str().expect("path"),
+            "once",
+            "--format",
+            "json",
+        ],
+        &[("NVML_SIM_SCENARIO", &scenario("a100.toml"))],
+    );
+    let all = json_lines(&String::from_utf8_lossy(&out.stdout));
+    let tx = rows(&all, "gpu_pcie_throughput_bytes_per_second", Some("0"))
+        .into_iter()
+        .find(|r| r["labels"]["direction"] == "tx")
+        .and_then(|r| r["value"].as_f64())
+        .expect("sampled tx");
+    assert!((tx - 2.0e9).abs() < 2048.0, "{tx}");
     // MIG not supported (RTX 4090 scenario) leaves the series out.
     let out = work.metricsd(
         &[
@@ -552,6 +577,8 @@ fn the_dcgm_profile_matches_dcgm_exporter_names_types_units_and_labels() {
     assert_eq!(dcgm("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL"), 1.0);
     assert_eq!(dcgm("DCGM_FI_DEV_MEMORY_TEMP"), 48.0);
     assert_eq!(dcgm("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS"), 3.0);
+    assert_eq!(dcgm("DCGM_FI_DEV_RETIRED_SBE"), 2.0);
+    assert_eq!(dcgm("DCGM_FI_DEV_RETIRED_DBE"), 1.0);
     assert!(dcgm("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION") >= 1.0e9);
     // A card without NVLink (the RTX 4090 scenario) has no NVLink series: checked in
     // not_supported_queries_are_absent_and_asked_once.

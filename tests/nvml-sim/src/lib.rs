@@ -137,6 +137,9 @@ pub struct GpuSpec {
     /// Remapped rows: correctable, uncorrectable, pending (0/1), failure (0/1) (fields 142-145).
     #[serde(default)]
     pub remapped_rows: [u32; 4],
+    /// Retired pages: for multiple single-bit ECC errors, for double-bit ECC errors.
+    #[serde(default)]
+    pub retired_pages: [u32; 2],
     /// MIG: `None` when the GPU has no MIG support (NOT_SUPPORTED); else (enabled, pending,
     /// instances).
     pub mig: Option<(bool, bool, u32)>,
@@ -1033,6 +1036,84 @@ pub unsafe extern "C" fn nvmlDeviceGetNvLinkErrorCounter(
         }
         Err(code) => code,
     }
+}
+
+/// Shared by both retired-pages entry points: the count-then-fill protocol.
+unsafe fn retired_pages(
+    device: nvmlDevice_t,
+    cause: c_uint,
+    count: *mut c_uint,
+    addresses: *mut c_ulonglong,
+    timestamps: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    let (_, g, _) = match lookup(device, "retired_pages_list") {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    if count.is_null() || cause > 1 {
+        return INVALID_ARGUMENT;
+    }
+    let n = g.retired_pages[cause as usize];
+    // SAFETY: `count` is non-null: the caller's buffer length, in and out.
+    let capacity = unsafe { *count };
+    // SAFETY: as above.
+    unsafe { *count = n };
+    if n == 0 {
+        return SUCCESS;
+    }
+    if capacity < n || addresses.is_null() {
+        return INSUFFICIENT_SIZE;
+    }
+    for i in 0..n as usize {
+        // SAFETY: both buffers hold at least `capacity` >= n elements; timestamps may be null.
+        unsafe {
+            addresses
+                .add(i)
+                .write(0x1_0000_0000 + i as c_ulonglong * 4096);
+            if !timestamps.is_null() {
+                timestamps.add(i).write(1_700_000_000 + i as c_ulonglong);
+            }
+        }
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPages(
+    device: nvmlDevice_t,
+    cause: nvmlPageRetirementCause_t,
+    count: *mut c_uint,
+    addresses: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller buffers.
+    unsafe { retired_pages(device, cause, count, addresses, std::ptr::null_mut()) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetRetiredPages_v2(
+    device: nvmlDevice_t,
+    cause: nvmlPageRetirementCause_t,
+    count: *mut c_uint,
+    addresses: *mut c_ulonglong,
+    timestamps: *mut c_ulonglong,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller buffers.
+    unsafe { retired_pages(device, cause, count, addresses, timestamps) }
+}
+
+/// The sampled PCIe throughput call: like the driver, it takes 20 ms.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetPcieThroughput(
+    device: nvmlDevice_t,
+    counter: nvmlPcieUtilCounter_t,
+    value: *mut c_uint,
+) -> nvmlReturn_t {
+    answer!(device, "pcie_throughput", |_i, g, _t| {
+        std::thread::sleep(Duration::from_millis(20));
+        let rate = g.pcie_bytes_per_s[(counter as usize).min(1)];
+        // SAFETY: caller's out pointer (KB/s).
+        unsafe { put(value, (rate / 1024.0) as c_uint) }
+    })
 }
 
 #[no_mangle]
