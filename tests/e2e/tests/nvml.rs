@@ -23,6 +23,47 @@ fn nvml_collector(library: &str, extra: &str) -> String {
     )
 }
 
+/// `metricsd once --format json` with the NVML collector against the simulator; `settings`
+/// are extra `[collectors.config]` lines. The command must succeed.
+fn once_json(
+    work: &Workdir,
+    settings: &str,
+    scenario_file: &str,
+    env: &[(&str, &str)],
+) -> Vec<Value> {
+    let config = work.write(
+        "once.toml",
+        format!("{}{settings}\n", nvml_collector(&sim_library(), "")),
+    );
+    let scenario_path = scenario(scenario_file);
+    let mut all_env = vec![("NVML_SIM_SCENARIO", scenario_path.as_str())];
+    all_env.extend_from_slice(env);
+    let out = work.metricsd(
+        &[
+            "-c",
+            config.to_str().expect("path"),
+            "once",
+            "--format",
+            "json",
+        ],
+        &all_env,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_lines(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// A running agent's config: the NVML collector (simulator) into the stdout sink as JSON.
+fn stdout_agent_config(interval: &str) -> String {
+    format!(
+        "[agent]\ninterval = \"{interval}\"\ninternal_metrics = false\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n{}[[sinks]]\nname = \"out\"\nplugin = \"stdout\"\n",
+        nvml_collector(&sim_library(), "")
+    )
+}
+
 /// Rows of one metric, optionally for one GPU.
 fn rows<'a>(rows: &'a [Value], name: &str, gpu: Option<&str>) -> Vec<&'a Value> {
     rows.iter()
@@ -40,23 +81,7 @@ fn value(all: &[Value], name: &str, gpu: &str) -> f64 {
 #[test]
 fn eight_gpus_report_every_metric_with_the_scenario_values() {
     let work = Workdir::new();
-    let config = work.write("c.toml", nvml_collector(&sim_library(), ""));
-    let out = work.metricsd(
-        &[
-            "-c",
-            config.to_str().expect("path"),
-            "once",
-            "--format",
-            "json",
-        ],
-        &[("NVML_SIM_SCENARIO", &scenario("h100-sxm-8.toml"))],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let all = json_lines(&String::from_utf8_lossy(&out.stdout));
+    let all = once_json(&work, "", "h100-sxm-8.toml", &[]);
     assert_eq!(rows(&all, "gpu_count", None)[0]["value"], 8.0);
     let mut uuids = std::collections::BTreeSet::new();
     for gpu in 0..8 {
@@ -181,47 +206,14 @@ fn eight_gpus_report_every_metric_with_the_scenario_values() {
 #[test]
 fn mig_mode_and_instances() {
     let work = Workdir::new();
-    let config = work.write("c.toml", nvml_collector(&sim_library(), ""));
-    let out = work.metricsd(
-        &[
-            "-c",
-            config.to_str().expect("path"),
-            "once",
-            "--format",
-            "json",
-        ],
-        &[("NVML_SIM_SCENARIO", &scenario("a100.toml"))],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let all = json_lines(&String::from_utf8_lossy(&out.stdout));
+    let all = once_json(&work, "", "a100.toml", &[]);
     for gpu in ["0", "1", "2", "3"] {
         assert_eq!(value(&all, "gpu_mig_mode_enabled", gpu), 1.0);
         assert_eq!(value(&all, "gpu_mig_mode_pending", gpu), 1.0);
         assert_eq!(value(&all, "gpu_mig_instances", gpu), 3.0);
     }
     // The sampled PCIe call, when switched on.
-    let sampled = work.write(
-        "sampled.toml",
-        nvml_collector(&sim_library(), "").replace(
-            "[collectors.config]\n",
-            "[collectors.config]\npcie_throughput_sampled = true\n",
-        ),
-    );
-    let out = work.metricsd(
-        &[
-            "-c",
-            sampled.to_str().expect("path"),
-            "once",
-            "--format",
-            "json",
-        ],
-        &[("NVML_SIM_SCENARIO", &scenario("a100.toml"))],
-    );
-    let all = json_lines(&String::from_utf8_lossy(&out.stdout));
+    let all = once_json(&work, "pcie_throughput_sampled = true", "a100.toml", &[]);
     let tx = rows(&all, "gpu_pcie_throughput_bytes_per_second", Some("0"))
         .into_iter()
         .find(|r| r["labels"]["direction"] == "tx")
@@ -229,17 +221,7 @@ fn mig_mode_and_instances() {
         .expect("sampled tx");
     assert!((tx - 2.0e9).abs() < 2048.0, "{tx}");
     // MIG not supported (RTX 4090 scenario) leaves the series out.
-    let out = work.metricsd(
-        &[
-            "-c",
-            config.to_str().expect("path"),
-            "once",
-            "--format",
-            "json",
-        ],
-        &[("NVML_SIM_SCENARIO", &scenario("rtx4090.toml"))],
-    );
-    let all = json_lines(&String::from_utf8_lossy(&out.stdout));
+    let all = once_json(&work, "", "rtx4090.toml", &[]);
     assert!(rows(&all, "gpu_mig_mode_enabled", None).is_empty());
     assert_eq!(rows(&all, "gpu_up", None).len(), 1);
 }
@@ -248,10 +230,7 @@ fn mig_mode_and_instances() {
 fn not_supported_queries_are_absent_and_asked_once() {
     let work = Workdir::new();
     let call_log = work.path("nvml-calls.log");
-    let config = format!(
-        "[agent]\ninterval = \"200ms\"\ninternal_metrics = false\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n{}[[sinks]]\nname = \"out\"\nplugin = \"stdout\"\n",
-        nvml_collector(&sim_library(), "")
-    );
+    let config = stdout_agent_config("200ms");
     let mut agent = Agent::start(
         &work,
         &config,
@@ -296,10 +275,7 @@ fn not_supported_queries_are_absent_and_asked_once() {
 #[test]
 fn a_lost_gpu_reports_up_0_while_the_others_continue_and_comes_back() {
     let work = Workdir::new();
-    let config = format!(
-        "[agent]\ninterval = \"250ms\"\ninternal_metrics = false\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n{}[[sinks]]\nname = \"out\"\nplugin = \"stdout\"\n",
-        nvml_collector(&sim_library(), "")
-    );
+    let config = stdout_agent_config("250ms");
     let mut agent = Agent::start(
         &work,
         &config,
@@ -492,32 +468,12 @@ fn dcgm_reference() -> Vec<(String, String, String)> {
 #[test]
 fn the_dcgm_profile_matches_dcgm_exporter_names_types_units_and_labels() {
     let work = Workdir::new();
-    let config = work.write(
-        "c.toml",
-        nvml_collector(&sim_library(), "").replace(
-            "[collectors.config]\n",
-            "[collectors.config]\nnaming = \"dcgm\"\n",
-        ),
+    let all = once_json(
+        &work,
+        "naming = \"dcgm\"",
+        "h100-sxm-8.toml",
+        &[("NODE_NAME", "gpu-node-17")],
     );
-    let out = work.metricsd(
-        &[
-            "-c",
-            config.to_str().expect("path"),
-            "once",
-            "--format",
-            "json",
-        ],
-        &[
-            ("NVML_SIM_SCENARIO", &scenario("h100-sxm-8.toml")),
-            ("NODE_NAME", "gpu-node-17"),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let all = json_lines(&String::from_utf8_lossy(&out.stdout));
     let reference = dcgm_reference();
     assert!(reference.len() > 30, "reference parsed: {reference:?}");
     let mut emitted = std::collections::BTreeSet::new();
@@ -593,10 +549,7 @@ fn the_dcgm_profile_matches_dcgm_exporter_names_types_units_and_labels() {
 #[test]
 fn xid_errors_are_counted_per_gpu_and_code_from_the_event_thread() {
     let work = Workdir::new();
-    let config = format!(
-        "[agent]\ninterval = \"250ms\"\ninternal_metrics = false\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n{}[[sinks]]\nname = \"out\"\nplugin = \"stdout\"\n",
-        nvml_collector(&sim_library(), "")
-    );
+    let config = stdout_agent_config("250ms");
     let mut agent = Agent::start(
         &work,
         &config,
