@@ -122,6 +122,24 @@ pub fn field_for(name: &str, labels: &[Label]) -> Option<Field> {
             ("gpu_retired_pages_total", ..) if label("cause") == Some("double_bit_ecc") => {
                 field("DCGM_FI_DEV_RETIRED_DBE", C, "", 1.0)
             }
+            ("gpu_graphics_engine_active_ratio", ..) => {
+                field("DCGM_FI_PROF_GR_ENGINE_ACTIVE", G, "ratio", 1.0)
+            }
+            ("gpu_tensor_active_ratio", ..) => {
+                field("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", G, "ratio", 1.0)
+            }
+            ("gpu_dram_active_ratio", ..) => field("DCGM_FI_PROF_DRAM_ACTIVE", G, "ratio", 1.0),
+            ("gpu_sm_active_ratio", ..) => field("DCGM_FI_PROF_SM_ACTIVE", G, "ratio", 1.0),
+            ("gpu_sm_occupancy_ratio", ..) => field("DCGM_FI_PROF_SM_OCCUPANCY", G, "ratio", 1.0),
+            ("gpu_fp64_active_ratio", ..) => {
+                field("DCGM_FI_PROF_PIPE_FP64_ACTIVE", G, "ratio", 1.0)
+            }
+            ("gpu_fp32_active_ratio", ..) => {
+                field("DCGM_FI_PROF_PIPE_FP32_ACTIVE", G, "ratio", 1.0)
+            }
+            ("gpu_fp16_active_ratio", ..) => {
+                field("DCGM_FI_PROF_PIPE_FP16_ACTIVE", G, "ratio", 1.0)
+            }
             ("gpu_last_xid", ..) => field("DCGM_FI_DEV_XID_ERRORS", G, "last Xid", 1.0),
             _ => return None,
         },

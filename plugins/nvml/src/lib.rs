@@ -16,7 +16,7 @@ use std::ffi::OsStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metricsd_plugin_api::{
     export_plugin, BatchBuilder, Collector, Context, Error, FamilyId, LabelSetId, Result,
@@ -58,6 +58,147 @@ pub struct Config {
     /// Count critical Xid errors from an NVML event set, on a thread of the plugin's own.
     #[serde(default = "yes")]
     pub xid_events: bool,
+    /// Collect GPM profiling metrics (Hopper and newer) on a thread of the plugin's own.
+    #[serde(default = "yes")]
+    pub gpm: bool,
+    /// The interval GPM metrics are computed over.
+    #[serde(default = "default_gpm_period", with = "humantime_serde")]
+    pub gpm_period: Duration,
+}
+
+fn default_gpm_period() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// A thread of the plugin's own, stopped and joined when dropped.
+struct Background {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    fn spawn(
+        name: &str,
+        dispatch: tracing::Dispatch,
+        body: impl FnOnce(&AtomicBool) + Send + 'static,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                tracing::dispatcher::with_default(&dispatch, || body(&thread_stop));
+            })
+            .map_err(|e| tracing::warn!("cannot start the {name} thread: {e}"))
+            .ok();
+        Self { stop, thread }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            // Both loops look at the flag at least every 500 ms.
+            let _ = t.join();
+        }
+    }
+}
+
+/// GPM metrics this plugin asks for, with their metric names.
+const GPM_METRICS: [(nvml_wrapper::enums::gpm::GpmMetricId, &str, &str); 8] = {
+    use nvml_wrapper::enums::gpm::GpmMetricId as M;
+    [
+        (
+            M::GraphicsUtil,
+            "gpu_graphics_engine_active_ratio",
+            "Fraction of time any warp was active on an SM (graphics engine active).",
+        ),
+        (
+            M::SmUtil,
+            "gpu_sm_active_ratio",
+            "Fraction of time each SM had at least one warp assigned, averaged over SMs.",
+        ),
+        (
+            M::SmOccupancy,
+            "gpu_sm_occupancy_ratio",
+            "Warps active against the theoretical maximum, averaged over SMs.",
+        ),
+        (
+            M::AnyTensorUtil,
+            "gpu_tensor_active_ratio",
+            "Fraction of time the tensor pipes were active.",
+        ),
+        (
+            M::DramBwUtil,
+            "gpu_dram_active_ratio",
+            "Fraction of peak DRAM bandwidth used.",
+        ),
+        (
+            M::Fp64Util,
+            "gpu_fp64_active_ratio",
+            "Fraction of time the FP64 pipes were active.",
+        ),
+        (
+            M::Fp32Util,
+            "gpu_fp32_active_ratio",
+            "Fraction of time the FP32 pipes were active.",
+        ),
+        (
+            M::Fp16Util,
+            "gpu_fp16_active_ratio",
+            "Fraction of time the FP16 pipes were active.",
+        ),
+    ]
+};
+
+/// GPU index → (when computed, values per `GPM_METRICS` entry as ratios).
+type GpmBook = BTreeMap<u32, (Instant, Vec<Option<f64>>)>;
+
+fn gpm_loop(nvml: &Nvml, book: &Mutex<GpmBook>, stop: &AtomicBool, period: Duration) {
+    let count = nvml.device_count().unwrap_or(0);
+    let devices: Vec<(u32, Device)> = (0..count)
+        .filter_map(|i| nvml.device_by_index(i).ok().map(|d| (i, d)))
+        .filter(|(_, d)| d.gpm_support().unwrap_or(false))
+        .collect();
+    if devices.is_empty() {
+        tracing::debug!("no GPU supports GPM: the GPM thread ends");
+        return;
+    }
+    let ids: Vec<_> = GPM_METRICS.iter().map(|(id, _, _)| *id).collect();
+    let mut previous: Vec<Option<nvml_wrapper::gpm::GpmSample>> =
+        devices.iter().map(|_| None).collect();
+    while !stop.load(Ordering::Relaxed) {
+        for (slot, (index, device)) in devices.iter().enumerate() {
+            match device.gpm_sample() {
+                Ok(current) => {
+                    if let Some(before) = &previous[slot] {
+                        match nvml_wrapper::gpm::gpm_metrics_get(nvml, before, &current, &ids) {
+                            Ok(results) => {
+                                let values = results
+                                    .into_iter()
+                                    .map(|r| r.ok().map(|m| m.value / 100.0))
+                                    .collect();
+                                if let Ok(mut b) = book.lock() {
+                                    b.insert(*index, (Instant::now(), values));
+                                }
+                            }
+                            Err(e) => tracing::debug!(gpu = index, "GPM metrics failed: {e}"),
+                        }
+                    }
+                    previous[slot] = Some(current);
+                }
+                Err(e) => {
+                    tracing::debug!(gpu = index, "GPM sample failed: {e}");
+                    previous[slot] = None;
+                }
+            }
+        }
+        let until = Instant::now() + period;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50).min(period));
+        }
+    }
 }
 
 /// Xid errors seen by the event thread.
@@ -69,38 +210,52 @@ struct XidBook {
     last: BTreeMap<u32, (u64, f64)>,
 }
 
-/// The thread that waits on an NVML event set for critical Xid errors.
+/// The thread that waits on an NVML event set for critical Xid errors, and what it saw.
 struct XidWatcher {
     book: Arc<Mutex<XidBook>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _thread: Background,
 }
 
 impl XidWatcher {
     fn start(nvml: Arc<Nvml>, dispatch: tracing::Dispatch) -> Self {
         let book = Arc::new(Mutex::new(XidBook::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (thread_book, thread_stop) = (Arc::clone(&book), Arc::clone(&stop));
-        let thread = std::thread::Builder::new()
-            .name("nvml-xid".to_string())
-            .spawn(move || {
-                tracing::dispatcher::with_default(&dispatch, || {
-                    xid_loop(&nvml, &thread_book, &thread_stop);
-                });
-            })
-            .map_err(|e| tracing::warn!("cannot start the Xid event thread: {e}"))
-            .ok();
-        Self { book, stop, thread }
+        let thread_book = Arc::clone(&book);
+        let thread = Background::spawn("nvml-xid", dispatch, move |stop| {
+            xid_loop(&nvml, &thread_book, stop)
+        });
+        Self {
+            book,
+            _thread: thread,
+        }
     }
 }
 
-impl Drop for XidWatcher {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            // The thread wakes at least every 500 ms to look at the flag.
-            let _ = t.join();
+/// The thread that computes GPM metrics every `gpm_period`, and its latest results.
+struct GpmWatcher {
+    book: Arc<Mutex<GpmBook>>,
+    period: Duration,
+    _thread: Background,
+}
+
+impl GpmWatcher {
+    fn start(nvml: Arc<Nvml>, dispatch: tracing::Dispatch, period: Duration) -> Self {
+        let book = Arc::new(Mutex::new(GpmBook::new()));
+        let thread_book = Arc::clone(&book);
+        let thread = Background::spawn("nvml-gpm", dispatch, move |stop| {
+            gpm_loop(&nvml, &thread_book, stop, period)
+        });
+        Self {
+            book,
+            period,
+            _thread: thread,
         }
+    }
+
+    /// Fresh GPM values of a GPU (computed within three periods).
+    fn values(&self, index: u32) -> Option<Vec<Option<f64>>> {
+        let book = self.book.lock().ok()?;
+        let (at, values) = book.get(&index)?;
+        (at.elapsed() <= self.period * 3).then(|| values.clone())
     }
 }
 
@@ -266,6 +421,7 @@ pub struct NvmlCollector {
     /// `Hostname` label of the dcgm profile: `NODE_NAME` (Kubernetes) or the kernel hostname.
     hostname: String,
     xid: Option<XidWatcher>,
+    gpm: Option<GpmWatcher>,
     dispatch: tracing::Dispatch,
 }
 
@@ -499,6 +655,13 @@ impl NvmlCollector {
             .config
             .xid_events
             .then(|| XidWatcher::start(Arc::clone(&nvml), self.dispatch.clone()));
+        self.gpm = self.config.gpm.then(|| {
+            GpmWatcher::start(
+                Arc::clone(&nvml),
+                self.dispatch.clone(),
+                self.config.gpm_period,
+            )
+        });
         self.nvml = Some(nvml);
         Ok(())
     }
@@ -964,6 +1127,7 @@ impl Collector for NvmlCollector {
     fn new(config: Config, ctx: &Context) -> Result<Self> {
         Ok(NvmlCollector {
             xid: None,
+            gpm: None,
             dispatch: ctx.log_dispatch().clone(),
             config,
             nvml: None,
@@ -1080,6 +1244,14 @@ impl NvmlCollector {
             match result {
                 Ok(()) => {
                     out.sample_in(families.up, set, 1.0);
+                    if let Some(values) = self.gpm.as_ref().and_then(|g| g.values(index)) {
+                        for ((_, name, help), value) in GPM_METRICS.iter().zip(values) {
+                            if let Some(v) = value {
+                                let family = out.gauge(name, help, "ratio");
+                                out.sample_in(family, set, v);
+                            }
+                        }
+                    }
                     if let Some(id) = &identity {
                         let mut info = labels.clone();
                         info.push(("driver_version", self.driver_version.as_str()));
@@ -1107,6 +1279,7 @@ impl NvmlCollector {
             // Start over with a fresh NVML session at the next attempt; nothing stale is sent.
             Some(e) => {
                 self.xid = None;
+                self.gpm = None;
                 Err(Error::transient(describe_init_error(
                     &self.config.library_path,
                     &e,

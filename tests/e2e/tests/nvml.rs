@@ -414,7 +414,8 @@ fn a_missing_nvml_library_gives_a_clear_error_and_a_running_host() {
     let health = wait_for("the NVML error in /health", Duration::from_secs(10), || {
         let (_, body) = agent.get_health("/health").ok()?;
         let v: Value = serde_json::from_str(&body).ok()?;
-        (v["instances"]["gpu"]["state"] == "failing").then_some(v)
+        (v["instances"]["gpu"]["state"] == "failing" && v["instances"]["hi"]["state"] == "ok")
+            .then_some(v)
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
     let error = health["instances"]["gpu"]["last_error"]
@@ -452,7 +453,7 @@ fn dcgm_reference() -> Vec<(String, String, String)> {
         for p in parts {
             names.push(if p.starts_with("DCGM_") {
                 p.to_string()
-            } else if p.starts_with("_PCIE") {
+            } else if p.starts_with("_PCIE") && prefix == "DCGM_FI_DEV_PCIE" {
                 format!("DCGM_FI_DEV{p}")
             } else {
                 format!("{prefix}{p}")
@@ -602,4 +603,50 @@ fn xid_errors_are_counted_per_gpu_and_code_from_the_event_thread() {
     assert!(agent.stderr().contains("critical Xid error 79"));
     let status = agent.terminate().expect("terminate");
     assert!(status.success(), "the event thread stops with the instance");
+}
+
+#[test]
+fn gpm_metrics_come_from_the_plugins_own_thread() {
+    let work = Workdir::new();
+    let config = stdout_agent_config("250ms").replace(
+        "[collectors.config]\n",
+        "[collectors.config]\ngpm_period = \"200ms\"\n",
+    );
+    let mut agent = Agent::start(
+        &work,
+        &config,
+        &[("NVML_SIM_SCENARIO", &scenario("h100-sxm-8.toml"))],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    let latest = |agent: &Agent, name: &str, gpu: &str| -> Option<f64> {
+        json_lines(&agent.stdout())
+            .iter()
+            .rev()
+            .find(|r| r["name"] == name && r["labels"]["gpu"] == gpu)
+            .and_then(|r| r["value"].as_f64())
+    };
+    wait_for("GPM metrics", Duration::from_secs(15), || {
+        latest(&agent, "gpu_sm_active_ratio", "7")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    for (name, want) in [
+        ("gpu_graphics_engine_active_ratio", 0.92),
+        ("gpu_sm_active_ratio", 0.88),
+        ("gpu_sm_occupancy_ratio", 0.47),
+        ("gpu_tensor_active_ratio", 0.63),
+        ("gpu_dram_active_ratio", 0.71),
+        ("gpu_fp64_active_ratio", 0.02),
+        ("gpu_fp32_active_ratio", 0.15),
+        ("gpu_fp16_active_ratio", 0.30),
+    ] {
+        let got = latest(&agent, name, "0").unwrap_or_else(|| panic!("{name} missing"));
+        assert!((got - want).abs() < 1e-9, "{name}: {got} vs {want}");
+    }
+    let status = agent.terminate().expect("terminate");
+    assert!(status.success(), "the GPM thread stops with the instance");
+
+    // A GPU without GPM (the A100 scenario) has no GPM series.
+    let all = once_json(&work, "", "a100.toml", &[]);
+    assert!(rows(&all, "gpu_sm_active_ratio", None).is_empty());
 }

@@ -137,6 +137,8 @@ pub struct GpuSpec {
     /// Remapped rows: correctable, uncorrectable, pending (0/1), failure (0/1) (fields 142-145).
     #[serde(default)]
     pub remapped_rows: [u32; 4],
+    /// GPM (Hopper and newer) metrics in percent; `None`: GPM not supported.
+    pub gpm: Option<GpmSpec>,
     /// Retired pages: for multiple single-bit ECC errors, for double-bit ECC errors.
     #[serde(default)]
     pub retired_pages: [u32; 2],
@@ -184,6 +186,24 @@ fn default_pcie_rates() -> [f64; 2] {
 
 fn default_pcie() -> [u32; 4] {
     [5, 16, 5, 16]
+}
+
+/// GPM metric values in percent (as NVML reports them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpmSpec {
+    /// GRAPHICS_UTIL.
+    pub graphics: Curve,
+    /// SM_UTIL (SM active).
+    pub sm_active: Curve,
+    /// SM_OCCUPANCY.
+    pub sm_occupancy: Curve,
+    /// ANY_TENSOR_UTIL.
+    pub tensor: Curve,
+    /// DRAM_BW_UTIL.
+    pub dram: Curve,
+    /// FP64_UTIL, FP32_UTIL, FP16_UTIL.
+    pub fp: [f64; 3],
 }
 
 /// A critical Xid error raised at `at_s`.
@@ -1114,6 +1134,134 @@ pub unsafe extern "C" fn nvmlDeviceGetPcieThroughput(
         // SAFETY: caller's out pointer (KB/s).
         unsafe { put(value, (rate / 1024.0) as c_uint) }
     })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlGpmQueryDeviceSupport(
+    device: nvmlDevice_t,
+    support: *mut nvmlGpmSupport_t,
+) -> nvmlReturn_t {
+    match lookup(device, "gpm_support") {
+        Ok((_, g, _)) => {
+            if support.is_null() {
+                return INVALID_ARGUMENT;
+            }
+            // SAFETY: `support` is non-null and points to the caller's struct.
+            unsafe { (*support).isSupportedDevice = c_uint::from(g.gpm.is_some()) };
+            SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// GPM samples: a slab of (GPU, time) records; the handle is the slot number plus one.
+static GPM_SAMPLES: std::sync::Mutex<Vec<Option<(usize, f64)>>> = std::sync::Mutex::new(Vec::new());
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlGpmSampleAlloc(sample: *mut nvmlGpmSample_t) -> nvmlReturn_t {
+    if sample.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let mut slab = GPM_SAMPLES.lock().unwrap_or_else(|p| p.into_inner());
+    let slot = match slab.iter().position(Option::is_none) {
+        Some(free) => free,
+        None => {
+            slab.push(None);
+            slab.len() - 1
+        }
+    };
+    slab[slot] = Some((usize::MAX, 0.0));
+    // SAFETY: caller's out pointer, checked non-null.
+    unsafe { sample.write((slot + 1) as nvmlGpmSample_t) };
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlGpmSampleFree(sample: nvmlGpmSample_t) -> nvmlReturn_t {
+    let mut slab = GPM_SAMPLES.lock().unwrap_or_else(|p| p.into_inner());
+    match (sample as usize)
+        .checked_sub(1)
+        .and_then(|i| slab.get_mut(i))
+    {
+        Some(slot) => {
+            *slot = None;
+            SUCCESS
+        }
+        None => INVALID_ARGUMENT,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlGpmSampleGet(device: nvmlDevice_t, sample: nvmlGpmSample_t) -> nvmlReturn_t {
+    let (gpu, g, t) = match lookup(device, "gpm_sample") {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    if g.gpm.is_none() {
+        return NOT_SUPPORTED;
+    }
+    let mut slab = GPM_SAMPLES.lock().unwrap_or_else(|p| p.into_inner());
+    match (sample as usize)
+        .checked_sub(1)
+        .and_then(|i| slab.get_mut(i))
+    {
+        Some(slot @ Some(_)) => {
+            *slot = Some((gpu, t));
+            SUCCESS
+        }
+        _ => INVALID_ARGUMENT,
+    }
+}
+
+/// Metrics between two samples of one GPU: the scenario's curves at the second sample's time.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlGpmMetricsGet(request: *mut nvmlGpmMetricsGet_t) -> nvmlReturn_t {
+    if request.is_null() || sim().is_err() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: non-null; the caller owns the request struct for the duration of the call.
+    let request = unsafe { &mut *request };
+    if request.version != NVML_GPM_METRICS_GET_VERSION {
+        return nvmlReturn_enum_NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    }
+    let slab = GPM_SAMPLES.lock().unwrap_or_else(|p| p.into_inner());
+    let get = |h: nvmlGpmSample_t| {
+        (h as usize)
+            .checked_sub(1)
+            .and_then(|i| slab.get(i).copied().flatten())
+    };
+    let (Some((gpu1, t1)), Some((gpu2, t2))) = (get(request.sample1), get(request.sample2)) else {
+        return INVALID_ARGUMENT;
+    };
+    let Ok(s) = sim() else { return UNINITIALIZED };
+    let Some(spec) = s.gpus.get(gpu2).and_then(|g| g.gpm.as_ref()) else {
+        return NOT_SUPPORTED;
+    };
+    if gpu1 != gpu2 || t2 <= t1 {
+        return INVALID_ARGUMENT;
+    }
+    let n = (request.numMetrics as usize).min(request.metrics.len());
+    for m in request.metrics[..n].iter_mut() {
+        let value = match m.metricId {
+            1 => Some(spec.graphics.at(t2)),
+            2 => Some(spec.sm_active.at(t2)),
+            3 => Some(spec.sm_occupancy.at(t2)),
+            5 => Some(spec.tensor.at(t2)),
+            10 => Some(spec.dram.at(t2)),
+            11 => Some(spec.fp[0]),
+            12 => Some(spec.fp[1]),
+            13 => Some(spec.fp[2]),
+            _ => None,
+        };
+        match value {
+            Some(v) => {
+                m.value = v.clamp(0.0, 100.0);
+                m.nvmlReturn = SUCCESS;
+            }
+            None => m.nvmlReturn = NOT_SUPPORTED,
+        }
+    }
+    SUCCESS
 }
 
 #[no_mangle]
