@@ -163,6 +163,8 @@ pub fn translate(
     // DCGM labels per GPU, built once per GPU.
     let mut gpu_sets: BTreeMap<String, LabelSetId> = BTreeMap::new();
     let mut bitmasks: BTreeMap<String, u64> = BTreeMap::new();
+    // Per GPU and error type, the NVLink error counters summed over links.
+    let mut nvlink_errors: BTreeMap<(String, &'static str), f64> = BTreeMap::new();
     let mut dcgm_set = |out: &mut BatchBuilder, labels: &[Label]| -> Option<(String, LabelSetId)> {
         let get = |key: &str| {
             labels
@@ -211,6 +213,16 @@ pub fn translate(
             }
             continue;
         }
+        if name == "gpu_nvlink_errors_total" {
+            let kind = own
+                .iter()
+                .find(|l| l.name.as_str() == "type")
+                .and_then(|l| nvlink_error_field(l.value.as_str()));
+            if let (Some((gpu, _)), Some(field)) = (dcgm_set(out, own), kind) {
+                *nvlink_errors.entry((gpu, field)).or_insert(0.0) += s.value;
+            }
+            continue;
+        }
         match (field_for(name, own), dcgm_set(out, own)) {
             (Some(f), Some((_, set))) => {
                 let id = out.family(f.name, family.help.as_str(), f.unit, f.kind);
@@ -241,4 +253,26 @@ pub fn translate(
             out.sample_in(id, *set, mask as f64);
         }
     }
+    for ((gpu, field), total) in nvlink_errors {
+        if let Some(set) = gpu_sets.get(&gpu) {
+            let id = out.family(
+                field,
+                "NVLink errors of this type, summed over the GPU's links.",
+                "",
+                C,
+            );
+            out.sample_in(id, *set, total);
+        }
+    }
+}
+
+/// dcgm-exporter's per-GPU NVLink error total for metricsd's `type` label.
+fn nvlink_error_field(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "crc_flit" => "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL",
+        "crc_data" => "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL",
+        "replay" => "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL",
+        "recovery" => "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL",
+        _ => return None,
+    })
 }

@@ -11,7 +11,7 @@
 
 pub mod dcgm;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,7 +39,7 @@ pub struct Config {
     /// Never these GPUs (indices or UUIDs).
     #[serde(default)]
     pub exclude: Vec<String>,
-    /// Report per-process GPU memory (`gpu_process_memory_used_bytes`).
+    /// Report per-process GPU memory and utilization (`gpu_process_*`).
     #[serde(default = "yes")]
     pub processes: bool,
     /// Most processes reported per GPU (pid labels churn series; staleness clears them).
@@ -347,6 +347,7 @@ struct Identity {
     pci_bus_id: String,
     serial: Option<String>,
     vbios: Option<String>,
+    board_part_number: Option<String>,
 }
 
 /// Queries that can answer NOT_SUPPORTED, remembered per GPU.
@@ -375,6 +376,7 @@ enum Query {
     RetiredPages,
     Bar1,
     Processes,
+    ProcessUtilization,
     Field(u32),
     NvLink,
     Mig,
@@ -418,6 +420,8 @@ pub struct NvmlCollector {
     cuda_version: String,
     identities: BTreeMap<u32, Identity>,
     unsupported: HashSet<(u32, Query)>,
+    /// Per GPU, the newest process-utilization sample seen (µs), asked for what came after.
+    process_util_seen: HashMap<u32, u64>,
     /// `Hostname` label of the dcgm profile: `NODE_NAME` (Kubernetes) or the kernel hostname.
     hostname: String,
     xid: Option<XidWatcher>,
@@ -483,6 +487,10 @@ struct Families {
     bar1_total: FamilyId,
     bar1_used: FamilyId,
     process_memory: FamilyId,
+    mig_memory_total: FamilyId,
+    mig_memory_used: FamilyId,
+    process_sm_util: FamilyId,
+    process_mem_util: FamilyId,
     memory_temp: FamilyId,
     pcie_tx: FamilyId,
     pcie_rx: FamilyId,
@@ -580,7 +588,11 @@ impl Families {
             retired_pending: out.gauge("gpu_retired_pages_pending", "1 if pages are waiting to be retired at the next driver reload.", ""),
             bar1_total: out.gauge("gpu_bar1_memory_total_bytes", "BAR1 memory size.", "bytes"),
             bar1_used: out.gauge("gpu_bar1_memory_used_bytes", "BAR1 memory in use.", "bytes"),
+            mig_memory_total: out.gauge("gpu_mig_memory_total_bytes", "Memory of a MIG instance.", "bytes"),
+            mig_memory_used: out.gauge("gpu_mig_memory_used_bytes", "Memory used in a MIG instance.", "bytes"),
             process_memory: out.gauge("gpu_process_memory_used_bytes", "GPU memory used by a compute process.", "bytes"),
+            process_sm_util: out.gauge("gpu_process_sm_utilization_ratio", "Fraction of time the process had a kernel running on the SMs, since the previous collection.", "ratio"),
+            process_mem_util: out.gauge("gpu_process_memory_utilization_ratio", "Fraction of time the process used the memory controller, since the previous collection.", "ratio"),
             memory_temp: out.gauge("gpu_memory_temperature_celsius", "Memory (HBM) temperature.", "celsius"),
             pcie_tx: out.counter("gpu_pcie_transmit_bytes_total", "Bytes the GPU transmitted over PCIe.", "bytes"),
             pcie_rx: out.counter("gpu_pcie_receive_bytes_total", "Bytes the GPU received over PCIe.", "bytes"),
@@ -729,10 +741,79 @@ impl NvmlCollector {
             pci_bus_id: device.pci_info()?.bus_id,
             serial: device.serial().ok(),
             vbios: device.vbios_version().ok(),
+            board_part_number: device.board_part_number().ok(),
         };
         self.identities.insert(index, id.clone());
         Ok(id)
     }
+}
+
+/// Memory of one MIG instance, labelled with its index, MIG UUID and profile (`3g.40gb`, from
+/// the MIG device's name). NVML gives no utilization for MIG devices; what it cannot answer
+/// is left out.
+fn mig_instance_metrics(
+    out: &mut BatchBuilder,
+    f: &Families,
+    labels: &[(&str, &str)],
+    instance: u32,
+    mig: &Device,
+) {
+    let Ok(memory) = mig.memory_info() else {
+        return;
+    };
+    let uuid = mig.uuid().unwrap_or_default();
+    let name = mig.name().unwrap_or_default();
+    let profile = name.rsplit_once(" MIG ").map_or("", |(_, p)| p);
+    let instance = instance.to_string();
+    let mut all = labels.to_vec();
+    all.extend([
+        ("mig_index", instance.as_str()),
+        ("mig_uuid", uuid.as_str()),
+        ("mig_profile", profile),
+    ]);
+    let set = out.label_set(&all);
+    out.sample_in(f.mig_memory_total, set, memory.total as f64);
+    out.sample_in(f.mig_memory_used, set, memory.used as f64);
+}
+
+/// Per pid, SM and memory-controller utilization in percent.
+type ProcessUtilization = HashMap<u32, (u32, u32)>;
+
+/// SM and memory utilization (percent) per pid since the previous collection, from the newest
+/// sample of each process; `None` when the GPU does not report per-process utilization.
+fn process_utilization(
+    device: &Device,
+    index: u32,
+    unsupported: &mut HashSet<(u32, Query)>,
+    options: &mut CollectOptions,
+) -> std::result::Result<Option<ProcessUtilization>, Stop> {
+    let since = options.process_util_seen.get(&index).copied();
+    let samples = ask(unsupported, index, Query::ProcessUtilization, || {
+        match device.process_utilization_stats(since) {
+            // No process was busy since `since`.
+            Err(NvmlError::NotFound) => Ok(Vec::new()),
+            other => other,
+        }
+    })?;
+    let Some(samples) = samples else {
+        return Ok(None);
+    };
+    let mut newest: HashMap<u32, (u64, u32, u32)> = HashMap::new();
+    for s in samples {
+        let entry = newest.entry(s.pid).or_insert((0, 0, 0));
+        if s.timestamp >= entry.0 {
+            *entry = (s.timestamp, s.sm_util, s.mem_util);
+        }
+    }
+    if let Some(latest) = newest.values().map(|v| v.0).max() {
+        options.process_util_seen.insert(index, latest);
+    }
+    Ok(Some(
+        newest
+            .into_iter()
+            .map(|(pid, (_, sm, mem))| (pid, (sm, mem)))
+            .collect(),
+    ))
 }
 
 /// Asks one query unless the GPU said NOT_SUPPORTED before.
@@ -827,6 +908,8 @@ struct CollectOptions<'a> {
     max: usize,
     /// For process names.
     nvml: &'a Nvml,
+    /// Per GPU, the newest process-utilization sample seen.
+    process_util_seen: &'a mut HashMap<u32, u64>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -838,7 +921,7 @@ fn gpu_metrics(
     index: u32,
     device: &Device,
     unsupported: &mut HashSet<(u32, Query)>,
-    options: &CollectOptions,
+    options: &mut CollectOptions,
 ) -> std::result::Result<(), Stop> {
     use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureThreshold};
     use nvml_wrapper::enums::device::UsedGpuMemory;
@@ -1016,10 +1099,15 @@ fn gpu_metrics(
         out.sample_in(f.mig_pending, set, f64::from(mode.pending));
         if mode.current == 1 {
             let max = device.mig_device_count().unwrap_or(0);
-            let instances = (0..max)
-                .filter(|i| device.mig_device_by_index(*i).is_ok())
-                .count();
-            out.sample_in(f.mig_instances, set, instances as f64);
+            let mut instances = 0;
+            for i in 0..max {
+                let Ok(mig) = device.mig_device_by_index(i) else {
+                    continue;
+                };
+                instances += 1;
+                mig_instance_metrics(out, f, labels, i, &mig);
+            }
+            out.sample_in(f.mig_instances, set, f64::from(instances));
         }
     }
     if options.enabled {
@@ -1032,14 +1120,22 @@ fn gpu_metrics(
                     UsedGpuMemory::Unavailable => 0,
                 })
             });
-            for p in list.iter().take(options.max) {
-                let UsedGpuMemory::Used(bytes) = p.used_gpu_memory else {
-                    continue;
-                };
+            list.truncate(options.max);
+            let utilization = process_utilization(device, index, unsupported, options)?;
+            for p in &list {
                 let pid = p.pid.to_string();
                 let name = options.nvml.sys_process_name(p.pid, 64).unwrap_or_default();
                 let process_set = with(out, &[("pid", pid.as_str()), ("process", name.as_str())]);
-                out.sample_in(f.process_memory, process_set, bytes as f64);
+                if let UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
+                    out.sample_in(f.process_memory, process_set, bytes as f64);
+                }
+                if let Some(samples) = &utilization {
+                    // NVML returns samples only for processes that were busy in the window:
+                    // a running process without one was idle (0).
+                    let (sm, mem) = samples.get(&p.pid).copied().unwrap_or((0, 0));
+                    out.sample_in(f.process_sm_util, process_set, f64::from(sm) / 100.0);
+                    out.sample_in(f.process_mem_util, process_set, f64::from(mem) / 100.0);
+                }
             }
         }
     }
@@ -1135,6 +1231,7 @@ impl Collector for NvmlCollector {
             cuda_version: String::new(),
             identities: BTreeMap::new(),
             unsupported: HashSet::new(),
+            process_util_seen: HashMap::new(),
             hostname: std::env::var("NODE_NAME")
                 .ok()
                 .filter(|n| !n.is_empty())
@@ -1220,12 +1317,13 @@ impl NvmlCollector {
             let set = out.label_set(&labels);
             let result = match device {
                 Ok(d) if identity.is_some() => {
-                    let options = CollectOptions {
+                    let mut options = CollectOptions {
                         enabled: self.config.processes,
                         nvlink: self.config.nvlink,
                         pcie_throughput_sampled: self.config.pcie_throughput_sampled,
                         max: self.config.max_processes,
                         nvml: &nvml,
+                        process_util_seen: &mut self.process_util_seen,
                     };
                     gpu_metrics(
                         out,
@@ -1235,7 +1333,7 @@ impl NvmlCollector {
                         index,
                         &d,
                         &mut self.unsupported,
-                        &options,
+                        &mut options,
                     )
                 }
                 Ok(_) => Err(Stop::Lost),
@@ -1258,6 +1356,10 @@ impl NvmlCollector {
                         info.push(("cuda_version", self.cuda_version.as_str()));
                         info.push(("vbios_version", id.vbios.as_deref().unwrap_or("")));
                         info.push(("serial", id.serial.as_deref().unwrap_or("")));
+                        info.push((
+                            "board_part_number",
+                            id.board_part_number.as_deref().unwrap_or(""),
+                        ));
                         out.sample(families.info, &info, 1.0);
                     }
                 }

@@ -185,6 +185,20 @@ fn eight_gpus_report_every_metric_with_the_scenario_values() {
             .find(|r| r["labels"]["pid"] == "4242")
             .expect("process");
         assert_eq!(python["labels"]["process"], "python3");
+        // Per-process utilization from nvmlDeviceGetProcessUtilization: the busy process has
+        // its sample, the idle one (no sample from NVML) reads 0.
+        assert_eq!(
+            labelled("gpu_process_sm_utilization_ratio", "pid", "4242"),
+            0.87
+        );
+        assert_eq!(
+            labelled("gpu_process_memory_utilization_ratio", "pid", "4242"),
+            0.41
+        );
+        assert_eq!(
+            labelled("gpu_process_sm_utilization_ratio", "pid", "4343"),
+            0.0
+        );
         // The fan query answers NOT_SUPPORTED on this card: absent, never 0.
         assert!(rows(&all, "gpu_fan_speed_ratio", Some(g)).is_empty());
         let info = rows(&all, "gpu_info", Some(g));
@@ -194,6 +208,8 @@ fn eight_gpus_report_every_metric_with_the_scenario_values() {
         assert_eq!(labels["cuda_version"], "12.4");
         assert_eq!(labels["name"], "NVIDIA H100 80GB HBM3");
         assert_eq!(labels["vbios_version"], "96.00.74.00.01");
+        assert_eq!(labels["board_part_number"], "692-2G520-0200-000");
+        assert_eq!(labels["serial"], format!("165232100{gpu}"));
         assert_eq!(
             labels["pci_bus_id"],
             format!("00000000:{:02X}:00.0", 0x18 + gpu * 0x10)
@@ -211,6 +227,46 @@ fn mig_mode_and_instances() {
         assert_eq!(value(&all, "gpu_mig_mode_enabled", gpu), 1.0);
         assert_eq!(value(&all, "gpu_mig_mode_pending", gpu), 1.0);
         assert_eq!(value(&all, "gpu_mig_instances", gpu), 3.0);
+        let mut instances: Vec<(String, String, f64, f64)> =
+            rows(&all, "gpu_mig_memory_total_bytes", Some(gpu))
+                .into_iter()
+                .map(|r| {
+                    let l = &r["labels"];
+                    let used = rows(&all, "gpu_mig_memory_used_bytes", Some(gpu))
+                        .into_iter()
+                        .find(|u| u["labels"] == r["labels"])
+                        .and_then(|u| u["value"].as_f64())
+                        .expect("used beside total");
+                    assert!(l["mig_uuid"]
+                        .as_str()
+                        .is_some_and(|u| u.starts_with("MIG-")));
+                    (
+                        l["mig_index"].as_str().unwrap_or("").to_string(),
+                        l["mig_profile"].as_str().unwrap_or("").to_string(),
+                        r["value"].as_f64().unwrap_or(-1.0),
+                        used,
+                    )
+                })
+                .collect();
+        instances.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            instances,
+            vec![
+                (
+                    "0".into(),
+                    "3g.40gb".into(),
+                    42_949_672_960.0,
+                    21_474_836_480.0
+                ),
+                (
+                    "1".into(),
+                    "2g.20gb".into(),
+                    21_474_836_480.0,
+                    1_073_741_824.0
+                ),
+                ("2".into(), "2g.20gb".into(), 21_474_836_480.0, 0.0),
+            ]
+        );
     }
     // The sampled PCIe call, when switched on.
     let all = once_json(&work, "pcie_throughput_sampled = true", "a100.toml", &[]);
@@ -449,10 +505,17 @@ fn dcgm_reference() -> Vec<(String, String, String)> {
         } else {
             "DCGM_FI_DEV"
         };
+        // "_X_" replaces the varying middle of the first name: in the NVLink error row,
+        // `DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL / _CRC_DATA_ / _REPLAY_ / _RECOVERY_`.
+        let infix = first
+            .split_once("_CRC_FLIT_")
+            .map(|(head, tail)| (head.to_string(), tail.to_string()));
         let mut names = vec![first];
         for p in parts {
             names.push(if p.starts_with("DCGM_") {
                 p.to_string()
+            } else if let (true, Some((head, tail))) = (p.ends_with('_'), &infix) {
+                format!("{head}{p}{tail}")
             } else if p.starts_with("_PCIE") && prefix == "DCGM_FI_DEV_PCIE" {
                 format!("DCGM_FI_DEV{p}")
             } else {
@@ -537,6 +600,23 @@ fn the_dcgm_profile_matches_dcgm_exporter_names_types_units_and_labels() {
     assert_eq!(dcgm("DCGM_FI_DEV_RETIRED_SBE"), 2.0);
     assert_eq!(dcgm("DCGM_FI_DEV_RETIRED_DBE"), 1.0);
     assert!(dcgm("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION") >= 1.0e9);
+    // NVLink error totals per GPU are the per-link counters of the default naming, summed.
+    let plain = once_json(&work, "", "h100-sxm-8.toml", &[]);
+    for (kind, field) in [
+        ("replay", "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL"),
+        ("recovery", "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL"),
+        ("crc_flit", "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL"),
+        ("crc_data", "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL"),
+    ] {
+        let per_link: Vec<f64> = rows(&plain, "gpu_nvlink_errors_total", Some("0"))
+            .into_iter()
+            .filter(|r| r["labels"]["type"] == kind)
+            .filter_map(|r| r["value"].as_f64())
+            .collect();
+        assert!(per_link.len() >= 17, "{kind}: {per_link:?}");
+        assert_eq!(dcgm(field), per_link.iter().sum::<f64>(), "{field}");
+    }
+    assert!(dcgm("DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL") > 0.0);
     // A card without NVLink (the RTX 4090 scenario) has no NVLink series: checked in
     // not_supported_queries_are_absent_and_asked_once.
     assert!(emitted.len() >= 25, "{emitted:?}");

@@ -145,6 +145,10 @@ pub struct GpuSpec {
     /// MIG: `None` when the GPU has no MIG support (NOT_SUPPORTED); else (enabled, pending,
     /// instances).
     pub mig: Option<(bool, bool, u32)>,
+    /// The MIG instances' profiles and memory (index order); instances beyond this list
+    /// answer NOT_SUPPORTED to name and memory queries.
+    #[serde(default)]
+    pub mig_instances: Vec<MigInstanceSpec>,
     /// NVLink links of the GPU (0: no NVLink, queries answer NOT_SUPPORTED).
     #[serde(default)]
     pub nvlinks: u32,
@@ -166,6 +170,9 @@ pub struct GpuSpec {
     /// VBIOS version.
     #[serde(default)]
     pub vbios: String,
+    /// Board part number (NOT_SUPPORTED when empty, as for a VBIOS that leaves it unset).
+    #[serde(default)]
+    pub board_part_number: String,
 }
 
 fn one() -> u32 {
@@ -206,6 +213,49 @@ pub struct GpmSpec {
     pub fp: [f64; 3],
 }
 
+/// One MIG instance (a MIG device handle of its parent GPU).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigInstanceSpec {
+    /// GPU instance profile, e.g. `3g.40gb`.
+    pub profile: String,
+    /// Memory of the instance, bytes.
+    pub memory_total_bytes: f64,
+    /// Memory used, bytes.
+    pub memory_used_bytes: Curve,
+}
+
+/// MIG device handles are `MIG_HANDLE_BASE + gpu * 10 + instance`.
+const MIG_HANDLE_BASE: usize = 1_000_000;
+
+/// A MIG device handle's parent GPU (asked with `query`, so a lost parent is lost), instance
+/// index and spec; `None` when `handle` is a whole-GPU handle.
+#[allow(clippy::type_complexity)]
+fn mig_lookup(
+    handle: nvmlDevice_t,
+    query: &str,
+) -> Option<
+    Result<
+        (
+            usize,
+            usize,
+            &'static MigInstanceSpec,
+            f64,
+            &'static GpuSpec,
+        ),
+        nvmlReturn_t,
+    >,
+> {
+    let raw = (handle as usize).checked_sub(MIG_HANDLE_BASE)?;
+    let (gpu, instance) = (raw / 10, raw % 10);
+    Some(
+        lookup((gpu + 1) as nvmlDevice_t, query).and_then(|(_, g, t)| {
+            let spec = g.mig_instances.get(instance).ok_or(NOT_SUPPORTED)?;
+            Ok((gpu, instance, spec, t, g))
+        }),
+    )
+}
+
 /// A critical Xid error raised at `at_s`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,6 +276,10 @@ pub struct ProcessSpec {
     pub name: String,
     /// GPU memory it uses, bytes.
     pub used_bytes: f64,
+    /// SM and memory-controller utilization in percent while it runs; a process with both
+    /// at 0 has no utilization sample, as NVML reports only busy processes.
+    #[serde(default)]
+    pub util_percent: [u32; 2],
     /// Present from this second.
     #[serde(default)]
     pub from_s: f64,
@@ -493,6 +547,15 @@ pub unsafe extern "C" fn nvmlDeviceGetName(
     name: *mut c_char,
     length: c_uint,
 ) -> nvmlReturn_t {
+    if let Some(found) = mig_lookup(device, "name") {
+        return match found {
+            // SAFETY: forwarded caller buffer.
+            Ok((_, _, m, _, g)) => unsafe {
+                write_str(&format!("{} MIG {}", g.name, m.profile), name, length)
+            },
+            Err(code) => code,
+        };
+    }
     match lookup(device, "name") {
         // SAFETY: forwarded caller buffer.
         Ok((_, g, _)) => unsafe { write_str(&g.name, name, length) },
@@ -506,6 +569,19 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(
     buf: *mut c_char,
     length: c_uint,
 ) -> nvmlReturn_t {
+    if let Some(found) = mig_lookup(device, "uuid") {
+        return match found {
+            // SAFETY: forwarded caller buffer.
+            Ok((gpu, instance, ..)) => unsafe {
+                write_str(
+                    &format!("MIG-{:08x}-0000-4000-8000-{:012x}", gpu, instance),
+                    buf,
+                    length,
+                )
+            },
+            Err(code) => code,
+        };
+    }
     match lookup(device, "uuid") {
         // SAFETY: forwarded caller buffer.
         Ok((i, _, _)) => unsafe { write_str(&uuid(i), buf, length) },
@@ -589,6 +665,26 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     device: nvmlDevice_t,
     memory: *mut nvmlMemory_v2_t,
 ) -> nvmlReturn_t {
+    if let Some(found) = mig_lookup(device, "mig_memory") {
+        return match found {
+            Ok((_, _, m, t, _)) => {
+                let total = m.memory_total_bytes as c_ulonglong;
+                let used =
+                    m.memory_used_bytes.at(t).clamp(0.0, m.memory_total_bytes) as c_ulonglong;
+                let value = nvmlMemory_v2_t {
+                    version: (std::mem::size_of::<nvmlMemory_v2_t>() | (2 << 24)) as c_uint,
+                    total,
+                    reserved: 0,
+                    free: total.saturating_sub(used),
+                    used,
+                };
+                // SAFETY: caller's out pointer.
+                unsafe { put(memory, value) };
+                SUCCESS
+            }
+            Err(code) => code,
+        };
+    }
     answer!(device, "memory", |_i, g, t| {
         let used = g.memory_used_bytes.at(t).clamp(0.0, g.memory_total_bytes) as c_ulonglong;
         let total = g.memory_total_bytes as c_ulonglong;
@@ -947,6 +1043,69 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
         unsafe { infos.add(i).write(info) };
     }
     SUCCESS
+}
+
+/// Per-process utilization: one sample per busy process, stamped now (µs since the epoch);
+/// NOT_FOUND when no process was busy, count-then-fill as the driver does.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
+    device: nvmlDevice_t,
+    utilization: *mut nvmlProcessUtilizationSample_t,
+    count: *mut c_uint,
+    last_seen: c_ulonglong,
+) -> nvmlReturn_t {
+    let (_, g, t) = match lookup(device, "process_utilization") {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    if count.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let busy: Vec<&ProcessSpec> = g
+        .processes
+        .iter()
+        .filter(|p| p.running(t) && p.util_percent != [0, 0] && now > last_seen)
+        .collect();
+    // SAFETY: `count` is non-null and points to the caller's buffer length.
+    let capacity = unsafe { *count } as usize;
+    // SAFETY: as above.
+    unsafe { *count = busy.len() as c_uint };
+    if busy.is_empty() {
+        return nvmlReturn_enum_NVML_ERROR_NOT_FOUND;
+    }
+    if utilization.is_null() || capacity < busy.len() {
+        return INSUFFICIENT_SIZE;
+    }
+    for (i, p) in busy.iter().enumerate() {
+        let sample = nvmlProcessUtilizationSample_t {
+            pid: p.pid,
+            timeStamp: now,
+            smUtil: p.util_percent[0],
+            memUtil: p.util_percent[1],
+            encUtil: 0,
+            decUtil: 0,
+        };
+        // SAFETY: `utilization` holds at least `capacity` >= busy.len() elements.
+        unsafe { utilization.add(i).write(sample) };
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetBoardPartNumber(
+    device: nvmlDevice_t,
+    buf: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
+    match lookup(device, "board_part_number") {
+        Ok((_, g, _)) if g.board_part_number.is_empty() => NOT_SUPPORTED,
+        // SAFETY: forwarded caller buffer.
+        Ok((_, g, _)) => unsafe { write_str(&g.board_part_number, buf, length) },
+        Err(code) => code,
+    }
 }
 
 #[no_mangle]
@@ -1314,7 +1473,12 @@ pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
         Ok((gpu, g, _)) => match g.mig {
             Some((true, _, instances)) if index < instances => {
                 // SAFETY: caller's out pointer.
-                unsafe { put(mig, (1_000_000 + gpu * 10 + index as usize) as nvmlDevice_t) };
+                unsafe {
+                    put(
+                        mig,
+                        (MIG_HANDLE_BASE + gpu * 10 + index as usize) as nvmlDevice_t,
+                    )
+                };
                 SUCCESS
             }
             Some(_) => nvmlReturn_enum_NVML_ERROR_NOT_FOUND,
@@ -1429,5 +1593,12 @@ mod tests {
         assert_eq!(std::mem::size_of::<nvmlMemory_v2_t>(), 40);
         assert_eq!(std::mem::size_of::<nvmlUtilization_t>(), 8);
         assert_eq!(std::mem::size_of::<nvmlPciInfo_t>(), 68);
+        // unsigned int pid; unsigned long long timeStamp; four unsigned ints.
+        assert_eq!(std::mem::size_of::<nvmlProcessUtilizationSample_t>(), 32);
+        assert_eq!(
+            std::mem::offset_of!(nvmlProcessUtilizationSample_t, timeStamp),
+            8
+        );
+        assert_eq!(std::mem::size_of::<nvmlProcessInfo_t>(), 24);
     }
 }
