@@ -4,14 +4,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# prometheus brings the Prometheus server and promtool. A missing tool fails the tests that
-# need it (they never skip), so install it here.
-if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+# The real servers the tests talk to: prometheus (the server and promtool), influxdb (InfluxDB
+# 1.x, influxd) and victoria-metrics. A missing one fails the tests that need it (they never
+# skip), so install them here.
+missing=()
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v influxd >/dev/null 2>&1 || missing+=(influxdb)
+command -v victoria-metrics >/dev/null 2>&1 || missing+=(victoria-metrics)
+if [ "${#missing[@]}" -gt 0 ]; then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get update
-    $sudo apt-get install -y --no-install-recommends prometheus
+    $sudo apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
 log=$(mktemp)

@@ -264,6 +264,7 @@ pub async fn run_until<T>(
         return Err(exit(EXIT_CONFIG, format!("required {problem}")));
     }
     let telemetry = Arc::new(Telemetry::new());
+    crate::plugin_log::count_drops_in(&telemetry);
     let health = Arc::new(Health::new());
     let (loaded_n, shadowed_n, refused_n) = plugins.files.iter().fold((0, 0, 0), |acc, f| match f
         .verdict

@@ -161,6 +161,15 @@ impl SinkQueue {
     }
 }
 
+/// The longest a sink's `Retry-After` can hold its queue back.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(600);
+
+/// Between half and all of `backoff`, at random.
+fn jitter(backoff: Duration) -> Duration {
+    let half = backoff / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
 /// A sink instance and what the worker needs to drive it.
 pub struct SinkRuntime {
     /// Instance name.
@@ -268,12 +277,12 @@ impl SinkRuntime {
                             backoff = (backoff * 2)
                                 .max(Duration::from_millis(500))
                                 .min(self.max_backoff);
-                            let wait = err
-                                .retry_after_ms
-                                .into_option()
-                                .map(Duration::from_millis)
-                                .unwrap_or(backoff)
-                                .min(self.max_backoff);
+                            // The server's Retry-After wins (up to RETRY_AFTER_CAP); else the
+                            // back-off with equal jitter, so that a fleet does not retry in step.
+                            let wait = match err.retry_after_ms.into_option() {
+                                Some(ms) => Duration::from_millis(ms).min(RETRY_AFTER_CAP),
+                                None => jitter(backoff),
+                            };
                             self.queue.push_front(batch);
                             tokio::time::sleep(wait).await;
                         }
@@ -351,6 +360,15 @@ mod tests {
             .contains("metricsd_sink_dropped_samples_total{reason=\"queue_full\",sink=\"s\"} 4"));
         q.push(batch(30));
         assert_eq!(q.depth(), 30, "an oversized batch is kept alone");
+    }
+
+    #[test]
+    fn jitter_stays_within_half_and_all_of_the_backoff() {
+        let backoff = Duration::from_millis(1000);
+        for _ in 0..100 {
+            let w = jitter(backoff);
+            assert!(w >= Duration::from_millis(500) && w <= backoff, "{w:?}");
+        }
     }
 
     #[tokio::test]

@@ -1,11 +1,24 @@
 //! The callback through which plugins log into the host's `tracing` output.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, OnceLock};
 
 use abi_stable::std_types::RStr;
 use metricsd_plugin_api::abi::HostLogger;
+use metricsd_plugin_api::log::{parse_dropped, DROPPED_TARGET};
 use metricsd_plugin_api::LogLevel;
 use tracing::level_filters::LevelFilter;
+
+use crate::events::{Event, Telemetry};
+
+/// Where plugins' drop reports are counted; set once by the agent.
+static TELEMETRY: OnceLock<Arc<Telemetry>> = OnceLock::new();
+
+/// Counts plugins' drop reports (see `metricsd_plugin_api::log::report_dropped`) in this
+/// telemetry; the first call wins.
+pub fn count_drops_in(telemetry: &Arc<Telemetry>) {
+    let _ = TELEMETRY.set(Arc::clone(telemetry));
+}
 
 extern "C" fn log_from_plugin(
     instance: RStr<'_>,
@@ -18,6 +31,26 @@ extern "C" fn log_from_plugin(
         let instance = instance.as_str();
         let target = target.as_str();
         let message = message.as_str();
+        if target == DROPPED_TARGET {
+            if let Some((samples, reason, why)) = parse_dropped(message) {
+                match TELEMETRY.get() {
+                    Some(t) => Event::SinkDropped {
+                        sink: instance,
+                        reason: reason.as_str(),
+                        samples,
+                    }
+                    .emit(t),
+                    None => tracing::warn!(
+                        instance,
+                        samples,
+                        reason = reason.as_str(),
+                        "samples dropped"
+                    ),
+                }
+                tracing::warn!(target: "plugin", instance, "{why}");
+                return;
+            }
+        }
         match level {
             LogLevel::ERROR => {
                 tracing::error!(target: "plugin", instance, plugin_target = target, "{message}")

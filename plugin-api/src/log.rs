@@ -72,7 +72,8 @@ impl Visit for MessageVisitor {
 
 impl Subscriber for ForwardingSubscriber {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        level_of(metadata.level()) <= self.logger.max_level
+        // Drop reports are counted by the host whatever its log level.
+        metadata.target() == DROPPED_TARGET || level_of(metadata.level()) <= self.logger.max_level
     }
 
     fn max_level_hint(&self) -> Option<LevelFilter> {
@@ -110,4 +111,65 @@ impl Subscriber for ForwardingSubscriber {
     fn enter(&self, _span: &Id) {}
 
     fn exit(&self, _span: &Id) {}
+}
+
+/// The `tracing` target of a drop report: the host counts it in
+/// `metricsd_sink_dropped_samples_total`; see [`report_dropped`].
+pub const DROPPED_TARGET: &str = "metricsd::dropped";
+
+/// Why a sink dropped samples it was given, for [`report_dropped`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The server refused them (a bad line, a type conflict, a partial write).
+    Rejected,
+    /// The sink cannot encode them for its protocol (NaN or infinite values where the protocol
+    /// has none, names it cannot represent).
+    Invalid,
+}
+
+impl DropReason {
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Rejected => "rejected",
+            DropReason::Invalid => "invalid",
+        }
+    }
+}
+
+/// Reports that a sink dropped `samples` of the batch it was writing while the rest was
+/// delivered (a write that fails as a whole returns an [`Error`](crate::Error) instead). The
+/// host logs it under the instance's name and adds it to
+/// `metricsd_sink_dropped_samples_total{reason}`, whatever the log level.
+pub fn report_dropped(samples: usize, reason: DropReason, why: &str) {
+    if samples > 0 {
+        tracing::warn!(target: "metricsd::dropped", "{samples} {} {why}", reason.as_str());
+    }
+}
+
+/// Parses a drop report's message (`"<samples> <reason> <why>"`), for the host.
+pub fn parse_dropped(message: &str) -> Option<(usize, DropReason, &str)> {
+    let mut parts = message.splitn(3, ' ');
+    let samples = parts.next()?.parse().ok()?;
+    let reason = match parts.next()? {
+        "rejected" => DropReason::Rejected,
+        "invalid" => DropReason::Invalid,
+        _ => return None,
+    };
+    Some((samples, reason, parts.next().unwrap_or("")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reports_round_trip() {
+        assert_eq!(
+            parse_dropped("12 invalid NaN values: gpu_x"),
+            Some((12, DropReason::Invalid, "NaN values: gpu_x"))
+        );
+        assert_eq!(parse_dropped("x rejected"), None);
+        assert_eq!(parse_dropped("3 other y"), None);
+    }
 }

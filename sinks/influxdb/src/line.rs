@@ -1,0 +1,446 @@
+//! InfluxDB line protocol: escaping as the line-protocol reference says, and the two layouts.
+//!
+//! `measurement[,tag=value...] field=value[,field=value...] timestamp`
+//!
+//! * measurement: commas and spaces are escaped with a backslash;
+//! * tag keys, tag values and field keys: commas, equals signs and spaces are escaped;
+//! * field values here are always floats (metricsd samples are `f64`), written in the shortest
+//!   form that reads back as the same number.
+//!
+//! What the protocol cannot carry is refused here, with a reason, rather than sent to be
+//! rejected by the server: NaN and infinite values (line protocol has no float for them), a
+//! newline in a name or label value (it ends the line), a label value ending in a backslash
+//! (InfluxDB 1.x would read it as escaping the delimiter after it), and the key `time`, which
+//! InfluxDB refuses for tags and fields. An empty label value is left out, which is what an
+//! empty label means in Prometheus too.
+
+use std::collections::HashMap;
+
+use metricsd_plugin_api::{Batch, Label};
+
+/// How samples become lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// One line per measurement, label set and timestamp. The measurement is the metric name
+    /// up to its first `_` and the field key the rest (`gpu_utilization_ratio` →
+    /// measurement `gpu`, field `utilization_ratio`), so a GPU's metrics share a line.
+    #[default]
+    Grouped,
+    /// One line per sample: measurement = metric name, one field `value`.
+    PerMetric,
+}
+
+/// Timestamp precision of the written lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+pub enum Precision {
+    /// Seconds.
+    #[serde(rename = "s")]
+    Seconds,
+    /// Milliseconds (metricsd's own resolution).
+    #[default]
+    #[serde(rename = "ms")]
+    Milliseconds,
+    /// Microseconds.
+    #[serde(rename = "us")]
+    Microseconds,
+    /// Nanoseconds.
+    #[serde(rename = "ns")]
+    Nanoseconds,
+}
+
+impl Precision {
+    /// The `precision` query parameter.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Seconds => "s",
+            Precision::Milliseconds => "ms",
+            Precision::Microseconds => "us",
+            Precision::Nanoseconds => "ns",
+        }
+    }
+
+    fn convert_ms(self, ms: i64) -> i64 {
+        match self {
+            Precision::Seconds => ms.div_euclid(1000),
+            Precision::Milliseconds => ms,
+            Precision::Microseconds => ms.saturating_mul(1000),
+            Precision::Nanoseconds => ms.saturating_mul(1_000_000),
+        }
+    }
+}
+
+/// A batch in line protocol.
+#[derive(Debug, Default)]
+pub struct Encoded {
+    /// The lines, each ended by `\n`.
+    pub body: Vec<u8>,
+    /// Per line: where it ends in `body` and how many samples it carries.
+    pub lines: Vec<(usize, usize)>,
+    /// Samples left out because the protocol cannot carry them.
+    pub skipped: usize,
+    /// Why the first of them was left out.
+    pub skipped_reason: Option<String>,
+}
+
+impl Encoded {
+    /// Samples in the lines.
+    pub fn samples(&self) -> usize {
+        self.lines.iter().map(|l| l.1).sum()
+    }
+
+    /// The bytes of lines `from..to`.
+    pub fn slice(&self, from: usize, to: usize) -> &[u8] {
+        let start = if from == 0 { 0 } else { self.lines[from - 1].0 };
+        let end = if to == 0 { 0 } else { self.lines[to - 1].0 };
+        &self.body[start..end]
+    }
+
+    /// Samples in lines `from..to`.
+    pub fn samples_in(&self, from: usize, to: usize) -> usize {
+        self.lines[from..to].iter().map(|l| l.1).sum()
+    }
+
+    fn skip(&mut self, samples: usize, why: impl FnOnce() -> String) {
+        self.skipped += samples;
+        if self.skipped_reason.is_none() {
+            self.skipped_reason = Some(why());
+        }
+    }
+}
+
+/// Escapes a measurement name.
+pub fn escape_measurement(out: &mut Vec<u8>, s: &str) {
+    escape(out, s, b", ");
+}
+
+/// Escapes a tag key, tag value or field key.
+pub fn escape_key(out: &mut Vec<u8>, s: &str) {
+    escape(out, s, b",= ");
+}
+
+fn escape(out: &mut Vec<u8>, s: &str, special: &[u8]) {
+    let bytes = s.as_bytes();
+    if !bytes.iter().any(|b| special.contains(b)) {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    for &b in bytes {
+        if special.contains(&b) {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+}
+
+/// Why a name or label value cannot be written, if it cannot.
+fn unrepresentable(what: &str, s: &str) -> Option<String> {
+    if s.contains(['\n', '\r']) {
+        Some(format!(
+            "{what} {s:?} contains a line break, which line protocol cannot carry"
+        ))
+    } else if s.ends_with('\\') {
+        Some(format!(
+            "{what} {s:?} ends in a backslash, which InfluxDB would read as escaping the delimiter after it"
+        ))
+    } else {
+        None
+    }
+}
+
+/// The effective labels of a label set (own, then common ones it does not override), sorted
+/// by name as InfluxDB prefers, rendered as `,k=v,k=v`; `Err` when one cannot be written.
+fn render_tags(own: &[Label], common: &[Label]) -> Result<Vec<u8>, String> {
+    let mut labels: Vec<&Label> = own
+        .iter()
+        .chain(
+            common
+                .iter()
+                .filter(|c| !own.iter().any(|o| o.name == c.name)),
+        )
+        .filter(|l| !l.value.is_empty())
+        .collect();
+    labels.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+    labels.dedup_by(|a, b| a.name == b.name);
+    let mut out = Vec::with_capacity(labels.len() * 16);
+    for l in labels {
+        if l.name.as_str() == "time" {
+            return Err("the label `time` cannot be an InfluxDB tag key".to_string());
+        }
+        if let Some(why) = unrepresentable("label value", l.value.as_str()) {
+            return Err(why);
+        }
+        out.push(b',');
+        escape_key(&mut out, l.name.as_str());
+        out.push(b'=');
+        escape_key(&mut out, l.value.as_str());
+    }
+    Ok(out)
+}
+
+/// Splits a metric name for the grouped layout: (measurement, field key).
+fn split_name(name: &str) -> (&str, &str) {
+    match name.split_once('_') {
+        Some((m, f)) if !m.is_empty() && !f.is_empty() && f != "time" => (m, f),
+        _ => (name, "value"),
+    }
+}
+
+fn push_float(out: &mut Vec<u8>, v: f64) {
+    let mut buf = ryu::Buffer::new();
+    out.extend_from_slice(buf.format_finite(v).as_bytes());
+}
+
+fn push_int(out: &mut Vec<u8>, v: i64) {
+    let mut buf = itoa::Buffer::new();
+    out.extend_from_slice(buf.format(v).as_bytes());
+}
+
+/// Grouped layout: a family's escaped measurement and field key.
+type GroupedName = (Vec<u8>, Vec<u8>);
+
+/// Grouped layout: a line being assembled: (first family, label set, timestamp, fields as
+/// (family, value)).
+type PendingLine = (usize, u32, i64, Vec<(usize, f64)>);
+
+/// Encodes a batch; `now_ms` stamps samples of a batch that carries no timestamp.
+pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) -> Encoded {
+    let mut enc = Encoded {
+        body: Vec::with_capacity(batch.samples.len() * 64),
+        ..Encoded::default()
+    };
+    // Per label set, its rendered tags (once per batch).
+    let mut tags: Vec<Option<Result<Vec<u8>, String>>> = vec![None; batch.label_sets.len()];
+    let batch_ts = batch.timestamp_ms.into_option().unwrap_or(now_ms);
+    match layout {
+        Layout::PerMetric => {
+            let names: Vec<Result<Vec<u8>, String>> = batch
+                .families
+                .iter()
+                .map(|f| match unrepresentable("metric name", f.name.as_str()) {
+                    Some(why) => Err(why),
+                    None => {
+                        let mut m = Vec::with_capacity(f.name.len());
+                        escape_measurement(&mut m, f.name.as_str());
+                        Ok(m)
+                    }
+                })
+                .collect();
+            for s in batch.samples.iter() {
+                let Some(Ok(name)) = names.get(s.family as usize) else {
+                    enc.skip(1, || match names.get(s.family as usize) {
+                        Some(Err(why)) => why.clone(),
+                        _ => "a sample refers to a family the batch does not have".to_string(),
+                    });
+                    continue;
+                };
+                if !s.value.is_finite() {
+                    enc.skip(1, || non_finite(batch, s.family, s.value));
+                    continue;
+                }
+                let Some(tag_bytes) = tags_of(&mut tags, batch, s.labels) else {
+                    enc.skip(1, || {
+                        "a sample refers to a label set the batch does not have".into()
+                    });
+                    continue;
+                };
+                let tag_bytes = match tag_bytes {
+                    Ok(t) => t,
+                    Err(why) => {
+                        let why = why.clone();
+                        enc.skip(1, || why);
+                        continue;
+                    }
+                };
+                let out = &mut enc.body;
+                out.extend_from_slice(name);
+                out.extend_from_slice(tag_bytes);
+                out.extend_from_slice(b" value=");
+                push_float(out, s.value);
+                out.push(b' ');
+                let ts = s.timestamp_ms.into_option().unwrap_or(batch_ts);
+                push_int(out, precision.convert_ms(ts));
+                out.push(b'\n');
+                enc.lines.push((out.len(), 1));
+            }
+        }
+        Layout::Grouped => {
+            // Per family: escaped (measurement, field key), or why it cannot be written.
+            let names: Vec<Result<GroupedName, String>> = batch
+                .families
+                .iter()
+                .map(|f| match unrepresentable("metric name", f.name.as_str()) {
+                    Some(why) => Err(why),
+                    None => {
+                        let (m, field) = split_name(f.name.as_str());
+                        let mut em = Vec::with_capacity(m.len());
+                        escape_measurement(&mut em, m);
+                        let mut ef = Vec::with_capacity(field.len());
+                        escape_key(&mut ef, field);
+                        Ok((em, ef))
+                    }
+                })
+                .collect();
+            // Lines in first-seen order: (measurement bytes, label set, timestamp) → fields.
+            let mut index: HashMap<(&[u8], u32, i64), usize> = HashMap::new();
+            let mut lines: Vec<PendingLine> = Vec::new();
+            for s in batch.samples.iter() {
+                let Some(Ok((measurement, _))) = names.get(s.family as usize) else {
+                    enc.skip(1, || match names.get(s.family as usize) {
+                        Some(Err(why)) => why.clone(),
+                        _ => "a sample refers to a family the batch does not have".to_string(),
+                    });
+                    continue;
+                };
+                if !s.value.is_finite() {
+                    enc.skip(1, || non_finite(batch, s.family, s.value));
+                    continue;
+                }
+                match tags_of(&mut tags, batch, s.labels) {
+                    Some(Ok(_)) => {}
+                    Some(Err(why)) => {
+                        let why = why.clone();
+                        enc.skip(1, || why);
+                        continue;
+                    }
+                    None => {
+                        enc.skip(1, || {
+                            "a sample refers to a label set the batch does not have".into()
+                        });
+                        continue;
+                    }
+                }
+                let ts = s.timestamp_ms.into_option().unwrap_or(batch_ts);
+                let at = *index
+                    .entry((measurement.as_slice(), s.labels, ts))
+                    .or_insert_with(|| {
+                        lines.push((s.family as usize, s.labels, ts, Vec::with_capacity(8)));
+                        lines.len() - 1
+                    });
+                let fields = &mut lines[at].3;
+                let field = &names[s.family as usize];
+                // A field written twice for one line keeps its last value.
+                match fields.iter_mut().find(|(f, _)| {
+                    *f == s.family as usize
+                        || matches!((&names[*f], field), (Ok(a), Ok(b)) if a.1 == b.1)
+                }) {
+                    Some(existing) => existing.1 = s.value,
+                    None => fields.push((s.family as usize, s.value)),
+                }
+            }
+            for (family, set, ts, fields) in lines {
+                let Some(Ok((measurement, _))) = names.get(family) else {
+                    continue;
+                };
+                let Some(Some(Ok(tag_bytes))) = tags.get(set as usize) else {
+                    continue;
+                };
+                let out = &mut enc.body;
+                out.extend_from_slice(measurement);
+                out.extend_from_slice(tag_bytes);
+                out.push(b' ');
+                for (i, (f, v)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    if let Ok((_, key)) = &names[*f] {
+                        out.extend_from_slice(key);
+                    }
+                    out.push(b'=');
+                    push_float(out, *v);
+                }
+                out.push(b' ');
+                push_int(out, precision.convert_ms(ts));
+                out.push(b'\n');
+                enc.lines.push((out.len(), fields.len()));
+            }
+        }
+    }
+    enc
+}
+
+fn tags_of<'t>(
+    tags: &'t mut [Option<Result<Vec<u8>, String>>],
+    batch: &Batch,
+    set: u32,
+) -> Option<&'t Result<Vec<u8>, String>> {
+    let slot = tags.get_mut(set as usize)?;
+    if slot.is_none() {
+        let own = batch.label_sets.get(set as usize)?;
+        *slot = Some(render_tags(own.as_slice(), batch.common_labels.as_slice()));
+    }
+    slot.as_ref()
+}
+
+fn non_finite(batch: &Batch, family: u32, value: f64) -> String {
+    let name = batch
+        .families
+        .get(family as usize)
+        .map_or("?", |f| f.name.as_str());
+    format!("`{name}` has the value {value}, which line protocol cannot carry")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metricsd_plugin_api::BatchBuilder;
+
+    fn text(e: &Encoded) -> String {
+        String::from_utf8(e.body.clone()).expect("utf-8")
+    }
+
+    #[test]
+    fn escaping_follows_the_reference() {
+        let mut b = BatchBuilder::new();
+        let f = b.gauge("disk free", "", "");
+        b.sample(f, &[("path", "/mnt/a b,c=d"), ("empty", "")], 1.5);
+        b.common_label("node", "n 1");
+        b.timestamp_ms(1_700_000_000_123);
+        let e = encode(&b.finish(), Layout::PerMetric, Precision::Milliseconds, 0);
+        assert_eq!(
+            text(&e),
+            "disk\\ free,node=n\\ 1,path=/mnt/a\\ b\\,c\\=d value=1.5 1700000000123\n"
+        );
+    }
+
+    #[test]
+    fn grouped_layout_joins_a_gpus_fields_into_one_line() {
+        let mut b = BatchBuilder::new();
+        let util = b.gauge("gpu_utilization_ratio", "", "ratio");
+        let temp = b.gauge("gpu_temperature_celsius", "", "celsius");
+        let set = b.label_set(&[("gpu", "0"), ("uuid", "GPU-1"), ("name", "H100")]);
+        b.sample_in(util, set, 0.93);
+        b.sample_in(temp, set, 61.0);
+        b.timestamp_ms(1_000);
+        let e = encode(&b.finish(), Layout::Grouped, Precision::Seconds, 0);
+        assert_eq!(
+            text(&e),
+            "gpu,gpu=0,name=H100,uuid=GPU-1 utilization_ratio=0.93,temperature_celsius=61.0 1\n"
+        );
+        assert_eq!(e.lines, vec![(e.body.len(), 2)]);
+    }
+
+    #[test]
+    fn what_the_protocol_cannot_carry_is_skipped_with_a_reason() {
+        let mut b = BatchBuilder::new();
+        let f = b.gauge("x", "", "");
+        b.sample(f, &[], f64::NAN);
+        b.sample(f, &[], f64::INFINITY);
+        b.sample(f, &[("a", "line\nbreak")], 1.0);
+        b.sample(f, &[("a", "trailing\\")], 1.0);
+        b.sample(f, &[("time", "x")], 1.0);
+        b.sample(f, &[("a", "ok")], 2.0);
+        b.timestamp_ms(5);
+        let e = encode(&b.finish(), Layout::PerMetric, Precision::Milliseconds, 0);
+        assert_eq!(text(&e), "x,a=ok value=2.0 5\n");
+        assert_eq!(e.skipped, 5);
+        assert!(e.skipped_reason.expect("reason").contains("NaN"));
+    }
+
+    #[test]
+    fn precision_converts_milliseconds() {
+        assert_eq!(Precision::Seconds.convert_ms(1_999), 1);
+        assert_eq!(Precision::Microseconds.convert_ms(2), 2_000);
+        assert_eq!(Precision::Nanoseconds.convert_ms(3), 3_000_000);
+    }
+}

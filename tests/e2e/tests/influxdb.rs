@@ -1,0 +1,524 @@
+//! The InfluxDB sink against real servers: Debian's InfluxDB 1.x (v1 write API, InfluxQL read
+//! back) and VictoriaMetrics (v2 write API), plus a scripted HTTP server for the answers a
+//! real server will not give on demand (429 with Retry-After, 413).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use metricsd_e2e::servers::{InfluxServer, VictoriaMetrics};
+use metricsd_e2e::{build, wait_for, Agent, Workdir};
+
+const ODD: &str = "a b,c=d\"e'f\\g ünïcødé 🚀 =x";
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A testkit collector every `interval` with an awkward label, the agent's own metrics off,
+/// and the given sinks.
+fn config(interval: &str, sinks: &str) -> String {
+    format!(
+        r#"[agent]
+interval = "{interval}"
+max_backoff = "1s"
+internal_metrics = false
+[http]
+health_listen = "127.0.0.1:{{health}}"
+metrics_listen = "127.0.0.1:{{metrics}}"
+[[collectors]]
+name = "tk"
+plugin = "testkit"
+[collectors.config]
+series = 2
+labels = {{ odd = {odd} }}
+{sinks}"#,
+        odd = toml_string(ODD),
+    )
+}
+
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn influx_sink(name: &str, port: u16, extra: &str) -> String {
+    format!(
+        "[[sinks]]\nname = \"{name}\"\nplugin = \"influxdb\"\n[sinks.config]\nurl = \"http://127.0.0.1:{port}\"\n{extra}\n"
+    )
+}
+
+/// The `calls_total` values InfluxDB holds for the testkit collector, sorted.
+/// `rp` is a qualified prefix (`"metricsd".`) or empty for the default policy.
+fn calls_written(influx: &InfluxServer, db: &str, rp: &str) -> Vec<i64> {
+    let mut calls: Vec<i64> = influx
+        .rows(db, &format!("SELECT \"calls_total\" FROM {rp}\"testkit\""))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| r.get("calls_total").and_then(|v| v.as_f64()))
+        .map(|v| v as i64)
+        .collect();
+    calls.sort_unstable();
+    calls
+}
+
+/// Every call from 1 to the highest written is there exactly once.
+fn assert_gapless(calls: &[i64], what: &str) {
+    let expected: Vec<i64> = (1..=calls.last().copied().unwrap_or(0)).collect();
+    assert_eq!(calls, expected.as_slice(), "{what}: calls written");
+}
+
+#[test]
+fn points_come_back_with_their_measurement_tags_fields_and_timestamps() {
+    build();
+    let work = Workdir::new();
+    let influx = InfluxServer::start(&work, false).expect("influxd");
+    let started = now_ms();
+    let sinks = format!(
+        "{}{}",
+        influx_sink(
+            "grouped",
+            influx.port,
+            "database = \"metrics db\"\ncreate_database = true\nretention_duration = \"30days\""
+        ),
+        influx_sink(
+            "flat",
+            influx.port,
+            "database = \"flat\"\ncreate_database = true\nlayout = \"per_metric\"\nprecision = \"ns\"\ngzip = false"
+        ),
+    );
+    let mut agent = Agent::start(&work, &config("250ms", &sinks), &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    // Grouped layout: testkit_value → measurement `testkit`, field `value`, tags as labels.
+    let rows = wait_for("grouped points", Duration::from_secs(20), || {
+        let rows = influx
+            .rows(
+                "metrics db",
+                "SELECT * FROM \"metricsd\".\"testkit\" WHERE \"series\" = '1'",
+            )
+            .ok()?;
+        (rows.len() >= 3).then_some(rows)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    for row in &rows {
+        assert_eq!(row["odd"], ODD, "{row:?}");
+        assert_eq!(row["series"], "1");
+        let time = row["time"].as_i64().expect("time");
+        assert!(
+            time >= started - 1000 && time <= now_ms(),
+            "{time} vs {started}"
+        );
+    }
+    // testkit_value is series + call number, and calls_total the call number, on one line.
+    let joined = influx
+        .rows(
+            "metrics db",
+            "SELECT \"value\", \"calls_total\" FROM \"metricsd\".\"testkit\" WHERE \"series\" = '1'",
+        )
+        .expect("query");
+    assert!(!joined.is_empty());
+    // Fields of different label sets sit on different lines: the series-1 line has `value`
+    // only; calls_total has no `series` tag.
+    for row in &joined {
+        assert!(row["calls_total"].is_null(), "{row:?}");
+    }
+    let calls = calls_written(&influx, "metrics db", "\"metricsd\".");
+    assert!(calls.len() >= 3, "{calls:?}");
+    let value_of_call = |call: i64| -> Option<f64> {
+        let calls_rows = influx
+            .rows(
+                "metrics db",
+                "SELECT \"calls_total\" FROM \"metricsd\".\"testkit\"",
+            )
+            .ok()?;
+        let time = calls_rows
+            .iter()
+            .find(|r| r["calls_total"].as_f64() == Some(call as f64))?["time"]
+            .as_i64()?;
+        influx
+            .rows(
+                "metrics db",
+                &format!("SELECT \"value\" FROM \"metricsd\".\"testkit\" WHERE \"series\" = '1' AND time = {time}ms"),
+            )
+            .ok()?
+            .first()?["value"]
+            .as_f64()
+    };
+    assert_eq!(value_of_call(2), Some(3.0), "series 1 at call 2 is 1 + 2");
+    // The retention policy was created with the configured duration and is written to.
+    let policies = influx
+        .rows("", "SHOW RETENTION POLICIES ON \"metrics db\"")
+        .expect("policies");
+    let ours = policies
+        .iter()
+        .find(|p| p["name"] == "metricsd")
+        .unwrap_or_else(|| panic!("{policies:?}"));
+    assert_eq!(ours["duration"], "720h0m0s");
+    let in_rp = influx
+        .rows(
+            "metrics db",
+            "SELECT count(\"value\") FROM \"metricsd\".\"testkit\"",
+        )
+        .expect("count");
+    assert!(in_rp[0]["count"].as_f64().unwrap_or(0.0) >= 3.0);
+    // Per-metric layout with ns precision: measurement = metric name, field `value`.
+    let flat = wait_for("per-metric points", Duration::from_secs(20), || {
+        let rows = influx
+            .rows(
+                "flat",
+                "SELECT * FROM \"metricsd\".\"testkit_value\" WHERE \"series\" = '0'",
+            )
+            .ok()?;
+        (!rows.is_empty()).then_some(rows)
+    })
+    .expect("flat");
+    assert_eq!(flat[0]["odd"], ODD);
+    assert!(flat[0]["value"].as_f64().is_some());
+    let time = flat[0]["time"].as_i64().expect("time");
+    assert!(time >= started - 1000 && time <= now_ms());
+    assert!(agent.stderr().find("password").is_none());
+}
+
+#[test]
+fn an_outage_of_the_server_loses_no_point() {
+    build();
+    let work = Workdir::new();
+    let mut influx = InfluxServer::start(&work, false).expect("influxd");
+    let sinks = influx_sink(
+        "influx",
+        influx.port,
+        "database = \"m\"\ncreate_database = true",
+    );
+    let mut agent = Agent::start(&work, &config("200ms", &sinks), &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for("first points", Duration::from_secs(20), || {
+        (calls_written(&influx, "m", "\"metricsd\".").len() >= 3).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    influx.stop();
+    // The sink fails while the server is away, and the points wait in the queue.
+    wait_for(
+        "the sink to report the outage",
+        Duration::from_secs(20),
+        || {
+            let (_, body) = agent.get_health("/health").ok()?;
+            body.contains("cannot reach InfluxDB").then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let calls_at_stop = agent.stat("metricsd_collector_collections_total{collector=\"tk\"}");
+    wait_for("calls during the outage", Duration::from_secs(20), || {
+        let now = agent.stat("metricsd_collector_collections_total{collector=\"tk\"}")?;
+        (now >= calls_at_stop? + 10.0).then_some(())
+    })
+    .expect("collections go on during the outage");
+    influx.restart().expect("restart influxd");
+    let during = agent
+        .stat("metricsd_collector_collections_total{collector=\"tk\"}")
+        .expect("collections");
+    let calls = wait_for("the gap to be filled", Duration::from_secs(30), || {
+        let calls = calls_written(&influx, "m", "\"metricsd\".");
+        (calls.len() as f64 >= during).then_some(calls)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_gapless(&calls, "after the outage");
+    assert_eq!(
+        agent
+            .stat("metricsd_sink_dropped_samples_total{reason=\"queue_full\",sink=\"influx\"}")
+            .unwrap_or(0.0),
+        0.0,
+        "nothing dropped"
+    );
+}
+
+#[test]
+fn a_missing_database_is_reported_and_its_points_wait_until_it_exists() {
+    build();
+    let work = Workdir::new();
+    let influx = InfluxServer::start(&work, false).expect("influxd");
+    let sinks = influx_sink(
+        "influx",
+        influx.port,
+        "database = \"later\"\nconfig_error_retry = \"1s\"",
+    );
+    let mut agent = Agent::start(&work, &config("200ms", &sinks), &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let health = wait_for(
+        "the 404 to show in /health",
+        Duration::from_secs(20),
+        || {
+            let (_, body) = agent.get_health("/health").ok()?;
+            body.contains("not found").then_some(body)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert!(health.contains("database \\\"later\\\""), "{health}");
+    assert!(agent.stderr().contains("has no database \"later\""));
+    influx
+        .query("", "CREATE DATABASE \"later\"")
+        .expect("create");
+    let collections = agent
+        .stat("metricsd_collector_collections_total{collector=\"tk\"}")
+        .expect("collections");
+    let calls = wait_for("the waiting points", Duration::from_secs(30), || {
+        let calls = calls_written(&influx, "later", "");
+        (calls.len() as f64 >= collections).then_some(calls)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_gapless(&calls, "after the database appeared");
+}
+
+#[test]
+fn wrong_credentials_are_reported_without_the_secret_and_retried() {
+    build();
+    let work = Workdir::new();
+    let influx = InfluxServer::start(&work, true).expect("influxd");
+    influx
+        .query(
+            "",
+            "CREATE USER admin WITH PASSWORD 'right-pass' WITH ALL PRIVILEGES",
+        )
+        .expect("first user");
+    influx
+        .query_as(
+            "",
+            "CREATE DATABASE \"secure\"",
+            Some(("admin", "right-pass")),
+        )
+        .expect("create db");
+    let password_file = work.write("password", "wrong-pass-7f3a\n");
+    let sinks = influx_sink(
+        "influx",
+        influx.port,
+        &format!(
+            "database = \"secure\"\nusername = \"admin\"\npassword_file = \"{}\"\nconfig_error_retry = \"1s\"",
+            password_file.display()
+        ),
+    );
+    let mut agent = Agent::start(&work, &config("200ms", &sinks), &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for(
+        "the 401 to show in /health",
+        Duration::from_secs(20),
+        || {
+            let (_, body) = agent.get_health("/health").ok()?;
+            body.contains("credentials refused").then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    // Fix the password on the server side; the buffered points then arrive.
+    influx
+        .query_as(
+            "",
+            "SET PASSWORD FOR admin = 'wrong-pass-7f3a'",
+            Some(("admin", "right-pass")),
+        )
+        .expect("set password");
+    let collections = agent
+        .stat("metricsd_collector_collections_total{collector=\"tk\"}")
+        .expect("collections");
+    wait_for("the points after the fix", Duration::from_secs(30), || {
+        let rows = influx
+            .query_as(
+                "secure",
+                "SELECT count(\"calls_total\") FROM \"testkit\"",
+                Some(("admin", "wrong-pass-7f3a")),
+            )
+            .ok()?;
+        let count = rows["results"][0]["series"][0]["values"][0][1].as_f64()?;
+        (count >= collections).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let logs = agent.stderr();
+    assert!(logs.contains("refused the credentials"), "{logs}");
+    assert!(
+        !logs.contains("wrong-pass-7f3a"),
+        "the password leaked into the log"
+    );
+}
+
+/// One request the scripted server received.
+#[derive(Clone, Debug)]
+struct Request {
+    at: Instant,
+    lines: usize,
+    body: String,
+}
+
+/// A tiny HTTP/1.1 server that answers each request with what `answer` returns for it
+/// (status, extra headers) and records it.
+fn scripted_server(
+    answer: impl Fn(usize, &Request) -> (u16, Vec<(String, String)>) + Send + 'static,
+) -> (u16, Arc<Mutex<Vec<Request>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let mut reader = BufReader::new(stream);
+            loop {
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let mut length = 0usize;
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let header = header.trim_end();
+                    if header.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = header.split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                }
+                let mut body = vec![0u8; length];
+                if reader.read_exact(&mut body).is_err() {
+                    break;
+                }
+                let body = String::from_utf8_lossy(&body).to_string();
+                let request = Request {
+                    at: Instant::now(),
+                    lines: body.lines().count(),
+                    body,
+                };
+                let n = {
+                    let mut seen = record.lock().expect("lock");
+                    seen.push(request.clone());
+                    seen.len()
+                };
+                let (status, headers) = answer(n, &request);
+                let mut response = format!("HTTP/1.1 {status} Scripted\r\nContent-Length: 0\r\n");
+                for (k, v) in headers {
+                    response.push_str(&format!("{k}: {v}\r\n"));
+                }
+                response.push_str("\r\n");
+                if reader.get_mut().write_all(response.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn too_many_requests_honours_retry_after_and_too_large_splits_the_batch() {
+    build();
+    let work = Workdir::new();
+    // The first request gets 429 with Retry-After: 2; bodies of more than 10 lines get 413.
+    let (port, seen) = scripted_server(|n, r| {
+        if n == 1 {
+            (429, vec![("Retry-After".into(), "2".into())])
+        } else if r.lines > 10 {
+            (413, vec![])
+        } else {
+            (204, vec![])
+        }
+    });
+    let sinks = influx_sink(
+        "influx",
+        port,
+        "database = \"m\"\ngzip = false\nlayout = \"per_metric\"",
+    );
+    let config = config("300ms", &sinks).replace("series = 2", "series = 25");
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let requests = wait_for("a dozen requests", Duration::from_secs(30), || {
+        let seen = seen.lock().ok()?.clone();
+        (seen.len() >= 12).then_some(seen)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    // After the 429, the retry waited for Retry-After (2 s), not the first back-off (0.5 s),
+    // and carried the same lines.
+    let gap = requests[1].at.duration_since(requests[0].at);
+    assert!(gap >= Duration::from_millis(1900), "retried after {gap:?}");
+    assert_eq!(requests[1].body, requests[0].body, "the same lines again");
+    // A batch is 29 lines (25 values, calls, generation, 2 concurrency gauges): refused whole
+    // with 413, then sent in halves and quarters of at most 10 lines. Every line of it is
+    // accepted exactly once.
+    assert_eq!(requests[1].lines, 29);
+    let accepted: Vec<&str> = requests
+        .iter()
+        .filter(|r| r.lines <= 10)
+        .flat_map(|r| r.body.lines())
+        .collect();
+    let unique: BTreeSet<&str> = accepted.iter().copied().collect();
+    assert_eq!(unique.len(), accepted.len(), "no line accepted twice");
+    for line in requests[1].body.lines() {
+        assert!(unique.contains(line), "{line} was never accepted");
+    }
+    assert_eq!(
+        agent
+            .stat("metricsd_sink_dropped_samples_total{reason=\"rejected\",sink=\"influx\"}")
+            .unwrap_or(0.0),
+        0.0
+    );
+}
+
+#[test]
+fn the_v2_write_api_reaches_victoria_metrics() {
+    build();
+    let work = Workdir::new();
+    let vm = VictoriaMetrics::start(&work).expect("victoria-metrics");
+    let token = "vm-token-123";
+    let sinks = influx_sink(
+        "vm",
+        vm.port,
+        "api = \"v2\"\norg = \"fleet\"\nbucket = \"gpu\"\ntoken_env = \"INFLUX_TOKEN\"",
+    );
+    let started = now_ms();
+    let mut agent =
+        Agent::start(&work, &config("250ms", &sinks), &[("INFLUX_TOKEN", token)]).expect("start");
+    agent.wait_ready().expect("ready");
+    // VictoriaMetrics names an InfluxDB field `{measurement}_{field}`.
+    let series = wait_for("series in VictoriaMetrics", Duration::from_secs(30), || {
+        let series = vm.export("testkit_value").ok()?;
+        (series.len() >= 2
+            && series
+                .iter()
+                .all(|s| s["values"].as_array().is_some_and(|v| v.len() >= 2)))
+        .then_some(series)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", agent.stderr(), vm.log()));
+    for s in &series {
+        assert_eq!(s["metric"]["odd"], ODD, "{s}");
+        let n: f64 = s["metric"]["series"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .expect("series label");
+        let values: Vec<f64> = s["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_f64())
+            .collect();
+        // series + call number, call numbers counting up from 1.
+        assert_eq!(values[0], n + 1.0, "{s}");
+        for t in s["timestamps"].as_array().into_iter().flatten() {
+            let t = t.as_i64().expect("timestamp");
+            assert!(t >= started - 1000 && t <= now_ms());
+        }
+    }
+    assert!(!agent.stderr().contains(token));
+}
