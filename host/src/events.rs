@@ -325,6 +325,21 @@ pub enum Event<'a> {
         /// Samples.
         samples: usize,
     },
+    /// A sink reported samples of a write it delivered otherwise (the server refused some
+    /// lines, some values cannot be encoded). Logged at warn the first time per sink, reason
+    /// and cause, then at debug: the counter has every one.
+    SinkReportedDrop {
+        /// Sink.
+        sink: &'a str,
+        /// `rejected` or `invalid`.
+        reason: &'static str,
+        /// Samples.
+        samples: usize,
+        /// The sink's explanation.
+        why: &'a str,
+        /// Whether this cause was seen before.
+        repeated: bool,
+    },
 }
 
 impl Event<'_> {
@@ -484,6 +499,27 @@ impl Event<'_> {
                 t.sink_up.with_label_values(&[sink, plugin]).set(0);
                 t.sink_write_errors.with_label_values(&[sink, kind]).inc();
                 tracing::warn!(sink, plugin, kind, "write failed: {message}");
+            }
+            Event::SinkReportedDrop {
+                sink,
+                reason,
+                samples,
+                why,
+                repeated,
+            } => {
+                t.sink_dropped
+                    .with_label_values(&[sink, reason])
+                    .inc_by(samples as u64);
+                if repeated {
+                    tracing::debug!(sink, reason, samples, "samples dropped: {why}");
+                } else {
+                    tracing::warn!(
+                        sink,
+                        reason,
+                        samples,
+                        "samples dropped: {why} (counted in metricsd_sink_dropped_samples_total; logged again only at debug level)"
+                    );
+                }
             }
             Event::SinkDropped {
                 sink,

@@ -1,7 +1,8 @@
 //! The callback through which plugins log into the host's `tracing` output.
 
+use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use abi_stable::std_types::RStr;
 use metricsd_plugin_api::abi::HostLogger;
@@ -10,6 +11,9 @@ use metricsd_plugin_api::LogLevel;
 use tracing::level_filters::LevelFilter;
 
 use crate::events::{Event, Telemetry};
+
+/// Drop causes already logged at warn level: (instance, reason, cause).
+static SEEN: Mutex<BTreeSet<(String, &'static str, String)>> = Mutex::new(BTreeSet::new());
 
 /// Where plugins' drop reports are counted; set once by the agent.
 static TELEMETRY: OnceLock<Arc<Telemetry>> = OnceLock::new();
@@ -33,21 +37,29 @@ extern "C" fn log_from_plugin(
         let message = message.as_str();
         if target == DROPPED_TARGET {
             if let Some((samples, reason, why)) = parse_dropped(message) {
+                // A cause is its text up to the first digit, so "refused 2 of 6 lines" and
+                // "refused 3 of 6 lines" are one cause.
+                let cause: String = why.chars().take_while(|c| !c.is_ascii_digit()).collect();
+                let repeated = !SEEN
+                    .lock()
+                    .map(|mut seen| seen.insert((instance.to_string(), reason.as_str(), cause)))
+                    .unwrap_or(true);
+                let event = Event::SinkReportedDrop {
+                    sink: instance,
+                    reason: reason.as_str(),
+                    samples,
+                    why,
+                    repeated,
+                };
                 match TELEMETRY.get() {
-                    Some(t) => Event::SinkDropped {
-                        sink: instance,
-                        reason: reason.as_str(),
-                        samples,
-                    }
-                    .emit(t),
+                    Some(t) => event.emit(t),
                     None => tracing::warn!(
                         instance,
                         samples,
                         reason = reason.as_str(),
-                        "samples dropped"
+                        "samples dropped: {why}"
                     ),
                 }
-                tracing::warn!(target: "plugin", instance, "{why}");
                 return;
             }
         }

@@ -111,12 +111,12 @@ impl Encoded {
 
 /// Escapes a measurement name.
 pub fn escape_measurement(out: &mut Vec<u8>, s: &str) {
-    escape(out, s, b", ");
+    escape(out, s, MEASUREMENT_SPECIAL);
 }
 
 /// Escapes a tag key, tag value or field key.
 pub fn escape_key(out: &mut Vec<u8>, s: &str) {
-    escape(out, s, b",= ");
+    escape(out, s, KEY_SPECIAL);
 }
 
 fn escape(out: &mut Vec<u8>, s: &str, special: &[u8]) {
@@ -133,20 +133,45 @@ fn escape(out: &mut Vec<u8>, s: &str, special: &[u8]) {
     }
 }
 
-/// Why a name or label value cannot be written, if it cannot.
+/// Why a name or label value cannot be written, if it cannot. InfluxDB 1.x reads a backslash
+/// before any of `,"= ` as an escape wherever it stands (and one at the end as escaping the
+/// delimiter after it), so such a backslash cannot be written as itself.
 fn unrepresentable(what: &str, s: &str) -> Option<String> {
+    let special = BACKSLASH_AMBIGUOUS;
+    let bytes = s.as_bytes();
     if s.contains(['\n', '\r']) {
         Some(format!(
             "{what} {s:?} contains a line break, which line protocol cannot carry"
         ))
-    } else if s.ends_with('\\') {
+    } else if bytes.last() == Some(&b'\\')
+        || bytes
+            .windows(2)
+            .any(|w| w[0] == b'\\' && special.contains(&w[1]))
+    {
         Some(format!(
-            "{what} {s:?} ends in a backslash, which InfluxDB would read as escaping the delimiter after it"
+            "{what} {s:?} has a backslash before a delimiter or at its end, which InfluxDB would read as an escape"
         ))
     } else {
         None
     }
 }
+
+/// Why a name cannot be a measurement, if it cannot.
+fn bad_measurement(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("an empty metric name cannot be a measurement".to_string())
+    } else if name.starts_with('#') {
+        Some(format!(
+            "metric name {name:?} starts with `#`, which makes the line a comment in line protocol"
+        ))
+    } else {
+        unrepresentable("metric name", name)
+    }
+}
+
+const MEASUREMENT_SPECIAL: &[u8] = b", ";
+const KEY_SPECIAL: &[u8] = b",= ";
+const BACKSLASH_AMBIGUOUS: &[u8] = b",\"= ";
 
 /// The effective labels of a label set (own, then common ones it does not override), sorted
 /// by name as InfluxDB prefers, rendered as `,k=v,k=v`; `Err` when one cannot be written.
@@ -167,7 +192,12 @@ fn render_tags(own: &[Label], common: &[Label]) -> Result<Vec<u8>, String> {
         if l.name.as_str() == "time" {
             return Err("the label `time` cannot be an InfluxDB tag key".to_string());
         }
-        if let Some(why) = unrepresentable("label value", l.value.as_str()) {
+        if l.name.is_empty() {
+            return Err("an empty label name cannot be an InfluxDB tag key".to_string());
+        }
+        if let Some(why) = unrepresentable("label name", l.name.as_str())
+            .or_else(|| unrepresentable("label value", l.value.as_str()))
+        {
             return Err(why);
         }
         out.push(b',');
@@ -217,7 +247,7 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
             let names: Vec<Result<Vec<u8>, String>> = batch
                 .families
                 .iter()
-                .map(|f| match unrepresentable("metric name", f.name.as_str()) {
+                .map(|f| match bad_measurement(f.name.as_str()) {
                     Some(why) => Err(why),
                     None => {
                         let mut m = Vec::with_capacity(f.name.len());
@@ -269,7 +299,14 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
             let names: Vec<Result<GroupedName, String>> = batch
                 .families
                 .iter()
-                .map(|f| match unrepresentable("metric name", f.name.as_str()) {
+                .map(|f| {
+                    let (m, field) = split_name(f.name.as_str());
+                    (
+                        f,
+                        bad_measurement(m).or_else(|| unrepresentable("metric name", field)),
+                    )
+                })
+                .map(|(f, bad)| match bad {
                     Some(why) => Err(why),
                     None => {
                         let (m, field) = split_name(f.name.as_str());
@@ -435,6 +472,20 @@ mod tests {
         assert_eq!(text(&e), "x,a=ok value=2.0 5\n");
         assert_eq!(e.skipped, 5);
         assert!(e.skipped_reason.expect("reason").contains("NaN"));
+    }
+
+    #[test]
+    fn backslashes_before_delimiters_and_comment_lines_are_refused() {
+        let mut b = BatchBuilder::new();
+        let f = b.gauge("x", "", "");
+        b.sample(f, &[("a", "x\\,y")], 1.0);
+        b.sample(f, &[("a", "x\\y")], 2.0);
+        let hash = b.gauge("#x", "", "");
+        b.sample(hash, &[], 3.0);
+        b.timestamp_ms(1);
+        let e = encode(&b.finish(), Layout::PerMetric, Precision::Milliseconds, 0);
+        assert_eq!(text(&e), "x,a=x\\y value=2.0 1\n");
+        assert_eq!(e.skipped, 2);
     }
 
     #[test]

@@ -522,3 +522,66 @@ fn the_v2_write_api_reaches_victoria_metrics() {
     }
     assert!(!agent.stderr().contains(token));
 }
+
+#[test]
+fn refused_and_unencodable_samples_are_dropped_alone_and_counted() {
+    build();
+    let work = Workdir::new();
+    let influx = InfluxServer::start(&work, false).expect("influxd");
+    influx.query("", "CREATE DATABASE \"c\"").expect("create");
+    // `value` of testkit_value is now an integer field: metricsd's floats conflict with it.
+    let status = ureq::post(&format!(
+        "http://127.0.0.1:{}/write?db=c&precision=ms",
+        influx.port
+    ))
+    .send_string("testkit_value,series=old value=1i")
+    .expect("seed write")
+    .status();
+    assert_eq!(status, 204);
+    let sinks = influx_sink(
+        "c",
+        influx.port,
+        "database = \"c\"\nlayout = \"per_metric\"",
+    );
+    let config = config("250ms", &sinks).replace("series = 2", "series = 2\nnon_finite = true");
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let stat = |agent: &Agent, series: &str| agent.stat(series).unwrap_or(0.0);
+    wait_for("a few writes", Duration::from_secs(20), || {
+        (stat(&agent, "metricsd_sink_writes_total{sink=\"c\"}") >= 3.0).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let writes = stat(&agent, "metricsd_sink_writes_total{sink=\"c\"}");
+    let rejected = stat(
+        &agent,
+        "metricsd_sink_dropped_samples_total{reason=\"rejected\",sink=\"c\"}",
+    );
+    let invalid = stat(
+        &agent,
+        "metricsd_sink_dropped_samples_total{reason=\"invalid\",sink=\"c\"}",
+    );
+    // Per write: the two testkit_value lines refused by the server (partial write), NaN and
+    // +Inf never sent. A write may be between its report and its completion.
+    for (what, n) in [("rejected", rejected), ("invalid", invalid)] {
+        assert!(
+            n == 2.0 * writes || n == 2.0 * (writes + 1.0),
+            "{what}: {n} for {writes} writes\n{}",
+            agent.stderr()
+        );
+    }
+    // The rest of each batch was written.
+    let calls = influx
+        .rows("c", "SELECT \"value\" FROM \"testkit_calls_total\"")
+        .expect("calls");
+    assert!(calls.len() as f64 >= writes);
+    let values = influx
+        .rows("c", "SELECT \"value\" FROM \"testkit_value\"")
+        .expect("values");
+    assert_eq!(values.len(), 1, "only the seeded integer point: {values:?}");
+    let logs = agent.stderr();
+    assert!(logs.contains("InfluxDB refused 2 of 6 lines"), "{logs}");
+    assert!(logs.contains("field type conflict"), "{logs}");
+    assert!(logs.contains("`testkit_nan` has the value NaN"), "{logs}");
+    let (_, health) = agent.get_health("/health").expect("health");
+    assert!(health.contains("\"ok\""), "{health}");
+}

@@ -37,6 +37,10 @@ pub struct Config {
     /// Emit a sample that refers to a family that does not exist (an invalid batch).
     #[serde(default)]
     pub invalid_sample: bool,
+    /// Also emit `testkit_nan` (NaN) and `testkit_inf` (+Inf), for sinks whose protocol has
+    /// no such values.
+    #[serde(default)]
+    pub non_finite: bool,
 }
 
 fn one() -> u32 {
@@ -163,6 +167,12 @@ impl Testkit {
         }
         if self.config.invalid_sample {
             out.sample(value, &[("bad label", "x")], 1.0);
+        }
+        if self.config.non_finite {
+            let nan = out.gauge("testkit_nan", "Always NaN.", "");
+            out.sample(nan, &[], f64::NAN);
+            let inf = out.gauge("testkit_inf", "Always +Inf.", "");
+            out.sample(inf, &[], f64::INFINITY);
         }
         Ok(())
     }
