@@ -18,6 +18,7 @@ use crate::instance::{create_collector, create_sink, validate_config};
 use crate::loader::{scan, search_dirs, Plugin, PluginSet, Verdict};
 use crate::pipeline::Pipeline;
 use crate::scheduler::CollectorTask;
+use crate::spool::Spool;
 
 /// An error that ends the process with a specific exit code.
 #[derive(Debug, thiserror::Error)]
@@ -314,7 +315,43 @@ pub async fn run_until<T>(
             .queue_capacity
             .unwrap_or(config.agent.queue_capacity);
         telemetry.register_sink(name, &plugin.name, capacity);
-        let queue = Arc::new(SinkQueue::new(name, capacity, Arc::clone(&telemetry)));
+        let queue = if s.config.spool {
+            let dir = config.agent.spool_dir.join(name);
+            let (spool, recovered) = Spool::open(&dir, s.config.spool_max_bytes, capacity)
+                .map_err(|e| {
+                    exit(
+                        EXIT_CONFIG,
+                        format!(
+                            "sink `{name}`: cannot open its spool {} ({e}); check agent.spool_dir",
+                            dir.display()
+                        ),
+                    )
+                })?;
+            for (bytes, problem) in &recovered.problems {
+                crate::events::Event::SpoolDamaged {
+                    sink: name,
+                    bytes: *bytes,
+                    message: problem,
+                }
+                .emit(&telemetry);
+            }
+            if recovered.batches > 0 {
+                tracing::info!(
+                    sink = %name,
+                    "{} batches ({} samples) left in the spool by the last run are delivered first",
+                    recovered.batches,
+                    recovered.samples
+                );
+            }
+            Arc::new(SinkQueue::with_spool(
+                name,
+                capacity,
+                Arc::clone(&telemetry),
+                spool,
+            ))
+        } else {
+            Arc::new(SinkQueue::new(name, capacity, Arc::clone(&telemetry)))
+        };
         let paths: Vec<String> = instance
             .as_ref()
             .map(|i| i.http_paths().into_iter().map(|p| p.to_string()).collect())
@@ -450,6 +487,26 @@ pub async fn run_until<T>(
         };
         collector_tasks.spawn(task.run(stop_rx.clone()));
     }
+    if let Some(shortest) = pipeline.shortest_window() {
+        // Close each aggregation window once its last batches can have arrived.
+        let pipeline = Arc::clone(&pipeline);
+        let grace = config.agent.timeout.min(shortest / 2);
+        let tick = (shortest / 10).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut stop = stop_rx.clone();
+        collector_tasks.spawn(async move {
+            let mut ticker = tokio::time::interval(tick);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = ticker.tick() => pipeline.flush_aggregates(
+                        crate::health::now_ms(),
+                        i64::try_from(grace.as_millis()).unwrap_or(i64::MAX),
+                    ),
+                }
+            }
+        });
+    }
     if config.agent.internal_metrics {
         let pipeline = Arc::clone(&pipeline);
         let telemetry = Arc::clone(&telemetry);
@@ -480,6 +537,8 @@ pub async fn run_until<T>(
     // Stop collecting, then drain and flush every sink within the shutdown timeout.
     let _ = stop_tx.send(true);
     while collector_tasks.join_next().await.is_some() {}
+    // The open aggregation windows go out as they are.
+    pipeline.flush_aggregates_now();
     for rt in &sink_runtimes {
         rt.queue.close();
     }
@@ -497,7 +556,13 @@ pub async fn run_until<T>(
     }
     let flush_all = async {
         for rt in &sink_runtimes {
-            let left = rt.queue.clear();
+            let (spooled, left) = rt.queue.shutdown();
+            if spooled > 0 {
+                tracing::info!(
+                    sink = %rt.name,
+                    "{spooled} samples wait in the spool for the next start"
+                );
+            }
             if left > 0 {
                 crate::events::Event::SinkDropped {
                     sink: &rt.name,

@@ -69,6 +69,51 @@ pub struct Config {
     /// Rename and drop rules, applied in order to every batch.
     #[serde(default)]
     pub relabel: Vec<RelabelConfig>,
+    /// Window aggregations (downsampled history), each a source routes can name.
+    #[serde(default)]
+    pub aggregate: Vec<AggregateConfig>,
+}
+
+/// One `[[aggregate]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    /// The source name of the aggregated batches (for `routes.from`).
+    pub name: String,
+    /// Collector instances (or `metricsd`) whose batches are aggregated.
+    pub from: Vec<String>,
+    /// Metric name globs to aggregate (all when empty).
+    #[serde(default)]
+    pub metrics: Vec<String>,
+    /// The window, aligned to the clock.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Statistics of gauges (counters always give their increase).
+    #[serde(default = "Stat::all")]
+    pub stats: Vec<Stat>,
+}
+
+/// A statistic of a gauge over a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stat {
+    /// `<name>_min`.
+    Min,
+    /// `<name>_max`.
+    Max,
+    /// `<name>_mean`.
+    Mean,
+    /// `<name>_last`.
+    Last,
+    /// `<name>_count`: samples in the window.
+    Count,
+}
+
+impl Stat {
+    /// Every statistic.
+    pub fn all() -> Vec<Stat> {
+        vec![Stat::Min, Stat::Max, Stat::Mean, Stat::Last, Stat::Count]
+    }
 }
 
 /// `[agent]`.
@@ -102,6 +147,8 @@ pub struct AgentConfig {
     pub shutdown_timeout: Duration,
     /// Emit the agent's own `metricsd_*` metrics through the pipeline.
     pub internal_metrics: bool,
+    /// Where sinks with `spool = true` keep their disk spool (a subdirectory per sink).
+    pub spool_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -118,6 +165,7 @@ impl Default for AgentConfig {
             queue_capacity: 100_000,
             shutdown_timeout: Duration::from_secs(10),
             internal_metrics: true,
+            spool_dir: PathBuf::from("/var/lib/metricsd/spool"),
         }
     }
 }
@@ -226,9 +274,20 @@ pub struct SinkConfig {
     pub required: bool,
     /// Queue capacity in samples (default: `agent.queue_capacity`).
     pub queue_capacity: Option<usize>,
+    /// Keep undelivered batches in a disk spool under `agent.spool_dir`, so that they survive
+    /// a restart; the queue in memory then only caches the newest of them.
+    #[serde(default)]
+    pub spool: bool,
+    /// Most bytes the spool may hold; the oldest batches are dropped beyond it.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: u64,
     /// Handed to the plugin as JSON; the plugin validates it.
     #[serde(default)]
     pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_spool_max_bytes() -> u64 {
+    256 * 1024 * 1024
 }
 
 /// One `[[routes]]` entry.
@@ -480,6 +539,8 @@ fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigEr
                     timeout: None,
                     required: false,
                     queue_capacity: None,
+                    spool: false,
+                    spool_max_bytes: default_spool_max_bytes(),
                     config: serde_json::Map::new(),
                 });
             }
@@ -497,6 +558,8 @@ fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigEr
                 timeout: None,
                 required: false,
                 queue_capacity: None,
+                spool: false,
+                spool_max_bytes: default_spool_max_bytes(),
                 config: serde_json::Map::new(),
             });
         }
@@ -617,6 +680,12 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
                 "must be greater than 0",
             ));
         }
+        if s.spool && s.spool_max_bytes < 1024 * 1024 {
+            return Err(key_error(
+                format!("sinks[{i}].spool_max_bytes"),
+                "must be at least 1 MiB (1048576)",
+            ));
+        }
     }
     let collectors: BTreeSet<&str> = config
         .collectors
@@ -624,15 +693,55 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         .map(|c| c.name.as_str())
         .chain([INTERNAL_SOURCE])
         .collect();
-    let sinks: BTreeSet<&str> = config.sinks.iter().map(|s| s.name.as_str()).collect();
-    for (i, r) in config.routes.iter().enumerate() {
-        for (j, from) in r.from.iter().enumerate() {
+    for (i, a) in config.aggregate.iter().enumerate() {
+        check_instance_name(&format!("aggregate[{i}]"), &a.name, &mut names)?;
+        if a.from.is_empty() {
+            return Err(key_error(
+                format!("aggregate[{i}].from"),
+                "needs at least one collector",
+            ));
+        }
+        for (j, from) in a.from.iter().enumerate() {
             if !collectors.contains(from.as_str()) {
                 return Err(key_error(
-                    format!("routes[{i}].from[{j}]"),
+                    format!("aggregate[{i}].from[{j}]"),
                     format!(
                         "no collector named `{from}`{}",
                         did_you_mean(from, &collectors)
+                    ),
+                ));
+            }
+        }
+        if a.window < Duration::from_secs(1) {
+            return Err(key_error(
+                format!("aggregate[{i}].window"),
+                "must be at least 1s",
+            ));
+        }
+        if a.stats.is_empty() {
+            return Err(key_error(
+                format!("aggregate[{i}].stats"),
+                "needs at least one of min, max, mean, last, count",
+            ));
+        }
+        for (j, g) in a.metrics.iter().enumerate() {
+            check_glob(format!("aggregate[{i}].metrics[{j}]"), g)?;
+        }
+    }
+    let sources: BTreeSet<&str> = collectors
+        .iter()
+        .copied()
+        .chain(config.aggregate.iter().map(|a| a.name.as_str()))
+        .collect();
+    let sinks: BTreeSet<&str> = config.sinks.iter().map(|s| s.name.as_str()).collect();
+    for (i, r) in config.routes.iter().enumerate() {
+        for (j, from) in r.from.iter().enumerate() {
+            if !sources.contains(from.as_str()) {
+                return Err(key_error(
+                    format!("routes[{i}].from[{j}]"),
+                    format!(
+                        "no collector or aggregate named `{from}`{}",
+                        did_you_mean(from, &sources)
                     ),
                 ));
             }

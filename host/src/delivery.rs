@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use crate::events::{Event, Telemetry};
 use crate::health::{Health, State};
+use crate::spool::{RecordId, Spool};
 
 struct QueueState {
     batches: VecDeque<Arc<Batch>>,
@@ -28,6 +29,18 @@ pub struct SinkQueue {
     state: Mutex<QueueState>,
     notify: Notify,
     telemetry: Arc<Telemetry>,
+    /// With a disk spool, batches go there first and the memory queue only holds what the
+    /// spool could not take (a full or failing disk).
+    spool: Option<Spool>,
+}
+
+/// Where a popped batch came from, to acknowledge or retry it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// The memory queue (removed when popped).
+    Memory,
+    /// The spool (removed when acknowledged).
+    Spool(RecordId),
 }
 
 impl SinkQueue {
@@ -43,7 +56,32 @@ impl SinkQueue {
             }),
             notify: Notify::new(),
             telemetry,
+            spool: None,
         }
+    }
+
+    /// A queue whose batches go to a disk spool first.
+    pub fn with_spool(
+        name: &str,
+        capacity: usize,
+        telemetry: Arc<Telemetry>,
+        spool: Spool,
+    ) -> Self {
+        let queue = Self {
+            spool: Some(spool),
+            ..Self::new(name, capacity, telemetry)
+        };
+        queue.report_depth();
+        queue
+    }
+
+    /// Whether batches survive a restart.
+    pub fn is_spooled(&self) -> bool {
+        self.spool.is_some()
+    }
+
+    fn report_depth(&self) {
+        self.telemetry.set_queue_depth(&self.name, self.depth());
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
@@ -55,6 +93,39 @@ impl SinkQueue {
         let n = batch.samples.len();
         if n == 0 {
             return;
+        }
+        if let Some(spool) = &self.spool {
+            if self.lock().closed {
+                Event::SinkDropped {
+                    sink: &self.name,
+                    reason: "shutdown",
+                    samples: n,
+                }
+                .emit(&self.telemetry);
+                return;
+            }
+            match spool.append(&batch) {
+                Ok(dropped) => {
+                    if dropped > 0 {
+                        Event::QueueOverflow {
+                            sink: &self.name,
+                            samples: dropped,
+                        }
+                        .emit(&self.telemetry);
+                    }
+                    self.report_depth();
+                    self.notify.notify_one();
+                    return;
+                }
+                Err(e) => {
+                    // Keep it in memory rather than lose it; the memory queue's bound applies.
+                    Event::SpoolFailed {
+                        sink: &self.name,
+                        message: &e.to_string(),
+                    }
+                    .emit(&self.telemetry);
+                }
+            }
         }
         let (dropped, depth, closed) = {
             let mut st = self.lock();
@@ -92,30 +163,62 @@ impl SinkQueue {
             }
             .emit(&self.telemetry);
         }
-        self.telemetry.set_queue_depth(&self.name, depth);
+        let _ = depth;
+        self.report_depth();
         self.notify.notify_one();
+    }
+
+    /// Acknowledges a batch the sink wrote or refused: it is not sent again.
+    pub fn ack(&self, taken: Taken) {
+        if let (Taken::Spool(id), Some(spool)) = (taken, &self.spool) {
+            spool.ack(id);
+            self.report_depth();
+        }
+    }
+
+    /// Keeps a batch whose write is to be retried at the head.
+    pub fn retry(&self, taken: Taken, batch: Arc<Batch>) {
+        match taken {
+            Taken::Memory => self.push_front(batch),
+            // Still at the head of the spool until acknowledged.
+            Taken::Spool(_) => {}
+        }
     }
 
     /// Puts a batch back at the head (a write to retry).
     fn push_front(&self, batch: Arc<Batch>) {
-        let depth = {
+        {
             let mut st = self.lock();
             st.samples += batch.samples.len();
             st.batches.push_front(batch);
-            st.samples
-        };
-        self.telemetry.set_queue_depth(&self.name, depth);
+        }
+        self.report_depth();
     }
 
-    fn try_pop(&self) -> Result<Option<Arc<Batch>>, ()> {
+    #[allow(clippy::result_unit_err)]
+    fn try_pop(&self) -> Result<Option<(Taken, Arc<Batch>)>, ()> {
+        if let Some(spool) = &self.spool {
+            let (front, lost) = spool.front();
+            if lost > 0 {
+                Event::SinkDropped {
+                    sink: &self.name,
+                    reason: "spool_unreadable",
+                    samples: lost,
+                }
+                .emit(&self.telemetry);
+                self.report_depth();
+            }
+            if let Some((id, batch)) = front {
+                return Ok(Some((Taken::Spool(id), batch)));
+            }
+        }
         let mut st = self.lock();
         match st.batches.pop_front() {
             Some(b) => {
                 st.samples -= b.samples.len();
-                let depth = st.samples;
                 drop(st);
-                self.telemetry.set_queue_depth(&self.name, depth);
-                Ok(Some(b))
+                self.report_depth();
+                Ok(Some((Taken::Memory, b)))
             }
             None if st.closed => Err(()),
             None => Ok(None),
@@ -123,7 +226,7 @@ impl SinkQueue {
     }
 
     /// The next batch; `None` once the queue is closed and empty.
-    pub async fn pop(&self) -> Option<Arc<Batch>> {
+    pub async fn pop(&self) -> Option<(Taken, Arc<Batch>)> {
         loop {
             let notified = self.notify.notified();
             match self.try_pop() {
@@ -141,16 +244,48 @@ impl SinkQueue {
         self.notify.notify_one();
     }
 
-    /// Empties the queue, returning the number of samples removed.
+    /// Empties the queue (and the spool), returning the number of samples removed.
     pub fn clear(&self) -> usize {
+        let spooled = self.spool.as_ref().map_or(0, Spool::clear);
         let mut st = self.lock();
         st.batches.clear();
-        std::mem::take(&mut st.samples)
+        let memory = std::mem::take(&mut st.samples);
+        drop(st);
+        self.report_depth();
+        spooled + memory
     }
 
-    /// Samples waiting.
+    /// At shutdown, after the worker stopped: moves what is left in memory to the spool.
+    /// Returns (samples kept in the spool for the next start, samples lost).
+    pub fn shutdown(&self) -> (usize, usize) {
+        let left: Vec<Arc<Batch>> = {
+            let mut st = self.lock();
+            st.samples = 0;
+            st.batches.drain(..).collect()
+        };
+        let mut lost = 0;
+        if let Some(spool) = &self.spool {
+            for b in left {
+                match spool.append(&b) {
+                    Ok(dropped) => lost += dropped,
+                    Err(_) => lost += b.samples.len(),
+                }
+            }
+            spool.sync();
+            (spool.samples(), lost)
+        } else {
+            (0, left.iter().map(|b| b.samples.len()).sum())
+        }
+    }
+
+    /// Samples waiting (in the spool and in memory).
     pub fn depth(&self) -> usize {
-        self.lock().samples
+        self.spool.as_ref().map_or(0, Spool::samples) + self.lock().samples
+    }
+
+    /// Whether `close` was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// Takes every queued batch (tests and `once`).
@@ -238,8 +373,9 @@ impl SinkRuntime {
     /// Writes queued batches until the queue is closed and drained.
     pub async fn run(self: Arc<Self>) {
         let mut backoff = Duration::ZERO;
-        while let Some(batch) = self.queue.pop().await {
+        while let Some((taken, batch)) = self.queue.pop().await {
             let Some(instance) = self.current() else {
+                self.queue.ack(taken);
                 Event::SinkDropped {
                     sink: &self.name,
                     reason: "disabled",
@@ -252,6 +388,7 @@ impl SinkRuntime {
             let samples = batch.samples.len();
             match self.write(instance, Arc::clone(&batch)).await {
                 Ok(()) => {
+                    self.queue.ack(taken);
                     backoff = Duration::ZERO;
                     self.health.success(&self.name);
                     Event::SinkWritten {
@@ -283,10 +420,15 @@ impl SinkRuntime {
                                 Some(ms) => Duration::from_millis(ms).min(RETRY_AFTER_CAP),
                                 None => jitter(backoff),
                             };
-                            self.queue.push_front(batch);
+                            self.queue.retry(taken, batch);
+                            if self.queue.is_closed() && self.queue.is_spooled() {
+                                // Shutting down: what is left waits in the spool.
+                                return;
+                            }
                             tokio::time::sleep(wait).await;
                         }
                         ErrorKind::REJECTED => {
+                            self.queue.ack(taken);
                             self.health.failure(&self.name, State::Failing, message);
                             Event::SinkDropped {
                                 sink: &self.name,
@@ -298,6 +440,7 @@ impl SinkRuntime {
                         _ => {
                             // Fatal, config or panic: the instance cannot be trusted with more
                             // data until the operator acts (or the config is reloaded).
+                            self.queue.ack(taken);
                             self.disable(format!("{}: {message}", err.kind.as_str()));
                             let queued = self.queue.clear();
                             Event::SinkDropped {
@@ -378,7 +521,7 @@ mod tests {
         q.push(batch(1));
         q.close();
         q.push(batch(1));
-        assert!(q.pop().await.is_some());
+        assert!(matches!(q.pop().await, Some((Taken::Memory, _))));
         assert!(q.pop().await.is_none());
     }
 }

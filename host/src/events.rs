@@ -25,6 +25,8 @@ pub struct Telemetry {
     sink_queue: IntGaugeVec,
     sink_queue_capacity: IntGaugeVec,
     sink_dropped: IntCounterVec,
+    spool_errors: IntCounterVec,
+    spool_corrupt: IntCounterVec,
     sink_write_errors: IntCounterVec,
     sink_writes: IntCounterVec,
     sink_samples: IntCounterVec,
@@ -89,7 +91,9 @@ impl Telemetry {
             sink_up: int_gauge(&r, "metricsd_sink_up", "1 if the sink's last write succeeded (or none failed yet).", &["sink", "plugin"]),
             sink_queue: int_gauge(&r, "metricsd_sink_queue_samples", "Samples waiting in the sink's queue.", &s),
             sink_queue_capacity: int_gauge(&r, "metricsd_sink_queue_capacity_samples", "Capacity of the sink's queue.", &s),
-            sink_dropped: counter(&r, "metricsd_sink_dropped_samples_total", "Samples the sink lost, by reason (queue_full, rejected, disabled, shutdown, write_error).", &["sink", "reason"]),
+            sink_dropped: counter(&r, "metricsd_sink_dropped_samples_total", "Samples the sink lost, by reason (queue_full, rejected, invalid, disabled, shutdown, spool_unreadable).", &["sink", "reason"]),
+            spool_errors: counter(&r, "metricsd_sink_spool_errors_total", "Batches the disk spool could not take (kept in memory instead).", &s),
+            spool_corrupt: counter(&r, "metricsd_sink_spool_corrupt_bytes_total", "Bytes of torn or corrupt spool records skipped at start-up.", &s),
             sink_write_errors: counter(&r, "metricsd_sink_write_errors_total", "Failed writes by kind (transient, rejected, fatal, config, panic, timeout).", &["sink", "kind"]),
             sink_writes: counter(&r, "metricsd_sink_writes_total", "Successful writes.", &s),
             sink_samples: counter(&r, "metricsd_sink_samples_written_total", "Samples written successfully.", &s),
@@ -294,6 +298,23 @@ pub enum Event<'a> {
         /// Samples dropped.
         samples: usize,
     },
+    /// A batch could not be appended to the sink's spool (full or failing disk); it is kept
+    /// in memory instead.
+    SpoolFailed {
+        /// Sink.
+        sink: &'a str,
+        /// The I/O error.
+        message: &'a str,
+    },
+    /// Opening a spool found torn or corrupt records (power loss); they are skipped.
+    SpoolDamaged {
+        /// Sink.
+        sink: &'a str,
+        /// Bytes skipped.
+        bytes: u64,
+        /// Which segment, where, and what is wrong.
+        message: &'a str,
+    },
     /// A sink write succeeded.
     SinkWritten {
         /// Sink.
@@ -467,6 +488,21 @@ impl Event<'_> {
                     .with_label_values(&[collector])
                     .inc_by(count as u64);
                 tracing::warn!(collector, count, "dropped invalid samples: {reason}");
+            }
+            Event::SpoolFailed { sink, message } => {
+                t.spool_errors.with_label_values(&[sink]).inc();
+                tracing::error!(
+                    sink,
+                    "cannot write to the disk spool ({message}); the batch is kept in memory only"
+                );
+            }
+            Event::SpoolDamaged {
+                sink,
+                bytes,
+                message,
+            } => {
+                t.spool_corrupt.with_label_values(&[sink]).inc_by(bytes);
+                tracing::warn!(sink, bytes, "damaged spool segment: {message}");
             }
             Event::QueueOverflow { sink, samples } => {
                 t.sink_dropped

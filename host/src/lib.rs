@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod aggregate;
 pub mod config;
 pub mod delivery;
 pub mod events;
@@ -16,4 +17,5 @@ pub mod loader;
 pub mod pipeline;
 pub mod plugin_log;
 pub mod scheduler;
+pub mod spool;
 pub mod webconfig;

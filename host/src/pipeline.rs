@@ -12,6 +12,7 @@ use abi_stable::std_types::{ROption, RString, RVec};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use metricsd_plugin_api::{Batch, Label};
 
+use crate::aggregate::Aggregator;
 use crate::config::{
     is_label_name, is_valid_metric_name, Config, RelabelAction, RelabelConfig, RouteConfig,
 };
@@ -19,7 +20,7 @@ use crate::delivery::SinkQueue;
 use crate::events::{Event, Telemetry};
 use crate::health::now_ms;
 
-fn globset(patterns: &[String]) -> Option<GlobSet> {
+pub(crate) fn globset(patterns: &[String]) -> Option<GlobSet> {
     if patterns.is_empty() {
         return None;
     }
@@ -137,6 +138,7 @@ pub struct Pipeline {
     routes: Option<Vec<Route>>,
     sinks: BTreeMap<String, Arc<SinkQueue>>,
     telemetry: Arc<Telemetry>,
+    aggregators: Vec<Aggregator>,
 }
 
 /// Keeps only the families whose `keep` entry is true, re-indexing the samples.
@@ -269,6 +271,34 @@ impl Pipeline {
                 .then(|| config.routes.iter().map(Route::new).collect()),
             sinks,
             telemetry,
+            aggregators: config
+                .aggregate
+                .iter()
+                .map(|a| Aggregator::new(a, config.agent.labels.keys().cloned().collect()))
+                .collect(),
+        }
+    }
+
+    /// The shortest aggregation window, if any aggregate is configured.
+    pub fn shortest_window(&self) -> Option<std::time::Duration> {
+        self.aggregators.iter().map(Aggregator::window).min()
+    }
+
+    /// Routes the windows that ended before `now_ms - grace_ms`.
+    pub fn flush_aggregates(&self, now_ms: i64, grace_ms: i64) {
+        for agg in &self.aggregators {
+            if let Some(out) = agg.flush_due(now_ms, grace_ms) {
+                self.process(&agg.name, out);
+            }
+        }
+    }
+
+    /// Routes every open window as it is (shutdown).
+    pub fn flush_aggregates_now(&self) {
+        for agg in &self.aggregators {
+            if let Some(out) = agg.flush_now() {
+                self.process(&agg.name, out);
+            }
         }
     }
 
@@ -372,6 +402,11 @@ impl Pipeline {
 
     /// Hands a batch that went through [`prepare`](Self::prepare) to the sink queues.
     pub fn route_prepared(&self, source: &str, batch: Batch) {
+        for agg in self.aggregators.iter().filter(|a| a.takes(source)) {
+            if let Some(out) = agg.observe(&batch) {
+                self.process(&agg.name, out);
+            }
+        }
         let Some(routes) = &self.routes else {
             let shared = Arc::new(batch);
             for queue in self.sinks.values() {

@@ -26,7 +26,9 @@ pub const ROOT_MODULE_NAME: &str = "metricsd_plugin";
 
 /// The kind of a metric family, a `u8` so that kinds can be added without breaking the ABI.
 #[repr(transparent)]
-#[derive(StableAbi, Copy, Clone, PartialEq, Eq, Hash, Debug)]
+#[derive(
+    StableAbi, Copy, Clone, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize,
+)]
 pub struct MetricKind(pub u8);
 
 impl MetricKind {
@@ -52,7 +54,18 @@ impl MetricKind {
 
 /// One label pair of a sample.
 #[repr(C)]
-#[derive(StableAbi, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    StableAbi,
+    Clone,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct Label {
     /// Label name, `[a-zA-Z_][a-zA-Z0-9_]*`.
     pub name: RString,
@@ -72,7 +85,7 @@ impl Label {
 
 /// Describes a metric family once per batch; samples refer to it by index.
 #[repr(C)]
-#[derive(StableAbi, Clone, Debug, PartialEq)]
+#[derive(StableAbi, Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MetricFamily {
     /// Metric name, `[a-zA-Z_:][a-zA-Z0-9_:]*`, in Prometheus conventions (base units,
     /// `_total` for counters).
@@ -87,7 +100,7 @@ pub struct MetricFamily {
 
 /// One sample: a value of one family with one label set.
 #[repr(C)]
-#[derive(StableAbi, Clone, Copy, Debug, PartialEq)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Sample {
     /// Index into [`Batch::families`].
     pub family: u32,
@@ -106,7 +119,7 @@ pub struct Sample {
 /// that GPU's samples, so a sample costs no allocation. `common_labels` apply to every sample
 /// (the host adds the node's static labels there); a sample's own label of the same name wins.
 #[repr(C)]
-#[derive(StableAbi, Clone, Debug, Default, PartialEq)]
+#[derive(StableAbi, Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Batch {
     /// The metric families that samples refer to.
     pub families: RVec<MetricFamily>,

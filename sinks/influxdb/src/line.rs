@@ -242,6 +242,11 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
     // Per label set, its rendered tags (once per batch).
     let mut tags: Vec<Option<Result<Vec<u8>, String>>> = vec![None; batch.label_sets.len()];
     let batch_ts = batch.timestamp_ms.into_option().unwrap_or(now_ms);
+    // " <timestamp>\n" of samples without their own timestamp, rendered once.
+    let mut batch_suffix = Vec::with_capacity(24);
+    batch_suffix.push(b' ');
+    push_int(&mut batch_suffix, precision.convert_ms(batch_ts));
+    batch_suffix.push(b'\n');
     match layout {
         Layout::PerMetric => {
             let names: Vec<Result<Vec<u8>, String>> = batch
@@ -287,10 +292,14 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
                 out.extend_from_slice(tag_bytes);
                 out.extend_from_slice(b" value=");
                 push_float(out, s.value);
-                out.push(b' ');
-                let ts = s.timestamp_ms.into_option().unwrap_or(batch_ts);
-                push_int(out, precision.convert_ms(ts));
-                out.push(b'\n');
+                match s.timestamp_ms.into_option() {
+                    None => out.extend_from_slice(&batch_suffix),
+                    Some(ts) => {
+                        out.push(b' ');
+                        push_int(out, precision.convert_ms(ts));
+                        out.push(b'\n');
+                    }
+                }
                 enc.lines.push((out.len(), 1));
             }
         }
@@ -318,11 +327,23 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
                     }
                 })
                 .collect();
-            // Lines in first-seen order: (measurement bytes, label set, timestamp) → fields.
-            let mut index: HashMap<(&[u8], u32, i64), usize> = HashMap::new();
+            // Families of one measurement share an id, so lines are keyed by integers.
+            let mut measurement_ids: HashMap<&[u8], u32> = HashMap::new();
+            let family_measurement: Vec<u32> = names
+                .iter()
+                .map(|n| match n {
+                    Ok((m, _)) => {
+                        let next = measurement_ids.len() as u32;
+                        *measurement_ids.entry(m.as_slice()).or_insert(next)
+                    }
+                    Err(_) => u32::MAX,
+                })
+                .collect();
+            // Lines in first-seen order: (measurement, label set, timestamp) → fields.
+            let mut index: HashMap<(u32, u32, i64), usize> = HashMap::new();
             let mut lines: Vec<PendingLine> = Vec::new();
             for s in batch.samples.iter() {
-                let Some(Ok((measurement, _))) = names.get(s.family as usize) else {
+                let Some(Ok(_)) = names.get(s.family as usize) else {
                     enc.skip(1, || match names.get(s.family as usize) {
                         Some(Err(why)) => why.clone(),
                         _ => "a sample refers to a family the batch does not have".to_string(),
@@ -348,19 +369,19 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
                     }
                 }
                 let ts = s.timestamp_ms.into_option().unwrap_or(batch_ts);
-                let at = *index
-                    .entry((measurement.as_slice(), s.labels, ts))
-                    .or_insert_with(|| {
-                        lines.push((s.family as usize, s.labels, ts, Vec::with_capacity(8)));
-                        lines.len() - 1
-                    });
+                let measurement = family_measurement[s.family as usize];
+                let at = *index.entry((measurement, s.labels, ts)).or_insert_with(|| {
+                    lines.push((s.family as usize, s.labels, ts, Vec::with_capacity(8)));
+                    lines.len() - 1
+                });
                 let fields = &mut lines[at].3;
-                let field = &names[s.family as usize];
-                // A field written twice for one line keeps its last value.
-                match fields.iter_mut().find(|(f, _)| {
-                    *f == s.family as usize
-                        || matches!((&names[*f], field), (Ok(a), Ok(b)) if a.1 == b.1)
-                }) {
+                // A field written twice for one line keeps its last value. (Family names are
+                // unique in a batch, so one field key is one family.)
+                match fields
+                    .iter_mut()
+                    .rev()
+                    .find(|(f, _)| *f == s.family as usize)
+                {
                     Some(existing) => existing.1 = s.value,
                     None => fields.push((s.family as usize, s.value)),
                 }

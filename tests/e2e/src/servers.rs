@@ -15,7 +15,7 @@ fn terminate(child: &mut Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(15) {
+    while start.elapsed() < Duration::from_secs(5) {
         if let Ok(Some(_)) = child.try_wait() {
             return;
         }
@@ -184,7 +184,11 @@ impl InfluxServer {
 
 impl Drop for InfluxServer {
     fn drop(&mut self) {
-        self.stop();
+        // The test is over: no need for a clean shutdown.
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -251,7 +255,8 @@ impl VictoriaMetrics {
 impl Drop for VictoriaMetrics {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            terminate(&mut child);
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }

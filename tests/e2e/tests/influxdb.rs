@@ -585,3 +585,230 @@ fn refused_and_unencodable_samples_are_dropped_alone_and_counted() {
     let (_, health) = agent.get_health("/health").expect("health");
     assert!(health.contains("\"ok\""), "{health}");
 }
+
+/// `calls_total` values written between `from_ms` and `to_ms`, sorted.
+fn calls_between(influx: &InfluxServer, db: &str, from_ms: i64, to_ms: i64) -> Vec<i64> {
+    let mut calls: Vec<i64> = influx
+        .rows(
+            db,
+            &format!(
+                "SELECT \"calls_total\" FROM \"testkit\" WHERE time >= {from_ms}ms AND time < {to_ms}ms"
+            ),
+        )
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| r.get("calls_total").and_then(|v| v.as_f64()))
+        .map(|v| v as i64)
+        .collect();
+    calls.sort_unstable();
+    calls
+}
+
+#[test]
+fn the_disk_spool_carries_an_outage_across_an_agent_restart() {
+    build();
+    let work = Workdir::new();
+    let mut influx = InfluxServer::start(&work, false).expect("influxd");
+    influx.query("", "CREATE DATABASE \"s\"").expect("db");
+    let sinks = format!(
+        "[[sinks]]\nname = \"influx\"\nplugin = \"influxdb\"\nspool = true\n[sinks.config]\nurl = \"http://127.0.0.1:{}\"\ndatabase = \"s\"\n",
+        influx.port
+    );
+    let config = config("200ms", &sinks).replace(
+        "internal_metrics = false\n",
+        &format!(
+            "internal_metrics = false\nspool_dir = \"{}\"\n",
+            work.path("spool").display()
+        ),
+    );
+    assert!(
+        config.contains("plugin = \"influxdb\"\nspool = true"),
+        "{config}"
+    );
+    let first_start = now_ms();
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for("first points", Duration::from_secs(20), || {
+        (calls_between(&influx, "s", first_start, now_ms() + 1000).len() >= 3).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    influx.stop();
+    wait_for(
+        "collections during the outage",
+        Duration::from_secs(20),
+        || {
+            let (_, body) = agent.get_health("/health").ok()?;
+            let depth = agent.stat("metricsd_sink_queue_samples{sink=\"influx\"}")?;
+            (body.contains("cannot reach InfluxDB") && depth >= 50.0).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let collected = agent
+        .stat("metricsd_collector_collections_total{collector=\"tk\"}")
+        .expect("collections");
+    let status = agent.terminate().expect("terminate");
+    assert!(status.success(), "{status:?}\n{}", agent.stderr());
+    let first_log = agent.stderr();
+    assert!(
+        first_log.contains("wait in the spool for the next start"),
+        "{first_log}"
+    );
+    let between = now_ms();
+    // The second run starts while InfluxDB is still down, then InfluxDB comes back.
+    let mut agent = Agent::start(&work, &config, &[]).expect("restart");
+    agent.wait_ready().expect("ready again");
+    let second_log = agent.stderr();
+    assert!(
+        second_log.contains("left in the spool by the last run are delivered first"),
+        "{second_log}"
+    );
+    influx.restart().expect("influxd back");
+    let first_run = wait_for("the first run's points", Duration::from_secs(30), || {
+        let calls = calls_between(&influx, "s", first_start, between);
+        (calls.len() as f64 >= collected).then_some(calls)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_gapless(&first_run, "first run, across the restart");
+    let second_run = wait_for("the second run's points", Duration::from_secs(30), || {
+        let calls = calls_between(&influx, "s", between, now_ms() + 1000);
+        (calls.len() >= 5).then_some(calls)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_gapless(&second_run, "second run");
+    wait_for("the spool to empty", Duration::from_secs(20), || {
+        (agent.stat("metricsd_sink_queue_samples{sink=\"influx\"}")? < 20.0).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+}
+
+#[test]
+fn rollups_go_to_their_own_retention_policy_and_match_the_raw_points() {
+    build();
+    let work = Workdir::new();
+    let influx = InfluxServer::start(&work, false).expect("influxd");
+    let port = influx.port;
+    let config = format!(
+        r#"[agent]
+interval = "100ms"
+internal_metrics = false
+[http]
+health_listen = "127.0.0.1:{{health}}"
+metrics_listen = "127.0.0.1:{{metrics}}"
+[[collectors]]
+name = "tk"
+plugin = "testkit"
+[collectors.config]
+series = 2
+[[aggregate]]
+name = "rollup"
+from = ["tk"]
+metrics = ["testkit_value", "testkit_calls_total"]
+window = "1s"
+[[sinks]]
+name = "raw"
+plugin = "influxdb"
+[sinks.config]
+url = "http://127.0.0.1:{port}"
+database = "h"
+create_database = true
+retention_policy = "raw"
+retention_duration = "30days"
+[[sinks]]
+name = "rollups"
+plugin = "influxdb"
+[sinks.config]
+url = "http://127.0.0.1:{port}"
+database = "h"
+create_database = true
+retention_policy = "rollup"
+retention_duration = "365days"
+[[routes]]
+from = ["tk"]
+to = ["raw"]
+[[routes]]
+from = ["rollup"]
+to = ["rollups"]
+"#
+    );
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let windows = wait_for("four rollup windows", Duration::from_secs(30), || {
+        let rows = influx
+            .rows(
+                "h",
+                "SELECT * FROM \"rollup\".\"testkit\" WHERE \"series\" = '1'",
+            )
+            .ok()?;
+        (rows.len() >= 4).then_some(rows)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let policies = influx
+        .rows("", "SHOW RETENTION POLICIES ON \"h\"")
+        .expect("rps");
+    let duration = |name: &str| {
+        policies
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["duration"].clone())
+    };
+    assert_eq!(duration("raw"), Some("720h0m0s".into()));
+    assert_eq!(duration("rollup"), Some("8760h0m0s".into()));
+    // The raw policy holds no rollups and the rollup policy no raw points.
+    let raw_fields = influx
+        .rows("h", "SELECT \"value_min\" FROM \"raw\".\"testkit\"")
+        .expect("raw");
+    assert!(raw_fields.is_empty(), "{raw_fields:?}");
+    // Each window's statistics are those of the raw points in it.
+    let calls_in = |from: i64, to: i64| -> Vec<f64> {
+        influx
+            .rows(
+                "h",
+                &format!("SELECT \"calls_total\" FROM \"raw\".\"testkit\" WHERE time >= {from}ms AND time < {to}ms"),
+            )
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| r["calls_total"].as_f64())
+            .collect()
+    };
+    for window in &windows[1..windows.len() - 1] {
+        let start = window["time"].as_i64().expect("time");
+        assert_eq!(start % 1000, 0, "windows are aligned to the second");
+        let raw: Vec<f64> = influx
+            .rows(
+                "h",
+                &format!(
+                    "SELECT \"value\" FROM \"raw\".\"testkit\" WHERE \"series\" = '1' AND time >= {start}ms AND time < {}ms",
+                    start + 1000
+                ),
+            )
+            .expect("raw")
+            .iter()
+            .filter_map(|r| r["value"].as_f64())
+            .collect();
+        assert!(!raw.is_empty());
+        let min = raw.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = raw.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mean = raw.iter().sum::<f64>() / raw.len() as f64;
+        assert_eq!(window["value_min"].as_f64(), Some(min), "{window:?}");
+        assert_eq!(window["value_max"].as_f64(), Some(max));
+        assert!((window["value_mean"].as_f64().unwrap_or(0.0) - mean).abs() < 1e-9);
+        assert_eq!(window["value_last"].as_f64(), raw.last().copied());
+        assert_eq!(window["value_count"].as_f64(), Some(raw.len() as f64));
+        // calls_total counts up by one per collection: its increase over a window is the
+        // number of collections in it.
+        let increase = influx
+            .rows(
+                "h",
+                &format!(
+                    "SELECT \"calls_increase\" FROM \"rollup\".\"testkit\" WHERE time = {start}ms"
+                ),
+            )
+            .expect("increase");
+        let calls = calls_in(start, start + 1000);
+        assert_eq!(
+            increase.first().and_then(|r| r["calls_increase"].as_f64()),
+            Some(calls.len() as f64),
+            "window {start}"
+        );
+    }
+}
