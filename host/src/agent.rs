@@ -358,6 +358,8 @@ pub async fn run_until<T>(
             .unwrap_or_default();
         let runtime = Arc::new(SinkRuntime {
             name: name.clone(),
+            batch_max_samples: s.config.batch_max_samples,
+            batch_wait: s.config.batch_wait,
             plugin: plugin.name.clone(),
             timeout,
             max_backoff: config.agent.max_backoff,

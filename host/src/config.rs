@@ -281,9 +281,19 @@ pub struct SinkConfig {
     /// Most bytes the spool may hold; the oldest batches are dropped beyond it.
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: u64,
+    /// Most samples in one write; queued batches are merged up to it.
+    #[serde(default = "default_batch_max_samples")]
+    pub batch_max_samples: usize,
+    /// How long a write waits for more batches to join it (0: write what is queued).
+    #[serde(default, with = "humantime_serde")]
+    pub batch_wait: Duration,
     /// Handed to the plugin as JSON; the plugin validates it.
     #[serde(default)]
     pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_batch_max_samples() -> usize {
+    20_000
 }
 
 fn default_spool_max_bytes() -> u64 {
@@ -541,6 +551,8 @@ fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigEr
                     queue_capacity: None,
                     spool: false,
                     spool_max_bytes: default_spool_max_bytes(),
+                    batch_max_samples: default_batch_max_samples(),
+                    batch_wait: Duration::ZERO,
                     config: serde_json::Map::new(),
                 });
             }
@@ -560,6 +572,8 @@ fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigEr
                 queue_capacity: None,
                 spool: false,
                 spool_max_bytes: default_spool_max_bytes(),
+                batch_max_samples: default_batch_max_samples(),
+                batch_wait: Duration::ZERO,
                 config: serde_json::Map::new(),
             });
         }
@@ -677,6 +691,12 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         if s.queue_capacity == Some(0) {
             return Err(key_error(
                 format!("sinks[{i}].queue_capacity"),
+                "must be greater than 0",
+            ));
+        }
+        if s.batch_max_samples == 0 {
+            return Err(key_error(
+                format!("sinks[{i}].batch_max_samples"),
                 "must be greater than 0",
             ));
         }

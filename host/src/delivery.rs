@@ -34,12 +34,12 @@ pub struct SinkQueue {
     spool: Option<Spool>,
 }
 
-/// Where a popped batch came from, to acknowledge or retry it.
+/// Where popped batches came from, to acknowledge or retry them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Taken {
     /// The memory queue (removed when popped).
     Memory,
-    /// The spool (removed when acknowledged).
+    /// The spool, up to and including this record (removed when acknowledged).
     Spool(RecordId),
 }
 
@@ -176,10 +176,14 @@ impl SinkQueue {
         }
     }
 
-    /// Keeps a batch whose write is to be retried at the head.
-    pub fn retry(&self, taken: Taken, batch: Arc<Batch>) {
+    /// Keeps batches whose write is to be retried at the head, in their order.
+    pub fn retry(&self, taken: Taken, batches: Vec<Arc<Batch>>) {
         match taken {
-            Taken::Memory => self.push_front(batch),
+            Taken::Memory => {
+                for batch in batches.into_iter().rev() {
+                    self.push_front(batch);
+                }
+            }
             // Still at the head of the spool until acknowledged.
             Taken::Spool(_) => {}
         }
@@ -235,6 +239,61 @@ impl SinkQueue {
                 Ok(None) => notified.await,
             }
         }
+    }
+
+    /// Waits until a batch is queued; `false` once the queue is closed and empty.
+    pub async fn ready(&self) -> bool {
+        loop {
+            let notified = self.notify.notified();
+            if self.depth() > 0 {
+                return true;
+            }
+            if self.is_closed() {
+                return false;
+            }
+            notified.await;
+        }
+    }
+
+    /// The oldest batches, as many as fit in `max_samples` (at least one); `None` when
+    /// nothing is queued.
+    pub fn take_group(&self, max_samples: usize) -> Option<(Taken, Vec<Arc<Batch>>)> {
+        if let Some(spool) = &self.spool {
+            let (group, lost) = spool.front_group(max_samples);
+            if lost > 0 {
+                Event::SinkDropped {
+                    sink: &self.name,
+                    reason: "spool_unreadable",
+                    samples: lost,
+                }
+                .emit(&self.telemetry);
+                self.report_depth();
+            }
+            if let Some(((last, _), _)) = group.last().map(|g| (g, ())) {
+                let last = *last;
+                return Some((
+                    Taken::Spool(last),
+                    group.into_iter().map(|(_, b)| b).collect(),
+                ));
+            }
+        }
+        let mut st = self.lock();
+        let mut group = Vec::new();
+        let mut samples = 0;
+        while let Some(front) = st.batches.front() {
+            let n = front.samples.len();
+            if !group.is_empty() && samples + n > max_samples {
+                break;
+            }
+            samples += n;
+            if let Some(b) = st.batches.pop_front() {
+                group.push(b);
+            }
+        }
+        st.samples -= samples;
+        drop(st);
+        self.report_depth();
+        (!group.is_empty()).then_some((Taken::Memory, group))
     }
 
     /// Stops accepting batches; `pop` drains what is left, then returns `None`.
@@ -296,6 +355,58 @@ impl SinkQueue {
     }
 }
 
+/// One batch holding the samples of several, in order: families are listed once, each
+/// batch's common labels are folded into its label sets, and every sample carries its
+/// timestamp.
+pub fn merge(batches: &[Arc<Batch>]) -> Batch {
+    use abi_stable::std_types::{ROption, RVec};
+    use metricsd_plugin_api::{Label, MetricFamily, Sample};
+    let mut out = Batch::default();
+    let mut family_index: std::collections::HashMap<(String, u8), u32> =
+        std::collections::HashMap::new();
+    for b in batches {
+        let families: Vec<u32> = b
+            .families
+            .iter()
+            .map(|f: &MetricFamily| {
+                *family_index
+                    .entry((f.name.to_string(), f.kind.0))
+                    .or_insert_with(|| {
+                        out.families.push(f.clone());
+                        (out.families.len() - 1) as u32
+                    })
+            })
+            .collect();
+        let offset = out.label_sets.len() as u32;
+        for own in b.label_sets.iter() {
+            let mut set: RVec<Label> = own.clone();
+            for c in b.common_labels.iter() {
+                if !own.iter().any(|l| l.name == c.name) {
+                    set.push(c.clone());
+                }
+            }
+            out.label_sets.push(set);
+        }
+        let ts = b.timestamp_ms;
+        for s in b.samples.iter() {
+            let Some(&family) = families.get(s.family as usize) else {
+                continue;
+            };
+            out.samples.push(Sample {
+                family,
+                labels: s.labels + offset,
+                value: s.value,
+                timestamp_ms: match s.timestamp_ms {
+                    ROption::RSome(t) => ROption::RSome(t),
+                    ROption::RNone => ts,
+                },
+            });
+        }
+    }
+    out.timestamp_ms = batches.first().map_or(ROption::RNone, |b| b.timestamp_ms);
+    out
+}
+
 /// The longest a sink's `Retry-After` can hold its queue back.
 pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(600);
 
@@ -309,6 +420,10 @@ fn jitter(backoff: Duration) -> Duration {
 pub struct SinkRuntime {
     /// Instance name.
     pub name: String,
+    /// Most samples in one write when batches are waiting (several batches are merged).
+    pub batch_max_samples: usize,
+    /// How long to wait for more batches before a write (0: write what is there).
+    pub batch_wait: Duration,
     /// Plugin name.
     pub plugin: String,
     /// Write timeout.
@@ -373,7 +488,22 @@ impl SinkRuntime {
     /// Writes queued batches until the queue is closed and drained.
     pub async fn run(self: Arc<Self>) {
         let mut backoff = Duration::ZERO;
-        while let Some((taken, batch)) = self.queue.pop().await {
+        while self.queue.ready().await {
+            if !self.batch_wait.is_zero()
+                && !self.queue.is_closed()
+                && self.queue.depth() < self.batch_max_samples
+            {
+                // Let more batches join this write; jittered so that a fleet spreads out.
+                tokio::time::sleep(jitter(self.batch_wait)).await;
+            }
+            let Some((taken, group)) = self.queue.take_group(self.batch_max_samples) else {
+                continue;
+            };
+            let batch = if group.len() == 1 {
+                Arc::clone(&group[0])
+            } else {
+                Arc::new(merge(&group))
+            };
             let Some(instance) = self.current() else {
                 self.queue.ack(taken);
                 Event::SinkDropped {
@@ -420,7 +550,7 @@ impl SinkRuntime {
                                 Some(ms) => Duration::from_millis(ms).min(RETRY_AFTER_CAP),
                                 None => jitter(backoff),
                             };
-                            self.queue.retry(taken, batch);
+                            self.queue.retry(taken, group);
                             if self.queue.is_closed() && self.queue.is_spooled() {
                                 // Shutting down: what is left waits in the spool.
                                 return;
@@ -512,6 +642,62 @@ mod tests {
             let w = jitter(backoff);
             assert!(w >= Duration::from_millis(500) && w <= backoff, "{w:?}");
         }
+    }
+
+    #[test]
+    fn merged_batches_keep_every_sample_with_its_labels_and_time() {
+        let mut a = BatchBuilder::new();
+        let fa = a.gauge("x", "", "");
+        a.sample(fa, &[("gpu", "0")], 1.0);
+        a.common_label("node", "n1");
+        a.timestamp_ms(1000);
+        let mut b = BatchBuilder::new();
+        let fb = b.counter("y_total", "", "");
+        let fx = b.gauge("x", "", "");
+        b.sample(fb, &[], 5.0);
+        b.sample(fx, &[("gpu", "1"), ("node", "own")], 2.0);
+        b.common_label("node", "n2");
+        b.timestamp_ms(2000);
+        let merged = merge(&[Arc::new(a.finish()), Arc::new(b.finish())]);
+        assert_eq!(merged.families.len(), 2, "x listed once");
+        let seen: Vec<(String, Vec<String>, f64, Option<i64>)> = merged
+            .samples
+            .iter()
+            .map(|s| {
+                let mut labels: Vec<String> = merged
+                    .labels_of(s)
+                    .map(|l| format!("{}={}", l.name, l.value))
+                    .collect();
+                labels.sort();
+                (
+                    merged
+                        .family_of(s)
+                        .map(|f| f.name.to_string())
+                        .unwrap_or_default(),
+                    labels,
+                    s.value,
+                    merged.timestamp_of(s),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (
+                    "x".into(),
+                    vec!["gpu=0".into(), "node=n1".into()],
+                    1.0,
+                    Some(1000)
+                ),
+                ("y_total".into(), vec!["node=n2".into()], 5.0, Some(2000)),
+                (
+                    "x".into(),
+                    vec!["gpu=1".into(), "node=own".into()],
+                    2.0,
+                    Some(2000)
+                ),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -325,17 +325,42 @@ impl Spool {
     /// The oldest batch not yet acknowledged. A record that cannot be read back is dropped
     /// and its samples returned as the second value.
     pub fn front(&self) -> (Option<(RecordId, Arc<Batch>)>, usize) {
+        let (mut group, lost) = self.front_group(1);
+        (group.pop(), lost)
+    }
+
+    /// The oldest batches not yet acknowledged, as many as fit in `max_samples` (at least
+    /// one). A record that cannot be read back is dropped and its samples returned as the
+    /// second value.
+    pub fn front_group(&self, max_samples: usize) -> (Vec<(RecordId, Arc<Batch>)>, usize) {
         let mut st = self.lock();
         let mut lost = 0;
-        while let Some(r) = st.pending.front().copied() {
+        let mut group: Vec<(RecordId, Arc<Batch>)> = Vec::new();
+        let mut samples = 0;
+        let mut at = 0;
+        while let Some(r) = st.pending.get(at).copied() {
+            if !group.is_empty() && samples + r.samples > max_samples {
+                break;
+            }
             if let Some((_, b)) = st.cache.iter().find(|(id, _)| *id == r.id()) {
-                return (Some((r.id(), Arc::clone(b))), lost);
+                group.push((r.id(), Arc::clone(b)));
+                samples += r.samples;
+                at += 1;
+                continue;
             }
             let read = File::open(segment_path(&self.dir, r.seq))
                 .map_err(|e| e.to_string())
                 .and_then(|mut f| read_record(&mut f, r.offset));
             match read {
-                Ok(Some((_, batch))) => return (Some((r.id(), Arc::new(batch))), lost),
+                Ok(Some((_, batch))) => {
+                    group.push((r.id(), Arc::new(batch)));
+                    samples += r.samples;
+                    at += 1;
+                }
+                Ok(None) | Err(_) if !group.is_empty() => {
+                    // Deliver what was read first; the bad record is dealt with next time.
+                    break;
+                }
                 Ok(None) | Err(_) => {
                     tracing::error!(
                         "spool {}: the batch at segment {} byte {} cannot be read back; its {} samples are lost",
@@ -350,20 +375,19 @@ impl Spool {
                 }
             }
         }
-        (None, lost)
+        (group, lost)
     }
 
-    /// Acknowledges a delivered (or refused) batch: it will not be sent again.
+    /// Acknowledges delivered (or refused) batches up to and including `id`: they will not
+    /// be sent again. Batches dropped meanwhile to make room are already gone.
     pub fn ack(&self, id: RecordId) {
         let mut st = self.lock();
-        if st.pending.front().map(|r| r.id()) != Some(id) {
-            // Dropped meanwhile to make room.
-            return;
+        while st.pending.front().is_some_and(|r| r.id() <= id) {
+            if let Some(r) = st.pending.pop_front() {
+                st.samples -= r.samples;
+            }
         }
-        if let Some(r) = st.pending.pop_front() {
-            st.samples -= r.samples;
-        }
-        if st.cache.front().map(|(i, _)| *i) == Some(id) {
+        while st.cache.front().is_some_and(|(i, _)| *i <= id) {
             if let Some((_, b)) = st.cache.pop_front() {
                 st.cache_samples -= b.samples.len();
             }
@@ -464,6 +488,27 @@ mod tests {
         drop(spool);
         let (_, rec) = Spool::open(dir.path(), 1 << 20, 1000).expect("reopen");
         assert_eq!(rec.batches, 0, "all acknowledged");
+    }
+
+    #[test]
+    fn groups_take_consecutive_batches_up_to_a_sample_budget() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (spool, _) = Spool::open(dir.path(), 1 << 20, 4).expect("open");
+        for v in 1..=5 {
+            spool.append(&batch(3, f64::from(v))).expect("append");
+        }
+        // Batches 1 and 2 were evicted from the memory cache (4 samples): read from disk.
+        let (group, lost) = spool.front_group(7);
+        assert_eq!(lost, 0);
+        let values: Vec<f64> = group.iter().map(|(_, b)| b.samples[0].value).collect();
+        assert_eq!(values, vec![1.0, 2.0]);
+        spool.ack(group[1].0);
+        let (group, _) = spool.front_group(100);
+        assert_eq!(group.len(), 3);
+        assert_eq!(group[0].1.samples[0].value, 3.0);
+        // A single batch larger than the budget still goes alone.
+        let (group, _) = spool.front_group(1);
+        assert_eq!(group.len(), 1);
     }
 
     #[test]

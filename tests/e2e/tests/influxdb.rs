@@ -812,3 +812,41 @@ to = ["rollups"]
         );
     }
 }
+
+#[test]
+fn batches_wait_for_each_other_and_go_out_in_one_request() {
+    build();
+    let work = Workdir::new();
+    let (port, seen) = scripted_server(|_, _| (204, vec![]));
+    let sinks = influx_sink(
+        "influx",
+        port,
+        "database = \"m\"\ngzip = false\nlayout = \"per_metric\"",
+    )
+    .replacen(
+        "plugin = \"influxdb\"\n",
+        "plugin = \"influxdb\"\nbatch_wait = \"1s\"\n",
+        1,
+    );
+    let mut agent = Agent::start(&work, &config("100ms", &sinks), &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let requests = wait_for("four requests", Duration::from_secs(20), || {
+        let seen = seen.lock().ok()?.clone();
+        (seen.len() >= 4).then_some(seen)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    // A collection is 6 lines (calls, generation, 2 concurrency gauges, 2 values); each write
+    // waited 0.5 to 1 s for the collections of 100 ms each to join it.
+    for r in &requests {
+        assert!(r.lines >= 18, "a request of {} lines", r.lines);
+        assert_eq!(r.lines % 6, 0, "whole collections: {}", r.body);
+    }
+    // Merged batches keep each collection's own timestamp.
+    let stamps: BTreeSet<&str> = requests[1]
+        .body
+        .lines()
+        .filter(|l| l.starts_with("testkit_calls_total"))
+        .filter_map(|l| l.rsplit(' ').next())
+        .collect();
+    assert_eq!(stamps.len(), requests[1].lines / 6);
+}

@@ -135,6 +135,7 @@ fn round_trip(influx: &InfluxServer, layout: Layout, db: &str) {
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", influx.log()));
     // The generator reaches both outcomes.
-    assert!(written.get() > 100, "{db}: {} written", written.get());
-    assert!(refused.get() > 20, "{db}: {} refused", refused.get());
+    // About one case in five is writable with this alphabet; the bounds are far below that.
+    assert!(written.get() > 40, "{db}: {} written", written.get());
+    assert!(refused.get() > 40, "{db}: {} refused", refused.get());
 }
