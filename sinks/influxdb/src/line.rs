@@ -139,6 +139,10 @@ fn escape(out: &mut Vec<u8>, s: &str, special: &[u8]) {
 fn unrepresentable(what: &str, s: &str) -> Option<String> {
     let special = BACKSLASH_AMBIGUOUS;
     let bytes = s.as_bytes();
+    // The common case, no line break and no backslash, in one pass.
+    if !bytes.iter().any(|b| matches!(b, b'\n' | b'\r' | b'\\')) {
+        return None;
+    }
     if s.contains(['\n', '\r']) {
         Some(format!(
             "{what} {s:?} contains a line break, which line protocol cannot carry"
@@ -176,19 +180,34 @@ const BACKSLASH_AMBIGUOUS: &[u8] = b",\"= ";
 /// The effective labels of a label set (own, then common ones it does not override), sorted
 /// by name as InfluxDB prefers, rendered as `,k=v,k=v`; `Err` when one cannot be written.
 fn render_tags(own: &[Label], common: &[Label]) -> Result<Vec<u8>, String> {
-    let mut labels: Vec<&Label> = own
-        .iter()
-        .chain(
-            common
-                .iter()
-                .filter(|c| !own.iter().any(|o| o.name == c.name)),
-        )
-        .filter(|l| !l.value.is_empty())
-        .collect();
-    labels.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
-    labels.dedup_by(|a, b| a.name == b.name);
-    let mut out = Vec::with_capacity(labels.len() * 16);
-    for l in labels {
+    let mut out = Vec::with_capacity((own.len() + common.len()) * 16);
+    render_tags_into(&mut out, &mut Vec::new(), own, common)?;
+    Ok(out)
+}
+
+/// [`render_tags`] appending to `out`; `scratch` is reused between calls. On error `out` may
+/// hold part of the tags: the caller truncates it.
+fn render_tags_into<'b>(
+    out: &mut Vec<u8>,
+    scratch: &mut Vec<&'b Label>,
+    own: &'b [Label],
+    common: &'b [Label],
+) -> Result<(), String> {
+    scratch.clear();
+    scratch.extend(
+        own.iter()
+            .chain(
+                common
+                    .iter()
+                    .filter(|c| !own.iter().any(|o| o.name == c.name)),
+            )
+            .filter(|l| !l.value.is_empty()),
+    );
+    if !scratch.is_sorted_by(|a, b| a.name.as_str() < b.name.as_str()) {
+        scratch.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
+        scratch.dedup_by(|a, b| a.name == b.name);
+    }
+    for l in scratch.iter() {
         if l.name.as_str() == "time" {
             return Err("the label `time` cannot be an InfluxDB tag key".to_string());
         }
@@ -201,11 +220,11 @@ fn render_tags(own: &[Label], common: &[Label]) -> Result<Vec<u8>, String> {
             return Err(why);
         }
         out.push(b',');
-        escape_key(&mut out, l.name.as_str());
+        escape_key(out, l.name.as_str());
         out.push(b'=');
-        escape_key(&mut out, l.value.as_str());
+        escape_key(out, l.value.as_str());
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Splits a metric name for the grouped layout: (measurement, field key).
@@ -224,6 +243,14 @@ fn push_float(out: &mut Vec<u8>, v: f64) {
 fn push_int(out: &mut Vec<u8>, v: i64) {
     let mut buf = itoa::Buffer::new();
     out.extend_from_slice(buf.format(v).as_bytes());
+}
+
+/// Per-metric layout: where a label set's rendered tags are in the body.
+#[derive(Clone)]
+enum TagRange {
+    Todo,
+    Done(usize, usize),
+    Bad(String),
 }
 
 /// Grouped layout: a family's escaped measurement and field key.
@@ -261,6 +288,8 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
                     }
                 })
                 .collect();
+            let mut ranges: Vec<TagRange> = vec![TagRange::Todo; batch.label_sets.len()];
+            let mut scratch: Vec<&Label> = Vec::new();
             for s in batch.samples.iter() {
                 let Some(Ok(name)) = names.get(s.family as usize) else {
                     enc.skip(1, || match names.get(s.family as usize) {
@@ -273,23 +302,50 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
                     enc.skip(1, || non_finite(batch, s.family, s.value));
                     continue;
                 }
-                let Some(tag_bytes) = tags_of(&mut tags, batch, s.labels) else {
-                    enc.skip(1, || {
-                        "a sample refers to a label set the batch does not have".into()
-                    });
-                    continue;
-                };
-                let tag_bytes = match tag_bytes {
-                    Ok(t) => t,
-                    Err(why) => {
+                let line_start = enc.body.len();
+                enc.body.extend_from_slice(name);
+                // Each label set is rendered once, into the first line that uses it; later
+                // lines copy those bytes.
+                match ranges.get(s.labels as usize) {
+                    Some(TagRange::Done(from, to)) => {
+                        let (from, to) = (*from, *to);
+                        enc.body.extend_from_within(from..to);
+                    }
+                    Some(TagRange::Bad(why)) => {
                         let why = why.clone();
+                        enc.body.truncate(line_start);
                         enc.skip(1, || why);
                         continue;
                     }
-                };
+                    Some(TagRange::Todo) => {
+                        let own = batch.label_sets[s.labels as usize].as_slice();
+                        let from = enc.body.len();
+                        match render_tags_into(
+                            &mut enc.body,
+                            &mut scratch,
+                            own,
+                            batch.common_labels.as_slice(),
+                        ) {
+                            Ok(()) => {
+                                ranges[s.labels as usize] = TagRange::Done(from, enc.body.len())
+                            }
+                            Err(why) => {
+                                enc.body.truncate(line_start);
+                                ranges[s.labels as usize] = TagRange::Bad(why.clone());
+                                enc.skip(1, || why);
+                                continue;
+                            }
+                        }
+                    }
+                    None => {
+                        enc.body.truncate(line_start);
+                        enc.skip(1, || {
+                            "a sample refers to a label set the batch does not have".into()
+                        });
+                        continue;
+                    }
+                }
                 let out = &mut enc.body;
-                out.extend_from_slice(name);
-                out.extend_from_slice(tag_bytes);
                 out.extend_from_slice(b" value=");
                 push_float(out, s.value);
                 match s.timestamp_ms.into_option() {

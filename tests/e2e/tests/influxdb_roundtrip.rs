@@ -51,6 +51,12 @@ fn arbitrary_names_and_values_round_trip_or_are_refused_with_a_reason() {
     round_trip(&influx, Layout::Grouped, "grouped");
 }
 
+/// An InfluxQL double-quoted identifier. (A query over several measurements, `FROM /.*/`,
+/// would merge their schemas and rename a tag key that is another measurement's field key.)
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
 /// The (measurement, field key) a metric name becomes.
 fn expected_names(name: &str, layout: Layout) -> (String, String) {
     match (layout, name.split_once('_')) {
@@ -85,6 +91,11 @@ fn round_trip(influx: &InfluxServer, layout: Layout, db: &str) {
             |(name, key, label, v)| {
                 case.set(case.get() + 1);
                 let case = case.get();
+                // Each case gets a measurement of its own: InfluxDB renames a tag key that
+                // equals a field key written earlier to the same measurement (`key_1`), which
+                // is its schema at work, not the encoding. Names starting with `#` and empty
+                // names are covered by the encoder's unit tests.
+                let name = format!("m{case}{name}");
                 // Keys the check itself uses (the case tag, the field) stay out of the way.
                 let (measurement, field) = expected_names(&name, layout);
                 prop_assume!(key != "case" && key != field);
@@ -110,7 +121,13 @@ fn round_trip(influx: &InfluxServer, layout: Layout, db: &str) {
                 }
                 written.set(written.get() + 1);
                 let rows = influx
-                    .rows(db, &format!("SELECT * FROM /.*/ WHERE \"case\" = '{case}'"))
+                    .rows(
+                        db,
+                        &format!(
+                            "SELECT * FROM {} WHERE \"case\" = '{case}'",
+                            ident(&measurement)
+                        ),
+                    )
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(rows.len(), 1, "case {}: {:?}", case, rows);
                 let row = &rows[0];
