@@ -105,6 +105,11 @@ fn read_record(file: &mut File, offset: u64) -> Result<Option<(u32, Batch)>, Str
     }
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    // A length beyond the end of the file is a torn (or garbage) header: never allocate it.
+    let size = file.metadata().map_err(|e| format!("stat: {e}"))?.len();
+    if offset + HEADER + u64::from(len) > size {
+        return Err("a record is cut short (torn write)".to_string());
+    }
     let mut payload = vec![0u8; len as usize];
     file.read_exact(&mut payload)
         .map_err(|_| "a record is cut short (torn write)".to_string())?;

@@ -19,8 +19,12 @@ fn collect(c: &mut Criterion) {
     let processes = std::env::var("NVML_BENCH_PROCESSES")
         .map(|v| v == "1")
         .unwrap_or(true);
-    let config =
-        format!(r#"{{"library_path":"{library}","xid_events":false,"processes":{processes}}}"#);
+    let gpm = std::env::var("NVML_BENCH_GPM")
+        .map(|v| v == "1")
+        .unwrap_or(true);
+    let config = format!(
+        r#"{{"library_path":"{library}","xid_events":false,"processes":{processes},"gpm":{gpm}}}"#
+    );
     let mut harness = CollectorHarness::new::<NvmlCollector>("bench", &config)
         .expect("build the simulator first: cargo build --release -p nvml-sim");
     let batch = harness.collect().expect("collect");

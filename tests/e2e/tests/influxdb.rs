@@ -850,3 +850,50 @@ fn batches_wait_for_each_other_and_go_out_in_one_request() {
         .collect();
     assert_eq!(stamps.len(), requests[1].lines / 6);
 }
+
+#[test]
+fn a_corrupt_spool_is_reported_and_skipped_and_the_agent_runs() {
+    build();
+    let work = Workdir::new();
+    let influx = InfluxServer::start(&work, false).expect("influxd");
+    influx.query("", "CREATE DATABASE \"c\"").expect("db");
+    // What a power loss can leave: a segment whose record header promises more than is there,
+    // and one of random bytes.
+    let spool = work.path("spool/influx");
+    std::fs::create_dir_all(&spool).expect("mkdir");
+    let mut torn = 4000u32.to_le_bytes().to_vec();
+    torn.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 1, 2, 3]);
+    std::fs::write(spool.join("00000000000000000000.seg"), torn).expect("write");
+    // A complete record whose checksum is wrong.
+    let mut bad = 4u32.to_le_bytes().to_vec();
+    bad.extend_from_slice(&[0, 0, 0, 0, 1, 2, 3, 4]);
+    bad.extend_from_slice(&[0x5a; 288]);
+    std::fs::write(spool.join("00000000000000000001.seg"), bad).expect("write");
+    let sinks = format!(
+        "[[sinks]]\nname = \"influx\"\nplugin = \"influxdb\"\nspool = true\n[sinks.config]\nurl = \"http://127.0.0.1:{}\"\ndatabase = \"c\"\n",
+        influx.port
+    );
+    let config = config("200ms", &sinks).replace(
+        "internal_metrics = false\n",
+        &format!(
+            "internal_metrics = false\nspool_dir = \"{}\"\n",
+            work.path("spool").display()
+        ),
+    );
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for("new points", Duration::from_secs(20), || {
+        (calls_written(&influx, "c", "").len() >= 3).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_eq!(
+        agent.stat("metricsd_sink_spool_corrupt_bytes_total{sink=\"influx\"}"),
+        Some(311.0),
+        "{}",
+        agent.stderr()
+    );
+    let logs = agent.stderr();
+    assert!(logs.contains("damaged spool segment"), "{logs}");
+    assert!(logs.contains("torn write"), "{logs}");
+    assert!(logs.contains("checksum does not match"), "{logs}");
+}
