@@ -199,48 +199,6 @@ impl SinkQueue {
         self.report_depth();
     }
 
-    #[allow(clippy::result_unit_err)]
-    fn try_pop(&self) -> Result<Option<(Taken, Arc<Batch>)>, ()> {
-        if let Some(spool) = &self.spool {
-            let (front, lost) = spool.front();
-            if lost > 0 {
-                Event::SinkDropped {
-                    sink: &self.name,
-                    reason: "spool_unreadable",
-                    samples: lost,
-                }
-                .emit(&self.telemetry);
-                self.report_depth();
-            }
-            if let Some((id, batch)) = front {
-                return Ok(Some((Taken::Spool(id), batch)));
-            }
-        }
-        let mut st = self.lock();
-        match st.batches.pop_front() {
-            Some(b) => {
-                st.samples -= b.samples.len();
-                drop(st);
-                self.report_depth();
-                Ok(Some((Taken::Memory, b)))
-            }
-            None if st.closed => Err(()),
-            None => Ok(None),
-        }
-    }
-
-    /// The next batch; `None` once the queue is closed and empty.
-    pub async fn pop(&self) -> Option<(Taken, Arc<Batch>)> {
-        loop {
-            let notified = self.notify.notified();
-            match self.try_pop() {
-                Ok(Some(b)) => return Some(b),
-                Err(()) => return None,
-                Ok(None) => notified.await,
-            }
-        }
-    }
-
     /// Waits until a batch is queued; `false` once the queue is closed and empty.
     pub async fn ready(&self) -> bool {
         loop {
@@ -707,7 +665,8 @@ mod tests {
         q.push(batch(1));
         q.close();
         q.push(batch(1));
-        assert!(matches!(q.pop().await, Some((Taken::Memory, _))));
-        assert!(q.pop().await.is_none());
+        assert!(q.ready().await);
+        assert!(matches!(q.take_group(1), Some((Taken::Memory, g)) if g.len() == 1));
+        assert!(!q.ready().await);
     }
 }

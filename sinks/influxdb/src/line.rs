@@ -291,17 +291,9 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
             let mut ranges: Vec<TagRange> = vec![TagRange::Todo; batch.label_sets.len()];
             let mut scratch: Vec<&Label> = Vec::new();
             for s in batch.samples.iter() {
-                let Some(Ok(name)) = names.get(s.family as usize) else {
-                    enc.skip(1, || match names.get(s.family as usize) {
-                        Some(Err(why)) => why.clone(),
-                        _ => "a sample refers to a family the batch does not have".to_string(),
-                    });
+                let Some(name) = writable(&mut enc, &names, batch, s) else {
                     continue;
                 };
-                if !s.value.is_finite() {
-                    enc.skip(1, || non_finite(batch, s.family, s.value));
-                    continue;
-                }
                 let line_start = enc.body.len();
                 enc.body.extend_from_slice(name);
                 // Each label set is rendered once, into the first line that uses it; later
@@ -399,15 +391,7 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
             let mut index: HashMap<(u32, u32, i64), usize> = HashMap::new();
             let mut lines: Vec<PendingLine> = Vec::new();
             for s in batch.samples.iter() {
-                let Some(Ok(_)) = names.get(s.family as usize) else {
-                    enc.skip(1, || match names.get(s.family as usize) {
-                        Some(Err(why)) => why.clone(),
-                        _ => "a sample refers to a family the batch does not have".to_string(),
-                    });
-                    continue;
-                };
-                if !s.value.is_finite() {
-                    enc.skip(1, || non_finite(batch, s.family, s.value));
+                if writable(&mut enc, &names, batch, s).is_none() {
                     continue;
                 }
                 match tags_of(&mut tags, batch, s.labels) {
@@ -484,6 +468,33 @@ fn tags_of<'t>(
         *slot = Some(render_tags(own.as_slice(), batch.common_labels.as_slice()));
     }
     slot.as_ref()
+}
+
+/// The encoded name of a sample's family when the sample can be written (a writable name, a
+/// finite value); otherwise the sample is counted as skipped, with the reason.
+fn writable<'n, T>(
+    enc: &mut Encoded,
+    names: &'n [Result<T, String>],
+    batch: &Batch,
+    s: &metricsd_plugin_api::Sample,
+) -> Option<&'n T> {
+    match names.get(s.family as usize) {
+        Some(Ok(name)) if s.value.is_finite() => Some(name),
+        Some(Ok(_)) => {
+            enc.skip(1, || non_finite(batch, s.family, s.value));
+            None
+        }
+        Some(Err(why)) => {
+            enc.skip(1, || why.clone());
+            None
+        }
+        None => {
+            enc.skip(1, || {
+                "a sample refers to a family the batch does not have".to_string()
+            });
+            None
+        }
+    }
 }
 
 fn non_finite(batch: &Batch, family: u32, value: f64) -> String {
