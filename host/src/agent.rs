@@ -317,16 +317,25 @@ pub async fn run_until<T>(
         telemetry.register_sink(name, &plugin.name, capacity);
         let queue = if s.config.spool {
             let dir = config.agent.spool_dir.join(name);
-            let (spool, recovered) = Spool::open(&dir, s.config.spool_max_bytes, capacity)
-                .map_err(|e| {
-                    exit(
-                        EXIT_CONFIG,
-                        format!(
-                            "sink `{name}`: cannot open its spool {} ({e}); check agent.spool_dir",
-                            dir.display()
-                        ),
-                    )
-                })?;
+            let (spool, recovered) = match Spool::open(&dir, s.config.spool_max_bytes, capacity) {
+                Ok(opened) => opened,
+                Err(e) => {
+                    let why = format!(
+                        "sink `{name}`: cannot open its spool {} ({e}); check agent.spool_dir",
+                        dir.display()
+                    );
+                    if s.config.required {
+                        return Err(exit(EXIT_CONFIG, format!("required {why}")));
+                    }
+                    // Like a sink that cannot be created: disabled, visible in /health.
+                    tracing::error!("{why}; the sink is disabled");
+                    if let Some(i) = &instance {
+                        i.close();
+                    }
+                    health.failure(name, crate::health::State::Disabled, why);
+                    continue;
+                }
+            };
             for (bytes, problem) in &recovered.problems {
                 crate::events::Event::SpoolDamaged {
                     sink: name,

@@ -72,6 +72,9 @@ pub struct Recovered {
 
 /// The spool of one sink.
 pub struct Spool {
+    /// An exclusive lock on `dir/lock` for as long as the spool is open: two agents (or two
+    /// sinks by one name) never share a spool.
+    _lock: nix::fcntl::Flock<File>,
     dir: PathBuf,
     max_bytes: u64,
     segment_bytes: u64,
@@ -121,10 +124,39 @@ fn read_record(file: &mut File, offset: u64) -> Result<Option<(u32, Batch)>, Str
     Ok(Some((len, batch)))
 }
 
+/// Takes the spool's lock, waiting up to 5 s for a previous holder (the pipeline of a config
+/// reload that is still winding down) to let go.
+fn lock(dir: &Path) -> io::Result<nix::fcntl::Flock<File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => return Ok(locked),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                file = back;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(io::Error::other(format!(
+                    "{} is in use by another metricsd process (or another sink of the same name)",
+                    dir.display()
+                )))
+            }
+            Err((_, e)) => return Err(io::Error::other(format!("lock: {e}"))),
+        }
+    }
+}
+
 impl Spool {
     /// Opens (creating) the spool in `dir`, recovering what a previous run left there.
     pub fn open(dir: &Path, max_bytes: u64, cache_limit: usize) -> io::Result<(Self, Recovered)> {
         fs::create_dir_all(dir)?;
+        let lock = lock(dir)?;
         let mut seqs: Vec<u64> = fs::read_dir(dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| {
@@ -193,6 +225,7 @@ impl Spool {
         let next_seq = seqs.last().map_or(cursor.0, |s| s + 1).max(cursor.0);
         let segment_bytes = (max_bytes / 8).clamp(64 * 1024, 16 * 1024 * 1024);
         let spool = Self {
+            _lock: lock,
             dir: dir.to_path_buf(),
             max_bytes,
             segment_bytes,
@@ -493,6 +526,18 @@ mod tests {
         drop(spool);
         let (_, rec) = Spool::open(dir.path(), 1 << 20, 1000).expect("reopen");
         assert_eq!(rec.batches, 0, "all acknowledged");
+    }
+
+    #[test]
+    fn a_spool_in_use_is_refused_with_a_clear_message() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (first, _) = Spool::open(dir.path(), 1 << 20, 10).expect("open");
+        let Err(e) = Spool::open(dir.path(), 1 << 20, 10) else {
+            panic!("a second open succeeded")
+        };
+        assert!(e.to_string().contains("in use by another metricsd"), "{e}");
+        drop(first);
+        assert!(Spool::open(dir.path(), 1 << 20, 10).is_ok(), "free again");
     }
 
     #[test]

@@ -903,3 +903,46 @@ fn a_corrupt_spool_is_reported_and_skipped_and_the_agent_runs() {
     assert!(logs.contains("torn write"), "{logs}");
     assert!(logs.contains("checksum does not match"), "{logs}");
 }
+
+#[test]
+fn a_spool_in_use_by_another_agent_disables_the_sink_and_the_agent_runs() {
+    build();
+    let work = Workdir::new();
+    let sinks = format!(
+        "[[sinks]]\nname = \"influx\"\nplugin = \"influxdb\"\nspool = true\n[sinks.config]\nurl = \"http://127.0.0.1:{}\"\ndatabase = \"c\"\n",
+        metricsd_e2e::free_port()
+    );
+    let config = config("200ms", &sinks).replace(
+        "internal_metrics = false\n",
+        &format!(
+            "internal_metrics = false\nspool_dir = \"{}\"\n",
+            work.path("spool").display()
+        ),
+    );
+    let mut first = Agent::start(&work, &config, &[]).expect("first");
+    first.wait_ready().expect("first ready");
+    let second_dir = Workdir::new();
+    let mut second = Agent::start(&second_dir, &config, &[]).expect("second");
+    second.wait_ready().expect("second ready");
+    let health = wait_for(
+        "the second agent's sink to be disabled",
+        Duration::from_secs(20),
+        || {
+            let (_, body) = second.get_health("/health").ok()?;
+            body.contains("in use by another metricsd").then_some(body)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", second.stderr()));
+    assert!(health.contains("\"disabled\""), "{health}");
+    // Its collector goes on.
+    wait_for(
+        "collections in the second agent",
+        Duration::from_secs(10),
+        || {
+            (second.stat("metricsd_collector_collections_total{collector=\"tk\"}")? >= 3.0)
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", second.stderr()));
+    assert!(first.is_running());
+}
