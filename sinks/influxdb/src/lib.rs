@@ -722,5 +722,26 @@ mod tests {
         assert!(e.message().contains("layout"), "{}", e.message());
         let c = config(r#"{"database":"d"}"#).expect("parses");
         assert!(InfluxSink::validate(&c).is_ok());
+        let not_pem = std::env::temp_dir().join(format!("metricsd-not-pem-{}", std::process::id()));
+        std::fs::write(&not_pem, "hello").expect("write");
+        let c = config(&format!(
+            r#"{{"database":"d","url":"https://db:8086","tls_ca_file":"{}"}}"#,
+            not_pem.display()
+        ))
+        .expect("parses");
+        let e = InfluxSink::validate(&c).expect_err("no certificate");
+        assert!(
+            e.message().contains("holds no PEM certificate"),
+            "{}",
+            e.message()
+        );
+        let _ = std::fs::remove_file(&not_pem);
+        let c = config(r#"{"database":"d","tls_ca_file":"/nonexistent/ca.pem"}"#).expect("parses");
+        let e = InfluxSink::validate(&c).expect_err("missing file");
+        assert!(
+            e.message().contains("`tls_ca_file`: cannot read"),
+            "{}",
+            e.message()
+        );
     }
 }
