@@ -96,12 +96,7 @@ impl SinkQueue {
         }
         if let Some(spool) = &self.spool {
             if self.lock().closed {
-                Event::SinkDropped {
-                    sink: &self.name,
-                    reason: "shutdown",
-                    samples: n,
-                }
-                .emit(&self.telemetry);
+                self.dropped_at_shutdown(n);
                 return;
             }
             match spool.append(&batch) {
@@ -148,12 +143,7 @@ impl SinkQueue {
             }
         };
         if closed {
-            Event::SinkDropped {
-                sink: &self.name,
-                reason: "shutdown",
-                samples: n,
-            }
-            .emit(&self.telemetry);
+            self.dropped_at_shutdown(n);
             return;
         }
         if dropped > 0 {
@@ -166,6 +156,16 @@ impl SinkQueue {
         let _ = depth;
         self.report_depth();
         self.notify.notify_one();
+    }
+
+    /// Counts a batch that arrived after the queue was closed.
+    fn dropped_at_shutdown(&self, samples: usize) {
+        Event::SinkDropped {
+            sink: &self.name,
+            reason: "shutdown",
+            samples,
+        }
+        .emit(&self.telemetry);
     }
 
     /// Acknowledges a batch the sink wrote or refused: it is not sent again.

@@ -75,6 +75,25 @@ fn calls_written(influx: &InfluxServer, db: &str, rp: &str) -> Vec<i64> {
     calls
 }
 
+/// Waits (up to 30 s) until `query` returns at least `n` rows; fails with the agent's log.
+fn wait_rows(
+    influx: &InfluxServer,
+    agent: &Agent,
+    db: &str,
+    query: &str,
+    n: usize,
+) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    wait_for(
+        &format!("{n} rows of {query}"),
+        Duration::from_secs(30),
+        || {
+            let rows = influx.rows(db, query).ok()?;
+            (rows.len() >= n).then_some(rows)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()))
+}
+
 /// Every call from 1 to the highest written is there exactly once.
 fn assert_gapless(calls: &[i64], what: &str) {
     let expected: Vec<i64> = (1..=calls.last().copied().unwrap_or(0)).collect();
@@ -103,16 +122,13 @@ fn points_come_back_with_their_measurement_tags_fields_and_timestamps() {
     let mut agent = Agent::start(&work, &config("250ms", &sinks), &[]).expect("start");
     agent.wait_ready().expect("ready");
     // Grouped layout: testkit_value → measurement `testkit`, field `value`, tags as labels.
-    let rows = wait_for("grouped points", Duration::from_secs(20), || {
-        let rows = influx
-            .rows(
-                "metrics db",
-                "SELECT * FROM \"metricsd\".\"testkit\" WHERE \"series\" = '1'",
-            )
-            .ok()?;
-        (rows.len() >= 3).then_some(rows)
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let rows = wait_rows(
+        &influx,
+        &agent,
+        "metrics db",
+        "SELECT * FROM \"metricsd\".\"testkit\" WHERE \"series\" = '1'",
+        3,
+    );
     for row in &rows {
         assert_eq!(row["odd"], ODD, "{row:?}");
         assert_eq!(row["series"], "1");
@@ -738,16 +754,13 @@ to = ["rollups"]
     );
     let mut agent = Agent::start(&work, &config, &[]).expect("start");
     agent.wait_ready().expect("ready");
-    let windows = wait_for("four rollup windows", Duration::from_secs(30), || {
-        let rows = influx
-            .rows(
-                "h",
-                "SELECT * FROM \"rollup\".\"testkit\" WHERE \"series\" = '1'",
-            )
-            .ok()?;
-        (rows.len() >= 4).then_some(rows)
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let windows = wait_rows(
+        &influx,
+        &agent,
+        "h",
+        "SELECT * FROM \"rollup\".\"testkit\" WHERE \"series\" = '1'",
+        4,
+    );
     let policies = influx
         .rows("", "SHOW RETENTION POLICIES ON \"h\"")
         .expect("rps");
