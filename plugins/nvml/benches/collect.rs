@@ -22,8 +22,11 @@ fn collect(c: &mut Criterion) {
     let gpm = std::env::var("NVML_BENCH_GPM")
         .map(|v| v == "1")
         .unwrap_or(true);
+    let nvlink = std::env::var("NVML_BENCH_NVLINK")
+        .map(|v| v == "1")
+        .unwrap_or(true);
     let config = format!(
-        r#"{{"library_path":"{library}","xid_events":false,"processes":{processes},"gpm":{gpm}}}"#
+        r#"{{"library_path":"{library}","xid_events":false,"processes":{processes},"gpm":{gpm},"nvlink":{nvlink}}}"#
     );
     let mut harness = CollectorHarness::new::<NvmlCollector>("bench", &config)
         .expect("build the simulator first: cargo build --release -p nvml-sim");
