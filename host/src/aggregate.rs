@@ -14,13 +14,8 @@ use metricsd_plugin_api::{Batch, BatchBuilder, MetricKind};
 
 use crate::config::{AggregateConfig, Stat};
 
-/// A series: family name, kind, unit, help, and its labels sorted by name.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct SeriesKey {
-    name: String,
-    kind: MetricKind,
-    labels: Vec<(String, String)>,
-}
+/// A series' labels (static labels left out), sorted by name.
+type SeriesLabels = Vec<(String, String)>;
 
 #[derive(Clone)]
 struct Acc {
@@ -35,9 +30,6 @@ struct Acc {
 
 #[derive(Default)]
 struct SeriesState {
-    /// Metadata of the family.
-    help: String,
-    unit: String,
     /// Counters: the last value seen (in this or an earlier window).
     previous: Option<f64>,
     /// The open window's accumulator (None: no sample yet in it).
@@ -46,12 +38,19 @@ struct SeriesState {
     idle: u32,
 }
 
+/// The series of one metric family.
+struct FamilyState {
+    kind: MetricKind,
+    help: String,
+    unit: String,
+    series: HashMap<SeriesLabels, SeriesState>,
+}
+
 struct State {
     /// Start (ms) of the open window.
     window_start: Option<i64>,
-    series: HashMap<SeriesKey, SeriesState>,
-    /// Samples that arrived for a window already emitted.
-    late: u64,
+    /// By family name.
+    families: HashMap<String, FamilyState>,
 }
 
 /// One `[[aggregate]]`.
@@ -79,8 +78,7 @@ impl Aggregator {
             static_labels,
             state: Mutex::new(State {
                 window_start: None,
-                series: HashMap::new(),
-                late: 0,
+                families: HashMap::new(),
             }),
         }
     }
@@ -99,15 +97,13 @@ impl Aggregator {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Samples that came after their window was emitted (dropped).
-    pub fn late_samples(&self) -> u64 {
-        self.lock().late
-    }
-
     /// Adds a batch (after the pipeline's relabelling); returns the batch of a window this
-    /// batch's timestamp closed, if any.
-    pub fn observe(&self, batch: &Batch) -> Option<Batch> {
-        let ts = batch.timestamp_ms.into_option()?;
+    /// batch's timestamp closed, if any, and the number of samples left out because their
+    /// window was already emitted.
+    pub fn observe(&self, batch: &Batch) -> (Option<Batch>, usize) {
+        let Some(ts) = batch.timestamp_ms.into_option() else {
+            return (None, 0);
+        };
         let start = ts.div_euclid(self.window_ms) * self.window_ms;
         let mut st = self.lock();
         let mut emitted = None;
@@ -120,53 +116,73 @@ impl Aggregator {
             _ => {}
         }
         let open = st.window_start.unwrap_or(start);
+        // Decided once per family and built once per label set, not per sample.
+        let take: Vec<bool> = batch
+            .families
+            .iter()
+            .map(|f| {
+                matches!(f.kind, MetricKind::GAUGE | MetricKind::COUNTER)
+                    && self
+                        .metrics
+                        .as_ref()
+                        .is_none_or(|m| m.is_match(f.name.as_str()))
+            })
+            .collect();
+        let mut set_labels: Vec<Option<SeriesLabels>> = vec![None; batch.label_sets.len()];
+        let mut late = 0;
         for s in batch.samples.iter() {
             let Some(family) = batch.family_of(s) else {
                 continue;
             };
-            if !matches!(family.kind, MetricKind::GAUGE | MetricKind::COUNTER) {
+            if !take[s.family as usize] || !s.value.is_finite() {
                 continue;
             }
-            if self
-                .metrics
-                .as_ref()
-                .is_some_and(|m| !m.is_match(family.name.as_str()))
-            {
+            if s.timestamp_ms.into_option().unwrap_or(ts) < open {
+                late += 1;
                 continue;
             }
-            let sample_ts = s.timestamp_ms.into_option().unwrap_or(ts);
-            if sample_ts < open {
-                st.late += 1;
+            let Some(slot) = set_labels.get_mut(s.labels as usize) else {
                 continue;
-            }
-            if !s.value.is_finite() {
-                continue;
-            }
-            let mut labels: Vec<(String, String)> = batch
-                .labels_of(s)
-                .filter(|l| !self.static_labels.iter().any(|n| n == l.name.as_str()))
-                .map(|l| (l.name.to_string(), l.value.to_string()))
-                .collect();
-            labels.sort();
-            let key = SeriesKey {
-                name: family.name.to_string(),
-                kind: family.kind,
-                labels,
             };
-            let series = st.series.entry(key).or_insert_with(|| SeriesState {
-                help: family.help.to_string(),
-                unit: family.unit.to_string(),
-                ..SeriesState::default()
+            let labels = slot.get_or_insert_with(|| {
+                let mut labels: SeriesLabels = batch
+                    .labels_of(s)
+                    .filter(|l| !self.static_labels.iter().any(|n| n == l.name.as_str()))
+                    .map(|l| (l.name.to_string(), l.value.to_string()))
+                    .collect();
+                labels.sort();
+                labels
             });
+            let fam = match st.families.get_mut(family.name.as_str()) {
+                Some(f) => f,
+                None => st
+                    .families
+                    .entry(family.name.to_string())
+                    .or_insert_with(|| FamilyState {
+                        kind: family.kind,
+                        help: family.help.to_string(),
+                        unit: family.unit.to_string(),
+                        series: HashMap::new(),
+                    }),
+            };
+            if fam.kind != family.kind {
+                // The same name arrives with another kind: its rollup would mix the two.
+                continue;
+            }
+            let kind = fam.kind;
+            let series = match fam.series.get_mut(labels.as_slice()) {
+                Some(series) => series,
+                None => fam.series.entry(labels.clone()).or_default(),
+            };
             series.idle = 0;
             let v = s.value;
-            let delta = match (family.kind, series.previous) {
+            let delta = match (kind, series.previous) {
                 (MetricKind::COUNTER, Some(prev)) if v >= prev => v - prev,
                 // A counter that went down was reset: it counted `v` since.
                 (MetricKind::COUNTER, Some(_)) => v,
                 _ => 0.0,
             };
-            if family.kind == MetricKind::COUNTER {
+            if kind == MetricKind::COUNTER {
                 series.previous = Some(v);
             }
             match &mut series.acc {
@@ -190,7 +206,7 @@ impl Aggregator {
                 }
             }
         }
-        emitted.filter(|b| !b.samples.is_empty())
+        (emitted.filter(|b| !b.samples.is_empty()), late)
     }
 
     /// Emits the open window if it ended before `now_ms` minus `grace_ms` (batches of the
@@ -220,57 +236,85 @@ impl Aggregator {
         let start = st.window_start.unwrap_or(0);
         let window = humantime::format_duration(self.window()).to_string();
         let mut out = BatchBuilder::new();
-        let mut keys: Vec<&SeriesKey> = st.series.keys().collect();
-        keys.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.labels.cmp(&b.labels)));
-        for key in keys {
-            let Some(series) = st.series.get(key) else {
+        let mut names: Vec<&String> = st.families.keys().collect();
+        names.sort();
+        for name in names {
+            let Some(fam) = st.families.get(name) else {
                 continue;
             };
-            let Some(acc) = &series.acc else {
-                continue;
-            };
-            let labels: Vec<(&str, &str)> = key
-                .labels
+            let mut series: Vec<(&SeriesLabels, &Acc)> = fam
+                .series
                 .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .filter_map(|(labels, s)| s.acc.as_ref().map(|acc| (labels, acc)))
                 .collect();
-            let set = out.label_set(&labels);
-            if key.kind == MetricKind::COUNTER {
-                let base = key.name.strip_suffix("_total").unwrap_or(&key.name);
-                let f = out.gauge(
-                    &format!("{base}_increase"),
-                    &format!("Increase of {} over {window}.", key.name),
-                    &series.unit,
-                );
-                out.sample_in(f, set, acc.increase);
+            if series.is_empty() {
                 continue;
             }
-            for stat in &self.stats {
-                let (suffix, value, unit) = match stat {
-                    Stat::Min => ("min", acc.min, series.unit.as_str()),
-                    Stat::Max => ("max", acc.max, series.unit.as_str()),
-                    Stat::Mean => ("mean", acc.sum / acc.count as f64, series.unit.as_str()),
-                    Stat::Last => ("last", acc.last, series.unit.as_str()),
-                    Stat::Count => ("count", acc.count as f64, ""),
+            series.sort_by(|a, b| a.0.cmp(b.0));
+            // The output families of this family, declared once.
+            let outputs: Vec<(Option<Stat>, metricsd_plugin_api::FamilyId)> =
+                if fam.kind == MetricKind::COUNTER {
+                    let base = name.strip_suffix("_total").unwrap_or(name);
+                    vec![(
+                        None,
+                        out.gauge(
+                            &format!("{base}_increase"),
+                            &format!("Increase of {name} over {window}."),
+                            &fam.unit,
+                        ),
+                    )]
+                } else {
+                    self.stats
+                        .iter()
+                        .map(|stat| {
+                            let (suffix, unit) = match stat {
+                                Stat::Min => ("min", fam.unit.as_str()),
+                                Stat::Max => ("max", fam.unit.as_str()),
+                                Stat::Mean => ("mean", fam.unit.as_str()),
+                                Stat::Last => ("last", fam.unit.as_str()),
+                                Stat::Count => ("count", ""),
+                            };
+                            let id = out.gauge(
+                                &format!("{name}_{suffix}"),
+                                &format!(
+                                    "{} ({suffix} over {window})",
+                                    fam.help.trim_end_matches('.')
+                                ),
+                                unit,
+                            );
+                            (Some(*stat), id)
+                        })
+                        .collect()
                 };
-                let f = out.gauge(
-                    &format!("{}_{suffix}", key.name),
-                    &format!(
-                        "{} ({suffix} over {window})",
-                        series.help.trim_end_matches('.')
-                    ),
-                    unit,
-                );
-                out.sample_in(f, set, value);
+            for (labels, acc) in series {
+                let pairs: Vec<(&str, &str)> = labels
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let set = out.label_set(&pairs);
+                for (stat, id) in &outputs {
+                    let value = match stat {
+                        None => acc.increase,
+                        Some(Stat::Min) => acc.min,
+                        Some(Stat::Max) => acc.max,
+                        Some(Stat::Mean) => acc.sum / acc.count as f64,
+                        Some(Stat::Last) => acc.last,
+                        Some(Stat::Count) => acc.count as f64,
+                    };
+                    out.sample_in(*id, set, value);
+                }
             }
         }
-        for series in st.series.values_mut() {
-            if series.acc.take().is_none() {
-                series.idle += 1;
+        for fam in st.families.values_mut() {
+            for series in fam.series.values_mut() {
+                if series.acc.take().is_none() {
+                    series.idle += 1;
+                }
             }
+            // Forget series gone for three windows (a counter that comes back starts afresh).
+            fam.series.retain(|_, s| s.idle < 3);
         }
-        // Forget series gone for three windows (a counter that comes back starts afresh).
-        st.series.retain(|_, s| s.idle < 3);
+        st.families.retain(|_, f| !f.series.is_empty());
         out.timestamp_ms(start);
         out.finish()
     }
@@ -322,12 +366,13 @@ mod tests {
     #[test]
     fn gauges_become_min_max_mean_last_count_and_counters_their_increase() {
         let agg = Aggregator::new(&config("10s", &[]), vec!["node".into()]);
-        assert!(agg.observe(&batch(100_000, 60.0, 1000.0)).is_none());
-        assert!(agg.observe(&batch(103_000, 70.0, 1500.0)).is_none());
+        assert!(agg.observe(&batch(100_000, 60.0, 1000.0)).0.is_none());
+        assert!(agg.observe(&batch(103_000, 70.0, 1500.0)).0.is_none());
         // A counter reset inside the window: 1500 → 200 counts 200.
-        assert!(agg.observe(&batch(106_000, 62.0, 200.0)).is_none());
+        assert!(agg.observe(&batch(106_000, 62.0, 200.0)).0.is_none());
         let out = agg
             .observe(&batch(110_000, 50.0, 300.0))
+            .0
             .expect("window closed");
         assert_eq!(out.timestamp_ms.into_option(), Some(100_000));
         assert_eq!(value(&out, "gpu_temperature_celsius_min"), Some(60.0));
@@ -362,8 +407,11 @@ mod tests {
             None,
             "not matched"
         );
-        agg.observe(&batch(105_000, 1.0, 1.0));
-        assert_eq!(agg.late_samples(), 1);
+        assert_eq!(
+            agg.observe(&batch(105_000, 1.0, 1.0)).1,
+            1,
+            "one late sample"
+        );
         assert!(agg.flush_now().is_none(), "nothing in the open window");
     }
 }

@@ -403,7 +403,16 @@ impl Pipeline {
     /// Hands a batch that went through [`prepare`](Self::prepare) to the sink queues.
     pub fn route_prepared(&self, source: &str, batch: Batch) {
         for agg in self.aggregators.iter().filter(|a| a.takes(source)) {
-            if let Some(out) = agg.observe(&batch) {
+            let (closed, late) = agg.observe(&batch);
+            if late > 0 {
+                Event::InvalidSamples {
+                    collector: &agg.name,
+                    count: late,
+                    reason: "arrived after their aggregation window was emitted",
+                }
+                .emit(&self.telemetry);
+            }
+            if let Some(out) = closed {
                 self.process(&agg.name, out);
             }
         }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use abi_stable::std_types::RStr;
 use metricsd_plugin_api::abi::HostLogger;
@@ -15,13 +15,16 @@ use crate::events::{Event, Telemetry};
 /// Drop causes already logged at warn level: (instance, reason, cause).
 static SEEN: Mutex<BTreeSet<(String, &'static str, String)>> = Mutex::new(BTreeSet::new());
 
+/// Most distinct drop causes logged at warn level.
+const SEEN_MAX: usize = 1024;
+
 /// Where plugins' drop reports are counted; set once by the agent.
-static TELEMETRY: OnceLock<Arc<Telemetry>> = OnceLock::new();
+static TELEMETRY: RwLock<Option<Arc<Telemetry>>> = RwLock::new(None);
 
 /// Counts plugins' drop reports (see `metricsd_plugin_api::log::report_dropped`) in this
-/// telemetry; the first call wins.
+/// telemetry: the running pipeline's, replaced by each config reload.
 pub fn count_drops_in(telemetry: &Arc<Telemetry>) {
-    let _ = TELEMETRY.set(Arc::clone(telemetry));
+    *TELEMETRY.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(telemetry));
 }
 
 extern "C" fn log_from_plugin(
@@ -40,9 +43,14 @@ extern "C" fn log_from_plugin(
                 // A cause is its text up to the first digit, so "refused 2 of 6 lines" and
                 // "refused 3 of 6 lines" are one cause.
                 let cause: String = why.chars().take_while(|c| !c.is_ascii_digit()).collect();
+                // Causes can carry label values: past SEEN_MAX distinct ones, everything is
+                // logged at debug only, so the set cannot grow without bound.
                 let repeated = !SEEN
                     .lock()
-                    .map(|mut seen| seen.insert((instance.to_string(), reason.as_str(), cause)))
+                    .map(|mut seen| {
+                        seen.len() < SEEN_MAX
+                            && seen.insert((instance.to_string(), reason.as_str(), cause))
+                    })
                     .unwrap_or(true);
                 let event = Event::SinkReportedDrop {
                     sink: instance,
@@ -51,7 +59,8 @@ extern "C" fn log_from_plugin(
                     why,
                     repeated,
                 };
-                match TELEMETRY.get() {
+                let telemetry = TELEMETRY.read().unwrap_or_else(|p| p.into_inner()).clone();
+                match telemetry.as_ref() {
                     Some(t) => event.emit(t),
                     None => tracing::warn!(
                         instance,

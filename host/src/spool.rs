@@ -86,9 +86,9 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:020}.seg"))
 }
 
-/// Reads one record at `offset`: `Ok(None)` at a clean end of file, `Err` with what is wrong
-/// when the record is torn or corrupt.
-fn read_record(file: &mut File, offset: u64) -> Result<Option<(u32, Batch)>, String> {
+/// Reads one record at `offset` of a segment file of `size` bytes: `Ok(None)` at a clean end
+/// of file, `Err` with what is wrong when the record is torn or corrupt.
+fn read_record(file: &mut File, offset: u64, size: u64) -> Result<Option<(u32, Batch)>, String> {
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| format!("seek: {e}"))?;
     let mut header = [0u8; HEADER as usize];
@@ -109,7 +109,6 @@ fn read_record(file: &mut File, offset: u64) -> Result<Option<(u32, Batch)>, Str
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     // A length beyond the end of the file is a torn (or garbage) header: never allocate it.
-    let size = file.metadata().map_err(|e| format!("stat: {e}"))?.len();
     if offset + HEADER + u64::from(len) > size {
         return Err("a record is cut short (torn write)".to_string());
     }
@@ -193,7 +192,7 @@ impl Spool {
                 0
             };
             loop {
-                match read_record(&mut file, offset) {
+                match read_record(&mut file, offset, size) {
                     Ok(Some((len, batch))) => {
                         pending.push_back(Record {
                             seq,
@@ -250,11 +249,6 @@ impl Spool {
     /// Samples waiting.
     pub fn samples(&self) -> usize {
         self.lock().samples
-    }
-
-    /// Batches waiting.
-    pub fn batches(&self) -> usize {
-        self.lock().pending.len()
     }
 
     /// Appends a batch; returns the samples of older batches dropped to stay within
@@ -360,13 +354,6 @@ impl Spool {
         }
     }
 
-    /// The oldest batch not yet acknowledged. A record that cannot be read back is dropped
-    /// and its samples returned as the second value.
-    pub fn front(&self) -> (Option<(RecordId, Arc<Batch>)>, usize) {
-        let (mut group, lost) = self.front_group(1);
-        (group.pop(), lost)
-    }
-
     /// The oldest batches not yet acknowledged, as many as fit in `max_samples` (at least
     /// one). A record that cannot be read back is dropped and its samples returned as the
     /// second value.
@@ -376,19 +363,31 @@ impl Spool {
         let mut group: Vec<(RecordId, Arc<Batch>)> = Vec::new();
         let mut samples = 0;
         let mut at = 0;
+        // The segment being read back, opened once for all its records in this group.
+        let mut segment: Option<(u64, File, u64)> = None;
         while let Some(r) = st.pending.get(at).copied() {
             if !group.is_empty() && samples + r.samples > max_samples {
                 break;
             }
-            if let Some((_, b)) = st.cache.iter().find(|(id, _)| *id == r.id()) {
-                group.push((r.id(), Arc::clone(b)));
+            // The cache holds the newest pending records, in id order.
+            if let Ok(i) = st.cache.binary_search_by_key(&r.id(), |(id, _)| *id) {
+                group.push((r.id(), Arc::clone(&st.cache[i].1)));
                 samples += r.samples;
                 at += 1;
                 continue;
             }
-            let read = File::open(segment_path(&self.dir, r.seq))
-                .map_err(|e| e.to_string())
-                .and_then(|mut f| read_record(&mut f, r.offset));
+            if segment.as_ref().is_none_or(|(seq, ..)| *seq != r.seq) {
+                segment = File::open(segment_path(&self.dir, r.seq))
+                    .and_then(|f| {
+                        let size = f.metadata()?.len();
+                        Ok((r.seq, f, size))
+                    })
+                    .ok();
+            }
+            let read = match segment.as_mut() {
+                Some((_, file, size)) => read_record(file, r.offset, *size),
+                None => Err("the segment file cannot be opened".to_string()),
+            };
             match read {
                 Ok(Some((_, batch))) => {
                     group.push((r.id(), Arc::new(batch)));
@@ -497,7 +496,7 @@ mod tests {
 
     fn values(spool: &Spool) -> Vec<f64> {
         let mut out = Vec::new();
-        while let (Some((id, b)), _) = spool.front() {
+        while let Some((id, b)) = spool.front_group(1).0.pop() {
             out.push(b.samples[0].value);
             spool.ack(id);
         }
@@ -513,7 +512,7 @@ mod tests {
             for v in 1..=5 {
                 spool.append(&batch(3, f64::from(v))).expect("append");
             }
-            let (Some((id, b)), _) = spool.front() else {
+            let Some((id, b)) = spool.front_group(1).0.pop() else {
                 panic!("front")
             };
             assert_eq!(b.samples[0].value, 1.0);

@@ -188,8 +188,8 @@ enum Sent {
 }
 
 impl InfluxSink {
-    fn build(config: Config, ctx: Option<&Context>) -> Result<Self> {
-        let _ = ctx;
+    /// Checks the config and prepares the HTTP client; touches no network.
+    fn build(config: Config) -> Result<Self> {
         let base = config.url.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(Error::config(format!(
@@ -613,7 +613,8 @@ impl Sink for InfluxSink {
     type Config = Config;
 
     fn new(config: Config, ctx: &Context) -> Result<Self> {
-        let sink = Self::build(config, Some(ctx))?;
+        let _ = ctx;
+        let sink = Self::build(config)?;
         if sink.create_pending.load(Ordering::Relaxed) {
             // Not fatal: a server that is down now gets the database at the first write.
             if let Err(e) = sink.create_database() {
@@ -625,7 +626,7 @@ impl Sink for InfluxSink {
 
     fn validate(config: &Config) -> Result<()> {
         // Everything `build` checks; it does not touch the network.
-        Self::build(config.clone(), None).map(|_| ())
+        Self::build(config.clone()).map(|_| ())
     }
 
     fn write(&self, batch: &Batch) -> Result<()> {

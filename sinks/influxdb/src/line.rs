@@ -84,11 +84,6 @@ pub struct Encoded {
 }
 
 impl Encoded {
-    /// Samples in the lines.
-    pub fn samples(&self) -> usize {
-        self.lines.iter().map(|l| l.1).sum()
-    }
-
     /// The bytes of lines `from..to`.
     pub fn slice(&self, from: usize, to: usize) -> &[u8] {
         let start = if from == 0 { 0 } else { self.lines[from - 1].0 };
