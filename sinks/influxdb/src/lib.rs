@@ -14,6 +14,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use metricsd_sink_common::{
+    basic_auth, body_text, check_url, http_agent, retry_after_of, secret, ClientOptions,
+};
+
 use metricsd_plugin_api::log::{report_dropped, DropReason};
 use metricsd_plugin_api::{export_plugin, Batch, Context, Error, Result, Sink};
 use serde::Deserialize;
@@ -121,44 +125,6 @@ fn default_auth_retry() -> Duration {
     Duration::from_secs(60)
 }
 
-/// Resolves a secret given inline, in a file or in an environment variable (at most one).
-fn secret(
-    what: &str,
-    inline: &Option<String>,
-    file: &Option<PathBuf>,
-    env: &Option<String>,
-) -> Result<Option<String>> {
-    let given = [inline.is_some(), file.is_some(), env.is_some()]
-        .iter()
-        .filter(|g| **g)
-        .count();
-    if given > 1 {
-        return Err(Error::config(format!(
-            "`{what}`, `{what}_file` and `{what}_env` are alternatives: give one"
-        )));
-    }
-    if let Some(v) = inline {
-        return Ok(Some(v.clone()));
-    }
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::config(format!(
-                "`{what}_file`: cannot read {}: {e}",
-                path.display()
-            ))
-        })?;
-        return Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()));
-    }
-    if let Some(name) = env {
-        return std::env::var(name).map(Some).map_err(|_| {
-            Error::config(format!(
-                "`{what}_env`: the environment variable {name} is not set"
-            ))
-        });
-    }
-    Ok(None)
-}
-
 /// Quotes an InfluxQL identifier.
 fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
@@ -190,12 +156,7 @@ enum Sent {
 impl InfluxSink {
     /// Checks the config and prepares the HTTP client; touches no network.
     fn build(config: Config) -> Result<Self> {
-        let base = config.url.trim_end_matches('/').to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(Error::config(format!(
-                "`url`: {base:?} must start with http:// or https://"
-            )));
-        }
+        let base = check_url("url", &config.url)?;
         if config.max_lines_per_request == 0 {
             return Err(Error::config("`max_lines_per_request` must be at least 1"));
         }
@@ -217,10 +178,7 @@ impl InfluxSink {
                     &config.password_env,
                 )?;
                 let auth = match (&config.username, password) {
-                    (Some(user), password) => Some(format!(
-                        "Basic {}",
-                        base64(format!("{user}:{}", password.unwrap_or_default()).as_bytes())
-                    )),
+                    (Some(user), password) => Some(basic_auth(user, &password.unwrap_or_default())),
                     (None, Some(_)) => {
                         return Err(Error::config("a password is given but no `username`"))
                     }
@@ -270,36 +228,12 @@ impl InfluxSink {
                 (url, Some(format!("Token {token}")), None)
             }
         };
-        let mut tls = ureq::tls::TlsConfig::builder();
-        if let Some(path) = &config.tls_ca_file {
-            let pem = std::fs::read(path).map_err(|e| {
-                Error::config(format!(
-                    "`tls_ca_file`: cannot read {}: {e}",
-                    path.display()
-                ))
-            })?;
-            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
-                .filter_map(|item| match item {
-                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-                    _ => None,
-                })
-                .collect();
-            if certs.is_empty() {
-                return Err(Error::config(format!(
-                    "`tls_ca_file`: {} holds no PEM certificate",
-                    path.display()
-                )));
-            }
-            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
-        }
-        tls = tls.disable_verification(config.tls_insecure_skip_verify);
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(config.request_timeout))
-            .user_agent(concat!("metricsd-influxdb/", env!("CARGO_PKG_VERSION")))
-            .tls_config(tls.build())
-            .build()
-            .into();
+        let agent = http_agent(&ClientOptions {
+            timeout: config.request_timeout,
+            user_agent: concat!("metricsd-influxdb/", env!("CARGO_PKG_VERSION")),
+            tls_ca_file: config.tls_ca_file.as_deref(),
+            tls_insecure_skip_verify: config.tls_insecure_skip_verify,
+        })?;
         let create_pending = AtomicBool::new(config.create_database);
         Ok(Self {
             config,
@@ -465,17 +399,8 @@ impl InfluxSink {
         if (200..300).contains(&status) {
             return Ok(Sent::Ok);
         }
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let body = response
-            .body_mut()
-            .with_config()
-            .limit(64 * 1024)
-            .read_to_string()
-            .unwrap_or_default();
+        let retry_after = retry_after_of(&response);
+        let body = body_text(&mut response);
         let message = server_message(&body);
         match status {
             413 => Ok(Sent::TooLarge),
@@ -578,19 +503,6 @@ fn partial_write_dropped(message: &str) -> Option<usize> {
     digits.parse().ok()
 }
 
-/// `Retry-After`: seconds, or an HTTP date.
-fn parse_retry_after(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
-}
-
 /// Percent-encodes a query parameter value.
 fn encode_query(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -602,11 +514,6 @@ fn encode_query(s: &str) -> String {
         }
     }
     out
-}
-
-fn base64(input: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(input)
 }
 
 impl Sink for InfluxSink {
@@ -670,15 +577,6 @@ mod tests {
             Some(3)
         );
         assert_eq!(partial_write_dropped("unable to parse 'x': bad"), None);
-    }
-
-    #[test]
-    fn retry_after_takes_seconds_and_dates() {
-        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        let later = SystemTime::now() + Duration::from_secs(120);
-        let wait = parse_retry_after(&httpdate::fmt_http_date(later)).expect("date");
-        assert!(wait > Duration::from_secs(100) && wait <= Duration::from_secs(120));
-        assert_eq!(parse_retry_after("soon"), None);
     }
 
     #[test]

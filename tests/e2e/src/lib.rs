@@ -59,6 +59,28 @@ pub fn build() -> PathBuf {
         .clone()
 }
 
+/// Builds the host and every plugin with the optimised `fleet` profile (release code, no LTO)
+/// once per test process, for tests that run many agents at once; returns its directory.
+pub fn build_optimised() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let profile = std::env::var("METRICSD_E2E_PROFILE").unwrap_or_else(|_| "fleet".into());
+            let mut cmd = cargo();
+            cmd.args([
+                "build",
+                "--workspace",
+                "--lib",
+                "--bins",
+                "--profile",
+                &profile,
+            ]);
+            run_cargo(cmd, &format!("the workspace ({profile} profile)"));
+            target_dir().join(profile)
+        })
+        .clone()
+}
+
 /// The `metricsd` binary.
 pub fn binary() -> PathBuf {
     build().join("metricsd")
@@ -194,15 +216,67 @@ impl Agent {
     /// Starts `metricsd -c CONFIG run` in `work`. `config` may use `{health}` and `{metrics}`
     /// for the listener ports.
     pub fn start(work: &Workdir, config: &str, env: &[(&str, &str)]) -> Result<Agent> {
+        Self::start_files(work, "", config, env)
+    }
+
+    /// Like [`Agent::start`], for one of several agents in `work`: its files are
+    /// `{name}.toml`, `{name}.stdout.log` and `{name}.stderr.log`.
+    pub fn start_named(
+        work: &Workdir,
+        name: &str,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Agent> {
+        Self::start_files(work, &format!("{name}."), config, env)
+    }
+
+    /// Like [`Agent::start_named`] with the `metricsd` of `dir` (e.g. [`build_optimised`]),
+    /// which loads the plugins beside it.
+    pub fn start_named_from(
+        dir: &Path,
+        work: &Workdir,
+        name: &str,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Agent> {
+        Self::start_binary(
+            &dir.join("metricsd"),
+            work,
+            &format!("{name}."),
+            config,
+            env,
+        )
+    }
+
+    fn start_files(
+        work: &Workdir,
+        prefix: &str,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Agent> {
+        Self::start_binary(&binary(), work, prefix, config, env)
+    }
+
+    fn start_binary(
+        binary: &Path,
+        work: &Workdir,
+        prefix: &str,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Agent> {
         let health_port = free_port();
         let metrics_port = free_port();
         let text = config
             .replace("{health}", &health_port.to_string())
             .replace("{metrics}", &metrics_port.to_string());
-        let config_path = work.write("metricsd.toml", text);
-        let stdout_path = work.path("stdout.log");
-        let stderr_path = work.path("stderr.log");
-        let mut cmd = Command::new(binary());
+        let config_path = if prefix.is_empty() {
+            work.write("metricsd.toml", text)
+        } else {
+            work.write(&format!("{prefix}toml"), text)
+        };
+        let stdout_path = work.path(&format!("{prefix}stdout.log"));
+        let stderr_path = work.path(&format!("{prefix}stderr.log"));
+        let mut cmd = Command::new(binary);
         cmd.arg("-c")
             .arg(&config_path)
             .arg("run")

@@ -204,23 +204,43 @@ impl VictoriaMetrics {
     /// Starts `victoria-metrics` and waits for `/health`.
     pub fn start(work: &Workdir) -> Result<Self> {
         let port = free_port();
-        let dir = work.path(&format!("victoria-metrics-{port}"));
-        fs::create_dir_all(&dir)?;
+        let mut server = Self {
+            child: None,
+            port,
+            dir: work.path(&format!("victoria-metrics-{port}")),
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        let port = self.port;
         let child = Command::new(require_tool("victoria-metrics", "victoria-metrics"))
             .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
-            .arg(format!("-storageDataPath={}", dir.join("data").display()))
+            .arg(format!(
+                "-storageDataPath={}",
+                self.dir.join("data").display()
+            ))
             .arg("-search.latencyOffset=0s")
+            .arg("-search.disableCache")
             .arg("-loggerLevel=WARN")
             .stdin(Stdio::null())
-            .stdout(fs::File::create(dir.join("vm.out"))?)
-            .stderr(fs::File::create(dir.join("vm.log"))?)
+            .stdout(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join("vm.out"))?,
+            )
+            .stderr(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join("vm.log"))?,
+            )
             .spawn()
             .context("start victoria-metrics")?;
-        let server = Self {
-            child: Some(child),
-            port,
-            dir,
-        };
+        self.child = Some(child);
         wait_for(
             "victoria-metrics to be healthy",
             Duration::from_secs(30),
@@ -232,7 +252,30 @@ impl VictoriaMetrics {
                     .filter(|r| r.status() == 200)
             },
         )?;
-        Ok(server)
+        Ok(())
+    }
+
+    /// Stops the server (SIGTERM: it writes what it holds in memory), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child);
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// The remote-write endpoint.
+    pub fn write_url(&self) -> String {
+        format!("http://127.0.0.1:{}/api/v1/write", self.port)
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The raw samples of the series matching `selector` (`/api/v1/export`): one object per

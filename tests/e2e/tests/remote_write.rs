@@ -1,0 +1,496 @@
+//! The remote-write sink against a real VictoriaMetrics (Debian's `victoria-metrics`): series
+//! read back through its query API, an outage filled from the agent's buffer, and a fleet of
+//! agents pushing into one server.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use metricsd_e2e::servers::VictoriaMetrics;
+use metricsd_e2e::{build, json_lines, root, wait_for, Agent, Workdir};
+use serde_json::Value;
+
+fn nvml_collector_from(dir: &std::path::Path) -> String {
+    format!(
+        "[[collectors]]\nname = \"gpu\"\nplugin = \"nvml\"\n[collectors.config]\nlibrary_path = \"{}\"\n",
+        dir.join("libnvml_sim.so").display()
+    )
+}
+
+fn scenario(name: &str) -> String {
+    let path: PathBuf = root().join("tests/nvml-sim/scenarios").join(name);
+    assert!(path.is_file(), "{}", path.display());
+    path.display().to_string()
+}
+
+/// An agent config: `[agent]` with `labels`, the health listener only, the given collectors
+/// and sinks.
+fn config(interval: &str, labels: &str, collectors: &str, sinks: &str) -> String {
+    format!(
+        "[agent]\ninterval = \"{interval}\"\nmax_backoff = \"1s\"\ninternal_metrics = false\n[agent.labels]\n{labels}\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n{collectors}{sinks}"
+    )
+}
+
+fn nvml_collector() -> String {
+    nvml_collector_from(&build())
+}
+
+fn remote_write_sink(url: &str, extra: &str) -> String {
+    format!(
+        "[[sinks]]\nname = \"vm\"\nplugin = \"remote_write\"\n{extra}\n[sinks.config]\nurl = \"{url}\"\n"
+    )
+}
+
+/// A series' identity: its name and labels, sorted.
+type SeriesKey = (String, BTreeMap<String, String>);
+
+/// (timestamp, value) pairs per series.
+type Points = BTreeMap<SeriesKey, BTreeMap<i64, f64>>;
+
+/// What the stdout sink printed, as points (non-finite values left out).
+fn printed_points(stdout: &str) -> Points {
+    let mut points = Points::new();
+    for row in json_lines(stdout) {
+        let Some(value) = row["value"].as_f64() else {
+            continue;
+        };
+        let labels: BTreeMap<String, String> = row["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+            .filter(|(_, v)| !v.is_empty())
+            .collect();
+        let name = row["name"].as_str().unwrap_or_default().to_string();
+        let ts = row["timestamp_ms"].as_i64().expect("timestamp");
+        points.entry((name, labels)).or_default().insert(ts, value);
+    }
+    points
+}
+
+/// What VictoriaMetrics holds for `selector`, as points.
+fn stored_points(vm: &VictoriaMetrics, selector: &str) -> Points {
+    let mut points = Points::new();
+    for s in vm.export(selector).unwrap_or_default() {
+        let mut labels: BTreeMap<String, String> = s["metric"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+            .collect();
+        let name = labels.remove("__name__").unwrap_or_default();
+        let values = s["values"].as_array().cloned().unwrap_or_default();
+        let stamps = s["timestamps"].as_array().cloned().unwrap_or_default();
+        let entry = points.entry((name, labels)).or_default();
+        for (t, v) in stamps.iter().zip(values.iter()) {
+            if let (Some(t), Some(v)) = (t.as_i64(), v.as_f64()) {
+                entry.insert(t, v);
+            }
+        }
+    }
+    points
+}
+
+fn close(a: f64, b: f64) -> bool {
+    a == b || (a - b).abs() <= 1e-9 * a.abs().max(b.abs())
+}
+
+#[test]
+fn series_read_back_from_victoria_metrics_match_what_the_agent_collected() {
+    build();
+    let work = Workdir::new();
+    let vm = VictoriaMetrics::start(&work).expect("victoria-metrics");
+    // The stdout sink receives the same samples: what it printed is what must arrive.
+    let sinks = format!(
+        "{}[[sinks]]\nname = \"out\"\nplugin = \"stdout\"\n",
+        remote_write_sink(&vm.write_url(), "")
+    );
+    let collectors = format!(
+        "{}[[collectors]]\nname = \"system\"\nplugin = \"system\"\n",
+        nvml_collector()
+    );
+    let labels = "node_id = \"node-7\"\nprovider = \"acme gpu\"\nregion = \"eu-west\"";
+    let scenario = scenario("h100-sxm-2.toml");
+    let mut agent = Agent::start(
+        &work,
+        &config("500ms", labels, &collectors, &sinks),
+        &[("NVML_SIM_SCENARIO", scenario.as_str())],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for("three writes", Duration::from_secs(30), || {
+        (agent
+            .stat("metricsd_sink_writes_total{sink=\"vm\"}")
+            .unwrap_or(0.0)
+            >= 3.0)
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    // A clean stop delivers what is queued.
+    assert!(agent.terminate().expect("stop").success());
+    let printed = printed_points(&agent.stdout());
+    let names: BTreeSet<&str> = printed.keys().map(|(n, _)| n.as_str()).collect();
+    for expected in [
+        "gpu_temperature_celsius",
+        "gpu_power_usage_watts",
+        "gpu_info",
+        "node_cpu_seconds_total",
+        "node_memory_MemTotal_bytes",
+        "node_load1",
+    ] {
+        assert!(
+            names.contains(expected),
+            "{expected} not collected: {names:?}"
+        );
+    }
+    let stored = wait_for(
+        "every printed sample in VictoriaMetrics",
+        Duration::from_secs(30),
+        || {
+            let stored = stored_points(&vm, "{node_id=\"node-7\"}");
+            printed
+                .iter()
+                .all(|(k, p)| stored.get(k).is_some_and(|s| s.len() >= p.len()))
+                .then_some(stored)
+        },
+    )
+    .unwrap_or_else(|e| {
+        let stored = stored_points(&vm, "{node_id=\"node-7\"}");
+        let missing: Vec<_> = printed
+            .keys()
+            .filter(|k| !stored.contains_key(*k))
+            .take(5)
+            .collect();
+        panic!(
+            "{e}: missing e.g. {missing:?}\n{}\n{}",
+            agent.stderr(),
+            vm.log()
+        )
+    });
+    assert_eq!(
+        stored.keys().collect::<Vec<_>>(),
+        printed.keys().collect::<Vec<_>>(),
+        "the same series, names and labels (static labels included)"
+    );
+    for (key, points) in &printed {
+        let got = &stored[key];
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            points.keys().collect::<Vec<_>>(),
+            "timestamps of {key:?}"
+        );
+        for (t, v) in points {
+            assert!(
+                close(got[t], *v),
+                "{key:?} at {t}: stored {} printed {v}",
+                got[t]
+            );
+        }
+    }
+    let temp = printed
+        .iter()
+        .find(|((n, l), _)| {
+            n == "gpu_temperature_celsius" && l.get("gpu").map(String::as_str) == Some("0")
+        })
+        .expect("gpu 0 temperature");
+    assert_eq!(temp.0 .1["provider"], "acme gpu");
+    assert_eq!(temp.0 .1["region"], "eu-west");
+    // The scenario's temperature: 55 °C ± 10 over two minutes.
+    assert!(
+        temp.1.values().all(|v| (45.0..=65.0).contains(v)),
+        "{:?}",
+        temp.1
+    );
+}
+
+/// The testkit's `testkit_calls_total` values stored in VictoriaMetrics, sorted.
+fn calls_stored(vm: &VictoriaMetrics) -> Vec<i64> {
+    let mut calls: Vec<i64> = stored_points(vm, "testkit_calls_total")
+        .into_values()
+        .flat_map(|p| p.into_values())
+        .map(|v| v as i64)
+        .collect();
+    calls.sort_unstable();
+    calls
+}
+
+#[test]
+fn an_outage_is_filled_from_the_buffer_when_the_server_returns() {
+    build();
+    let work = Workdir::new();
+    let mut vm = VictoriaMetrics::start(&work).expect("victoria-metrics");
+    let collectors = "[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\n";
+    let mut agent = Agent::start(
+        &work,
+        &config(
+            "200ms",
+            "node_id = \"n1\"",
+            collectors,
+            &remote_write_sink(&vm.write_url(), ""),
+        ),
+        &[],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for("calls before the outage", Duration::from_secs(30), || {
+        (calls_stored(&vm).len() >= 5).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    vm.stop();
+    let stopped = Instant::now();
+    wait_for("failed writes", Duration::from_secs(20), || {
+        (agent
+            .stat("metricsd_sink_write_errors_total{kind=\"transient\",sink=\"vm\"}")
+            .unwrap_or(0.0)
+            >= 2.0)
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    // Down for at least 4 s: some 20 collections wait in the queue.
+    std::thread::sleep(Duration::from_secs(4).saturating_sub(stopped.elapsed()));
+    let (_, health) = agent.get_health("/health").expect("health");
+    assert!(health.contains("vm"), "{health}");
+    let calls_during = agent
+        .stat("metricsd_collector_collections_total{collector=\"tk\"}")
+        .unwrap_or(0.0) as i64;
+    vm.restart().expect("restart");
+    let calls = wait_for("the gap filled", Duration::from_secs(40), || {
+        let calls = calls_stored(&vm);
+        let highest = calls.last().copied().unwrap_or(0);
+        let distinct: BTreeSet<i64> = calls.iter().copied().collect();
+        (highest >= calls_during + 5 && distinct.len() as i64 == highest).then_some(calls)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", calls_stored(&vm), agent.stderr()));
+    let distinct: BTreeSet<i64> = calls.iter().copied().collect();
+    assert_eq!(
+        distinct.into_iter().collect::<Vec<_>>(),
+        (1..=*calls.last().expect("some")).collect::<Vec<_>>(),
+        "every collection, before, during and after the outage"
+    );
+    assert_eq!(
+        agent
+            .stat("metricsd_sink_dropped_samples_total{reason=\"queue_full\",sink=\"vm\"}")
+            .unwrap_or(0.0),
+        0.0
+    );
+}
+
+#[test]
+fn samples_a_receiver_refuses_are_dropped_alone_and_counted() {
+    build();
+    let work = Workdir::new();
+    let vm = VictoriaMetrics::start(&work).expect("victoria-metrics");
+    // A label name Prometheus reserves (`__…`), which the host's own checks let through:
+    // refused by the encoder, counted as invalid; the collector's other samples are written.
+    let collectors =
+        "[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\n[collectors.config]\nlabels = { __reserved = \"x\" }\n";
+    let mut agent = Agent::start(
+        &work,
+        &config(
+            "200ms",
+            "node_id = \"n1\"",
+            collectors,
+            &remote_write_sink(&vm.write_url(), ""),
+        ),
+        &[],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for("calls stored", Duration::from_secs(30), || {
+        (calls_stored(&vm).len() >= 3).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let invalid = agent
+        .stat("metricsd_sink_dropped_samples_total{reason=\"invalid\",sink=\"vm\"}")
+        .unwrap_or(0.0);
+    assert!(invalid >= 3.0, "{invalid}\n{}", agent.stderr());
+    assert!(stored_points(&vm, "testkit_value").is_empty());
+    let log = agent.stderr();
+    assert!(log.contains("which Prometheus reserves"), "{log}");
+    assert_eq!(
+        log.matches("which Prometheus reserves").count(),
+        1,
+        "logged once: {log}"
+    );
+}
+
+/// /proc/<pid>/stat: user + system CPU in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0);
+    let stime: u64 = fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+    utime + stime
+}
+
+/// /proc/<pid>/status VmRSS in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Number of agents, and how long they push (`METRICSD_FLEET_AGENTS`, `METRICSD_FLEET_SECS`
+/// change them for a benchmark run; the test suite runs the 50 for a minute).
+fn fleet_size() -> (usize, u64) {
+    let agents = std::env::var("METRICSD_FLEET_AGENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let secs = std::env::var("METRICSD_FLEET_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    (agents, secs)
+}
+
+/// 50 agents, each its own node with 8 simulated GPUs collected every second, push into one
+/// VictoriaMetrics for a minute; what each agent counted as written is stored, no GPU's
+/// series has a gap. Optimised builds (`fleet` profile): 50 debug agents would need more than
+/// this machine's two cores.
+#[test]
+fn a_fleet_of_fifty_agents_loses_nothing() {
+    let dir = metricsd_e2e::build_optimised();
+    let (n, secs) = fleet_size();
+    let work = Workdir::new();
+    let vm = VictoriaMetrics::start(&work).expect("victoria-metrics");
+    let scenario = scenario("h100-sxm-8.toml");
+    let mut agents: Vec<Agent> = (0..n)
+        .map(|i| {
+            let labels = format!("node_id = \"node-{i:02}\"\nprovider = \"p{}\"", i % 3);
+            Agent::start_named_from(
+                &dir,
+                &work,
+                &format!("node-{i:02}"),
+                &config(
+                    "1s",
+                    &labels,
+                    &nvml_collector_from(&dir),
+                    &remote_write_sink(&vm.write_url(), ""),
+                ),
+                &[("NVML_SIM_SCENARIO", scenario.as_str())],
+            )
+            .expect("start")
+        })
+        .collect();
+    for a in agents.iter_mut() {
+        a.wait_ready().expect("ready");
+    }
+    let started = Instant::now();
+    let ticks_at_start: Vec<u64> = agents.iter().map(|a| cpu_ticks(a.pid())).collect();
+    std::thread::sleep(Duration::from_secs(secs));
+    let cpu_secs: f64 = agents
+        .iter()
+        .zip(&ticks_at_start)
+        .map(|(a, t0)| cpu_ticks(a.pid()).saturating_sub(*t0))
+        .sum::<u64>() as f64
+        / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+    let elapsed = started.elapsed().as_secs_f64();
+    let rss: Vec<u64> = agents.iter().map(|a| rss_kib(a.pid())).collect();
+    // What each agent says it wrote, then a clean stop (all at once), which may write one more
+    // collection.
+    let mut written = Vec::new();
+    for a in agents.iter() {
+        let w = a
+            .stat("metricsd_sink_samples_written_total{sink=\"vm\"}")
+            .unwrap_or(0.0);
+        let per_collection = a
+            .stat("metricsd_collector_samples_total{collector=\"gpu\"}")
+            .unwrap_or(0.0)
+            / a.stat("metricsd_collector_collections_total{collector=\"gpu\"}")
+                .unwrap_or(1.0);
+        let dropped: f64 = a
+            .stats()
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("metricsd_sink_dropped_samples_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        assert_eq!(dropped, 0.0, "{}", a.stderr());
+        let pid = nix::unistd::Pid::from_raw(a.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        written.push((w, per_collection));
+    }
+    for a in agents.iter_mut() {
+        assert!(a.terminate().expect("stopped").success(), "{}", a.stderr());
+    }
+    eprintln!(
+        "fleet: {n} agents x 8 simulated GPUs, 1 s interval, {elapsed:.0} s: agents' CPU {:.2} s in all ({:.2} % of one core per agent), RSS mean {:.1} MiB, max {:.1} MiB, total {:.0} MiB",
+        cpu_secs,
+        100.0 * cpu_secs / elapsed / n as f64,
+        rss.iter().sum::<u64>() as f64 / n as f64 / 1024.0,
+        rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
+        rss.iter().sum::<u64>() as f64 / 1024.0,
+    );
+    let samples_per_node = |node: &str| -> f64 {
+        let text = ureq::get(&format!("http://127.0.0.1:{}/api/v1/query", vm.port))
+            .query(
+                "query",
+                &format!("sum(count_over_time({{node_id=\"{node}\"}}[1h]))"),
+            )
+            .call()
+            .ok()
+            .and_then(|r| r.into_string().ok())
+            .unwrap_or_default();
+        serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| {
+                v["data"]["result"][0]["value"][1]
+                    .as_str()
+                    .map(String::from)
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    for (i, (written, per_collection)) in written.iter().enumerate() {
+        let node = format!("node-{i:02}");
+        assert!(
+            *written >= (secs as f64 - 5.0) * per_collection,
+            "{node} wrote only {written} samples"
+        );
+        // Everything the agent counted as written is stored (at most one more collection,
+        // written during the clean stop).
+        let stored = wait_for(
+            &format!("{node}'s samples stored"),
+            Duration::from_secs(60),
+            || {
+                let stored = samples_per_node(&node);
+                (stored >= *written).then_some(stored)
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", samples_per_node(&node), agents[i].stderr()));
+        assert!(
+            stored <= written + per_collection,
+            "{node}: {stored} stored, {written} written"
+        );
+    }
+    // Every GPU of every node has a gap-free temperature series.
+    let temps = stored_points(&vm, "gpu_temperature_celsius");
+    assert_eq!(temps.len(), n * 8);
+    for ((_, labels), points) in &temps {
+        let stamps: Vec<i64> = points.keys().copied().collect();
+        assert!(
+            stamps.len() as u64 >= secs - 5,
+            "{labels:?}: {}",
+            stamps.len()
+        );
+        for w in stamps.windows(2) {
+            // Under load a tick can be skipped (counted in metricsd_collector_skipped_total,
+            // never collected, so not a delivery loss); two in a row would mean a stall.
+            assert!(
+                w[1] - w[0] <= 2500,
+                "{labels:?}: gap from {} to {}",
+                w[0],
+                w[1]
+            );
+        }
+    }
+}
