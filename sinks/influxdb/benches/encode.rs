@@ -1,69 +1,68 @@
-//! Line-protocol encoding throughput: `cargo bench -p metricsd-sink-influxdb --bench encode`.
+//! Line-protocol encoding: `cargo bench -p metricsd-sink-influxdb --bench encode`.
 //!
-//! Two batches: a GPU node's (8 GPUs × 40 metrics sharing each GPU's label set, like the NVML
-//! collector's) and 10,000 series of one family with their own label sets (a synthetic worst
-//! case for the tag cache). Throughput is reported in lines per second.
+//! `encode`: line protocol alone, in lines per second. `encode_gzip`: what the sink does per
+//! write before the HTTP request (encode, then gzip at level 1), in samples per second on one
+//! core; the bytes on the wire per sample are printed first. The batches are those of the
+//! remote-write sink's bench (`metricsd-bench-batches`), so the two compare
+//! (docs/BENCHMARKS.md).
+
+use std::io::Write as _;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use metricsd_influxdb::{encode, Layout, Precision};
-use metricsd_plugin_api::{Batch, BatchBuilder};
+use metricsd_plugin_api::Batch;
 
-fn gpu_node() -> Batch {
-    let mut b = BatchBuilder::new();
-    let families: Vec<_> = (0..40)
-        .map(|i| b.gauge(&format!("gpu_metric_{i}_ratio"), "", "ratio"))
-        .collect();
-    for gpu in 0..8 {
-        let g = gpu.to_string();
-        let uuid = format!("GPU-5f7c{gpu:04x}-1d2e-4c3b-9a8f-0e1d2c3b{gpu:04x}");
-        let set = b.label_set(&[
-            ("gpu", g.as_str()),
-            ("uuid", uuid.as_str()),
-            ("name", "NVIDIA H100 80GB HBM3"),
-            ("pci_bus_id", "00000000:18:00.0"),
-        ]);
-        for (i, f) in families.iter().enumerate() {
-            b.sample_in(*f, set, 0.5 + i as f64 / 100.0);
-        }
-    }
-    b.common_label("node", "gpu-node-17");
-    b.timestamp_ms(1_700_000_000_000);
-    b.finish()
-}
-
-fn many_series(n: usize) -> Batch {
-    let mut b = BatchBuilder::new();
-    let f = b.gauge("synthetic_value", "", "");
-    for i in 0..n {
-        let s = i.to_string();
-        b.sample(
-            f,
-            &[("series", s.as_str()), ("zone", "rack 7")],
-            i as f64 * 1.5,
-        );
-    }
-    b.timestamp_ms(1_700_000_000_000);
-    b.finish()
+/// The gzip-compressed request body.
+fn gzipped(batch: &Batch, layout: Layout) -> Vec<u8> {
+    let enc = encode(batch, layout, Precision::Milliseconds, 0);
+    let mut gz = flate2::write::GzEncoder::new(
+        Vec::with_capacity(enc.body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    gz.write_all(&enc.body).expect("gzip");
+    gz.finish().expect("gzip")
 }
 
 fn bench(c: &mut Criterion) {
+    let batches = metricsd_bench_batches::all();
+    let layouts = [
+        ("per_metric", Layout::PerMetric),
+        ("grouped", Layout::Grouped),
+    ];
+    for (name, batch) in &batches {
+        let n = batch.samples.len() as f64;
+        for (layout_name, layout) in layouts {
+            let raw = encode(batch, layout, Precision::Milliseconds, 0).body.len();
+            eprintln!(
+                "{name}: line protocol {layout_name} {:.2} bytes/sample uncompressed, {:.2} with gzip",
+                raw as f64 / n,
+                gzipped(batch, layout).len() as f64 / n,
+            );
+        }
+    }
     let mut group = c.benchmark_group("encode");
-    for (name, batch) in [
-        ("gpu_node_320", gpu_node()),
-        ("series_10k", many_series(10_000)),
-    ] {
-        for (layout_name, layout) in [
-            ("per_metric", Layout::PerMetric),
-            ("grouped", Layout::Grouped),
-        ] {
-            let lines = encode(&batch, layout, Precision::Milliseconds, 0)
+    for (name, batch) in &batches {
+        for (layout_name, layout) in layouts {
+            let lines = encode(batch, layout, Precision::Milliseconds, 0)
                 .lines
                 .len();
             group.throughput(Throughput::Elements(lines as u64));
             group.bench_with_input(
                 BenchmarkId::new(layout_name, name),
-                &batch,
+                batch,
                 |bench, batch| bench.iter(|| encode(batch, layout, Precision::Milliseconds, 0)),
+            );
+        }
+    }
+    group.finish();
+    let mut group = c.benchmark_group("encode_gzip");
+    for (name, batch) in &batches {
+        group.throughput(Throughput::Elements(batch.samples.len() as u64));
+        for (layout_name, layout) in layouts {
+            group.bench_with_input(
+                BenchmarkId::new(layout_name, name),
+                batch,
+                |bench, batch| bench.iter(|| gzipped(batch, layout)),
             );
         }
     }

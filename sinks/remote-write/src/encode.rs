@@ -13,7 +13,7 @@
 //!   several collections holds several samples of each series).
 //!
 //! A label set is encoded once per batch; each series copies those bytes and adds its
-//! `__name__` and samples, using prost's wire-format primitives. [`crate::proto`] decodes
+//! `__name__` and samples, using prost's wire-format primitives. `metricsd_prompb` decodes
 //! the result in the tests.
 
 use std::collections::HashMap;
@@ -22,7 +22,7 @@ use metricsd_plugin_api::{Batch, Label, MetricKind};
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use prost::Message as _;
 
-use crate::proto::{MetricMetadata, MetricType};
+use metricsd_prompb::{MetricMetadata, MetricType};
 
 /// One encoded series.
 #[derive(Debug, Clone, Copy)]
@@ -349,8 +349,8 @@ pub fn write_request(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{self, WriteRequest};
     use metricsd_plugin_api::BatchBuilder;
+    use metricsd_prompb::{self as proto, WriteRequest};
 
     fn decode(enc: &Encoded, metadata: &[MetricMetadata]) -> WriteRequest {
         let bytes = write_request(enc, 0, enc.series.len(), metadata);

@@ -11,7 +11,6 @@
 //! (`retry_on_auth_error`).
 
 pub mod encode;
-pub mod proto;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -217,7 +216,7 @@ impl RemoteWriteSink {
         } else {
             Vec::new()
         };
-        let metadata: Vec<proto::MetricMetadata> = families
+        let metadata: Vec<metricsd_prompb::MetricMetadata> = families
             .iter()
             .filter_map(|f| metadata(batch, *f))
             .collect();

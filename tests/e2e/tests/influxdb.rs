@@ -3,11 +3,9 @@
 //! real server will not give on demand (429 with Retry-After, 413).
 
 use std::collections::BTreeSet;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use metricsd_e2e::scripted::{self, Request};
 use metricsd_e2e::servers::{InfluxServer, VictoriaMetrics};
 use metricsd_e2e::{build, wait_for, Agent, Workdir};
 
@@ -370,90 +368,18 @@ fn wrong_credentials_are_reported_without_the_secret_and_retried() {
     );
 }
 
-/// One request the scripted server received.
-#[derive(Clone, Debug)]
-struct Request {
-    at: Instant,
-    lines: usize,
-    body: String,
-}
-
-/// A tiny HTTP/1.1 server that answers each request with what `answer` returns for it
-/// (status, extra headers) and records it.
-fn scripted_server(
-    answer: impl Fn(usize, &Request) -> (u16, Vec<(String, String)>) + Send + 'static,
-) -> (u16, Arc<Mutex<Vec<Request>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = Arc::clone(&seen);
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let mut reader = BufReader::new(stream);
-            loop {
-                let mut request_line = String::new();
-                if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
-                    break;
-                }
-                let mut length = 0usize;
-                loop {
-                    let mut header = String::new();
-                    if reader.read_line(&mut header).unwrap_or(0) == 0 {
-                        break;
-                    }
-                    let header = header.trim_end();
-                    if header.is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = header.split_once(':') {
-                        if k.eq_ignore_ascii_case("content-length") {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                }
-                let mut body = vec![0u8; length];
-                if reader.read_exact(&mut body).is_err() {
-                    break;
-                }
-                let body = String::from_utf8_lossy(&body).to_string();
-                let request = Request {
-                    at: Instant::now(),
-                    lines: body.lines().count(),
-                    body,
-                };
-                let n = {
-                    let mut seen = record.lock().expect("lock");
-                    seen.push(request.clone());
-                    seen.len()
-                };
-                let (status, headers) = answer(n, &request);
-                let mut response = format!("HTTP/1.1 {status} Scripted\r\nContent-Length: 0\r\n");
-                for (k, v) in headers {
-                    response.push_str(&format!("{k}: {v}\r\n"));
-                }
-                response.push_str("\r\n");
-                if reader.get_mut().write_all(response.as_bytes()).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    (port, seen)
-}
-
 #[test]
 fn too_many_requests_honours_retry_after_and_too_large_splits_the_batch() {
     build();
     let work = Workdir::new();
     // The first request gets 429 with Retry-After: 2; bodies of more than 10 lines get 413.
-    let (port, seen) = scripted_server(|n, r| {
+    let (port, seen) = scripted::serve(|n, r| {
         if n == 1 {
-            (429, vec![("Retry-After".into(), "2".into())])
+            (429, vec![("Retry-After".into(), "2".into())], String::new())
         } else if r.lines > 10 {
-            (413, vec![])
+            (413, vec![], String::new())
         } else {
-            (204, vec![])
+            (204, vec![], String::new())
         }
     });
     let sinks = influx_sink(
@@ -848,7 +774,7 @@ to = ["rollups"]
 fn batches_wait_for_each_other_and_go_out_in_one_request() {
     build();
     let work = Workdir::new();
-    let (port, seen) = scripted_server(|_, _| (204, vec![]));
+    let (port, seen) = scripted::serve(|_, _| (204, vec![], String::new()));
     let sinks = influx_sink(
         "influx",
         port,

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use metricsd_e2e::servers::VictoriaMetrics;
-use metricsd_e2e::{build, json_lines, root, wait_for, Agent, Workdir};
+use metricsd_e2e::{build, json_lines, root, scripted, wait_for, Agent, Workdir};
+use metricsd_prompb::{MetricMetadata, MetricType, WriteRequest};
+use prost::Message as _;
 use serde_json::Value;
 
 fn nvml_collector_from(dir: &std::path::Path) -> String {
@@ -493,4 +495,212 @@ fn a_fleet_of_fifty_agents_loses_nothing() {
             );
         }
     }
+}
+
+/// A request's `WriteRequest`, decompressed and decoded.
+fn decode(request: &scripted::Request) -> WriteRequest {
+    let raw = snap::raw::Decoder::new()
+        .decompress_vec(&request.raw)
+        .expect("a snappy block");
+    WriteRequest::decode(raw.as_slice()).expect("a WriteRequest")
+}
+
+/// (value, timestamp) of every sample of `testkit_calls_total` in a request.
+fn calls_in(request: &WriteRequest) -> Vec<(f64, i64)> {
+    request
+        .timeseries
+        .iter()
+        .filter(|t| {
+            t.labels
+                .iter()
+                .any(|l| l.name == "__name__" && l.value == "testkit_calls_total")
+        })
+        .flat_map(|t| t.samples.iter().map(|s| (s.value, s.timestamp)))
+        .collect()
+}
+
+fn testkit_agent(work: &Workdir, port: u16, extra: &str, env: &[(&str, &str)]) -> Agent {
+    let url = format!("http://127.0.0.1:{port}/api/v1/write");
+    let mut agent = Agent::start(
+        work,
+        &config(
+            "300ms",
+            "node_id = \"n1\"",
+            "[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\n",
+            &format!("{}{extra}", remote_write_sink(&url, "")),
+        ),
+        env,
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    agent
+}
+
+#[test]
+fn requests_carry_the_protocol_headers_auth_tenant_and_metadata() {
+    build();
+    let work = Workdir::new();
+    let (port, seen) = scripted::serve(|_, _| (204, vec![], String::new()));
+    let token = "rw-token-8f2a";
+    let agent = testkit_agent(
+        &work,
+        port,
+        "bearer_token_env = \"RW_TOKEN\"\nmetadata_interval = \"2s\"\n[sinks.config.headers]\nX-Scope-OrgID = \"tenant-1\"\n",
+        &[("RW_TOKEN", token)],
+    );
+    let requests = wait_for("requests over 3 s", Duration::from_secs(30), || {
+        let seen = seen.lock().ok()?.clone();
+        (seen.len() >= 2 && seen.last()?.at.duration_since(seen[0].at) >= Duration::from_secs(3))
+            .then_some(seen)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    for r in &requests {
+        assert_eq!(r.header("content-encoding"), Some("snappy"));
+        assert_eq!(r.header("content-type"), Some("application/x-protobuf"));
+        assert_eq!(r.header("x-prometheus-remote-write-version"), Some("0.1.0"));
+        assert_eq!(r.header("x-scope-orgid"), Some("tenant-1"));
+        let bearer = format!("Bearer {token}");
+        assert_eq!(r.header("authorization"), Some(bearer.as_str()));
+        assert!(r
+            .header("user-agent")
+            .is_some_and(|u| u.starts_with("metricsd-remote-write/")));
+    }
+    let decoded: Vec<WriteRequest> = requests.iter().map(decode).collect();
+    // Every series: `__name__`, the static label, labels sorted.
+    for w in &decoded {
+        for t in &w.timeseries {
+            let names: Vec<&str> = t.labels.iter().map(|l| l.name.as_str()).collect();
+            let mut sorted = names.clone();
+            sorted.sort_unstable();
+            assert_eq!(names, sorted);
+            assert!(names.contains(&"__name__") && names.contains(&"node_id"));
+        }
+    }
+    // Calls counted 1, 2, 3, … across the requests.
+    let calls: Vec<f64> = decoded.iter().flat_map(calls_in).map(|c| c.0).collect();
+    let expected: Vec<f64> = (1..=calls.len()).map(|c| c as f64).collect();
+    assert_eq!(calls, expected);
+    // Metadata in the first request, not in the next ones until 2 s have passed.
+    let meta = |w: &WriteRequest| -> Option<MetricMetadata> {
+        w.metadata
+            .iter()
+            .find(|m| m.metric_family_name == "testkit_calls_total")
+            .cloned()
+    };
+    let first = meta(&decoded[0]).expect("metadata in the first request");
+    assert_eq!(first.r#type, MetricType::Counter as i32);
+    assert!(!first.help.is_empty());
+    assert!(meta(&decoded[1]).is_none(), "not again at once");
+    let again = requests
+        .iter()
+        .zip(&decoded)
+        .skip(1)
+        .find(|(_, w)| meta(w).is_some())
+        .map(|(r, _)| r.at.duration_since(requests[0].at))
+        .expect("metadata sent again");
+    assert!(
+        again >= Duration::from_millis(1900),
+        "again after {again:?}"
+    );
+    assert!(!agent.stderr().contains(token));
+}
+
+#[test]
+fn retry_after_is_honoured_refused_credentials_keep_the_points_and_too_large_splits() {
+    build();
+    let work = Workdir::new();
+    // 1: 429 with Retry-After: 2; 2: 401; then bodies of more than one series: 413.
+    let (port, seen) = scripted::serve(|n, r| match n {
+        1 => (429, vec![("Retry-After".into(), "2".into())], String::new()),
+        2 => (401, vec![], "bad token".into()),
+        _ if decode(r).timeseries.len() > 1 => (413, vec![], String::new()),
+        _ => (204, vec![], String::new()),
+    });
+    let agent = testkit_agent(&work, port, "auth_error_retry = \"1s\"\n", &[]);
+    let requests = wait_for(
+        "the held write accepted series by series",
+        Duration::from_secs(60),
+        || {
+            let seen = seen.lock().ok()?.clone();
+            let first = calls_in(&decode(seen.first()?));
+            let accepted: Vec<(f64, i64)> = seen
+                .iter()
+                .map(decode)
+                .filter(|w| w.timeseries.len() == 1)
+                .flat_map(|w| calls_in(&w))
+                .collect();
+            first.iter().all(|c| accepted.contains(c)).then_some(seen)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let gap = requests[1].at.duration_since(requests[0].at);
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "429 retried after {gap:?}"
+    );
+    let gap = requests[2].at.duration_since(requests[1].at);
+    assert!(
+        gap >= Duration::from_millis(900),
+        "401 retried after {gap:?}"
+    );
+    // The write refused with 401 was not dropped: its samples came again.
+    let held = calls_in(&decode(&requests[1]));
+    let accepted: Vec<(f64, i64)> = requests
+        .iter()
+        .map(decode)
+        .filter(|w| w.timeseries.len() == 1)
+        .flat_map(|w| calls_in(&w))
+        .collect();
+    assert!(held.iter().all(|c| accepted.contains(c)), "{held:?}");
+    assert!(agent.stderr().contains("refused the credentials"));
+    assert_eq!(
+        agent
+            .stat("metricsd_sink_dropped_samples_total{reason=\"rejected\",sink=\"vm\"}")
+            .unwrap_or(0.0),
+        0.0
+    );
+}
+
+#[test]
+fn a_bad_request_drops_only_that_write_counts_it_and_logs_once() {
+    build();
+    let work = Workdir::new();
+    // Requests 2 to 4 are refused with 400 and a message.
+    let (port, seen) = scripted::serve(|n, _| {
+        if (2..=4).contains(&n) {
+            (400, vec![], "out of order sample".into())
+        } else {
+            (204, vec![], String::new())
+        }
+    });
+    let agent = testkit_agent(&work, port, "", &[]);
+    let requests = wait_for("six requests", Duration::from_secs(30), || {
+        let seen = seen.lock().ok()?.clone();
+        (seen.len() >= 6).then_some(seen)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let samples = |r: &scripted::Request| -> usize {
+        decode(r).timeseries.iter().map(|t| t.samples.len()).sum()
+    };
+    let refused: usize = requests[1..4].iter().map(samples).sum();
+    let rejected = wait_for("the drops counted", Duration::from_secs(10), || {
+        let n = agent
+            .stat("metricsd_sink_dropped_samples_total{reason=\"rejected\",sink=\"vm\"}")
+            .unwrap_or(0.0);
+        (n >= refused as f64).then_some(n)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_eq!(rejected, refused as f64);
+    // Not retried: each request carries new calls.
+    let calls: Vec<Vec<(f64, i64)>> = requests.iter().map(|r| calls_in(&decode(r))).collect();
+    for pair in calls.windows(2) {
+        assert!(pair[0].iter().all(|c| !pair[1].contains(c)), "{calls:?}");
+    }
+    let log = agent.stderr();
+    assert_eq!(
+        log.matches("out of order sample").count(),
+        1,
+        "the server's message logged once: {log}"
+    );
+    assert!(log.contains("Bad Request (HTTP 400)"), "{log}");
 }

@@ -1560,10 +1560,28 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
             unsafe { put(data, event) };
             return SUCCESS;
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             return nvmlReturn_enum_NVML_ERROR_TIMEOUT;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Sleep until the next scheduled event or the deadline, like the real call blocks.
+        let next_event = {
+            let delivered = DELIVERED.lock().unwrap_or_else(|p| p.into_inner());
+            s.gpus
+                .iter()
+                .enumerate()
+                .flat_map(|(g, gpu)| {
+                    gpu.xid_events
+                        .iter()
+                        .enumerate()
+                        .map(move |(e, x)| (g, e, x.at_s))
+                })
+                .filter(|(g, e, _)| !delivered.contains(&(*g, *e)))
+                .map(|(_, _, at)| s.start + Duration::from_secs_f64(at.max(0.0)))
+                .min()
+        };
+        let until = next_event.map_or(deadline, |at| at.min(deadline));
+        std::thread::sleep(until.saturating_duration_since(now).max(Duration::from_millis(1)));
     }
 }
 

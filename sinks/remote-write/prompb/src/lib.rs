@@ -2,9 +2,9 @@
 //! `types.proto`, package `prometheus`), as prost types. Only the fields remote write 1.0
 //! senders use are declared; a decoder skips the others (exemplars, native histograms).
 //!
-//! The sink encodes time series itself with prost's wire-format primitives (see
-//! [`crate::encode`]), so that a label set is encoded once per batch instead of once per
-//! series; these types encode the metadata and, in tests, decode what was sent.
+//! The remote-write sink encodes time series itself with prost's wire-format primitives, so
+//! that a label set is encoded once per batch instead of once per series; these types encode
+//! its metadata and, in tests, decode what it sent.
 
 /// `prometheus.WriteRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
