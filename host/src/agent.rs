@@ -267,6 +267,7 @@ pub async fn run_until<T>(
     let telemetry = Arc::new(Telemetry::new());
     crate::plugin_log::count_drops_in(&telemetry);
     let health = Arc::new(Health::new());
+    crate::plugin_log::report_status_in(&health);
     let (loaded_n, shadowed_n, refused_n) = plugins.files.iter().fold((0, 0, 0), |acc, f| match f
         .verdict
     {

@@ -72,6 +72,47 @@ pub struct Config {
     /// Window aggregations (downsampled history), each a source routes can name.
     #[serde(default)]
     pub aggregate: Vec<AggregateConfig>,
+    /// Label joins: series of some collectors get the labels of another's info series.
+    #[serde(default)]
+    pub enrich: Vec<EnrichConfig>,
+}
+
+/// One `[[enrich]]` entry: the series of the `from` collectors whose `on` label matches an
+/// info series of the `info` collector get that info series' labels.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichConfig {
+    /// Collector instances whose series are enriched.
+    pub from: Vec<String>,
+    /// The collector instance whose info series carry the labels.
+    pub info: String,
+    /// The info metric.
+    #[serde(default = "default_enrich_metric")]
+    pub metric: String,
+    /// The label both sides carry (the join key).
+    #[serde(default = "default_enrich_on")]
+    pub on: String,
+    /// The labels copied (all of the info series' labels but `on` when empty).
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Replace a label the series already has (by default the series keeps its own).
+    #[serde(default)]
+    pub overwrite: bool,
+    /// Info older than this is not applied (its collector stopped reporting).
+    #[serde(default = "default_enrich_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+fn default_enrich_metric() -> String {
+    "gpu_discovery_info".to_string()
+}
+
+fn default_enrich_on() -> String {
+    "uuid".to_string()
+}
+
+fn default_enrich_max_age() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// One `[[aggregate]]` entry.
@@ -746,6 +787,62 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         }
         for (j, g) in a.metrics.iter().enumerate() {
             check_glob(format!("aggregate[{i}].metrics[{j}]"), g)?;
+        }
+    }
+    for (i, e) in config.enrich.iter().enumerate() {
+        let check_collector = |key: String, name: &str| {
+            if collectors.contains(name) {
+                Ok(())
+            } else {
+                Err(key_error(
+                    key,
+                    format!(
+                        "no collector named `{name}`{}",
+                        did_you_mean(name, &collectors)
+                    ),
+                ))
+            }
+        };
+        if e.from.is_empty() {
+            return Err(key_error(
+                format!("enrich[{i}].from"),
+                "needs at least one collector",
+            ));
+        }
+        for (j, from) in e.from.iter().enumerate() {
+            check_collector(format!("enrich[{i}].from[{j}]"), from)?;
+            if *from == e.info {
+                return Err(key_error(
+                    format!("enrich[{i}].from[{j}]"),
+                    "a collector cannot enrich its own series",
+                ));
+            }
+        }
+        check_collector(format!("enrich[{i}].info"), &e.info)?;
+        if !is_valid_metric_name(&e.metric) {
+            return Err(key_error(
+                format!("enrich[{i}].metric"),
+                format!("`{}` is not a valid metric name", e.metric),
+            ));
+        }
+        for (key, name) in std::iter::once((format!("enrich[{i}].on"), &e.on)).chain(
+            e.labels
+                .iter()
+                .enumerate()
+                .map(|(j, l)| (format!("enrich[{i}].labels[{j}]"), l)),
+        ) {
+            if !is_label_name(name) {
+                return Err(key_error(
+                    key,
+                    format!("`{name}` is not a valid label name"),
+                ));
+            }
+        }
+        if e.max_age.is_zero() {
+            return Err(key_error(
+                format!("enrich[{i}].max_age"),
+                "must be more than 0s",
+            ));
         }
     }
     let sources: BTreeSet<&str> = collectors

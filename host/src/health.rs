@@ -18,6 +18,9 @@ pub enum State {
     Failing,
     /// A call is overdue: it timed out and has not returned.
     Stale,
+    /// Its calls succeed, but it reports working with less than it should (a collector whose
+    /// service is unreachable falls back to what it has): see `degraded`.
+    Degraded,
     /// Not running: its plugin is unavailable, or it failed in a way that needs the operator.
     Disabled,
 }
@@ -39,6 +42,9 @@ pub struct InstanceStatus {
     pub last_error: Option<String>,
     /// Failed calls in a row.
     pub consecutive_failures: u32,
+    /// What the instance reports it lacks, while it does (`report_degraded`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
 }
 
 impl InstanceStatus {
@@ -122,6 +128,7 @@ impl Health {
             last_success_ms: None,
             last_error: disabled,
             consecutive_failures: 0,
+            degraded: None,
         };
         self.with(|m| m.insert(name.to_string(), status));
     }
@@ -130,7 +137,11 @@ impl Health {
     pub fn success(&self, name: &str) {
         self.with(|m| {
             if let Some(s) = m.get_mut(name) {
-                s.state = State::Ok;
+                s.state = if s.degraded.is_some() {
+                    State::Degraded
+                } else {
+                    State::Ok
+                };
                 s.last_success_ms = Some(now_ms());
                 s.last_error = None;
                 s.consecutive_failures = 0;
@@ -151,6 +162,27 @@ impl Health {
         })
     }
 
+    /// Records what an instance reports it lacks (`Some`), or that it recovered (`None`);
+    /// returns whether that changed anything.
+    pub fn set_degraded(&self, name: &str, why: Option<&str>) -> bool {
+        self.with(|m| {
+            let Some(s) = m.get_mut(name) else {
+                return false;
+            };
+            if s.degraded.as_deref() == why {
+                return false;
+            }
+            let was = s.degraded.is_some();
+            s.degraded = why.map(str::to_string);
+            match (s.state, why) {
+                (State::Ok, Some(_)) => s.state = State::Degraded,
+                (State::Degraded, None) => s.state = State::Ok,
+                _ => {}
+            }
+            was != why.is_some()
+        })
+    }
+
     /// Marks a call overdue.
     pub fn stale(&self, name: &str, error: String) {
         self.with(|m| {
@@ -165,7 +197,9 @@ impl Health {
     pub fn report(&self) -> HealthReport {
         let instances = self.with(|m| m.clone());
         let required_failing = instances.values().any(|s| s.required && s.is_failing());
-        let any_failing = instances.values().any(InstanceStatus::is_failing);
+        let any_failing = instances
+            .values()
+            .any(|s| s.is_failing() || s.state == State::Degraded);
         HealthReport {
             status: if required_failing {
                 "failing"
@@ -201,5 +235,23 @@ mod tests {
         assert_eq!(r.status, "ok");
         assert_eq!(r.instances["gpu"].consecutive_failures, 0);
         assert!(r.instances["gpu"].last_error.is_none());
+    }
+
+    #[test]
+    fn a_degraded_instance_degrades_the_agent_without_failing_it() {
+        let h = Health::new();
+        h.register("disc", "collector", "discovery", true, None);
+        h.success("disc");
+        assert!(h.set_degraded("disc", Some("server down")));
+        assert!(!h.set_degraded("disc", Some("server down")), "no change");
+        let r = h.report();
+        assert_eq!(r.status, "degraded");
+        assert!(!r.is_failing());
+        assert_eq!(r.instances["disc"].state, State::Degraded);
+        h.success("disc");
+        assert_eq!(h.report().instances["disc"].state, State::Degraded);
+        assert!(h.set_degraded("disc", None));
+        assert_eq!(h.report().status, "ok");
+        assert_eq!(h.report().instances["disc"].state, State::Ok);
     }
 }

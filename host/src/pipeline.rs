@@ -5,8 +5,9 @@
 //! adding them costs nothing per sample. One batch routed unfiltered to several sinks is shared,
 //! not copied.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use abi_stable::std_types::{ROption, RString, RVec};
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -14,7 +15,8 @@ use metricsd_plugin_api::{Batch, Label};
 
 use crate::aggregate::Aggregator;
 use crate::config::{
-    is_label_name, is_valid_metric_name, Config, RelabelAction, RelabelConfig, RouteConfig,
+    is_label_name, is_valid_metric_name, Config, EnrichConfig, RelabelAction, RelabelConfig,
+    RouteConfig,
 };
 use crate::delivery::SinkQueue;
 use crate::events::{Event, Telemetry};
@@ -131,6 +133,95 @@ impl Route {
     }
 }
 
+/// An `[[enrich]]` join: what the info collector last reported, by key, and how to apply it.
+struct Enricher {
+    from: Vec<String>,
+    info: String,
+    metric: String,
+    on: String,
+    labels: Vec<String>,
+    overwrite: bool,
+    max_age: Duration,
+    /// When the info collector last reported, and its labels by key value.
+    table: RwLock<Option<(Instant, HashMap<String, Vec<Label>>)>>,
+}
+
+impl Enricher {
+    fn new(c: &EnrichConfig) -> Self {
+        Self {
+            from: c.from.clone(),
+            info: c.info.clone(),
+            metric: c.metric.clone(),
+            on: c.on.clone(),
+            labels: c.labels.clone(),
+            overwrite: c.overwrite,
+            max_age: c.max_age,
+            table: RwLock::new(None),
+        }
+    }
+
+    /// Takes the info series of a batch of the info collector: a batch without them empties
+    /// the table (its collector knows nothing now, e.g. its service is away).
+    fn learn(&self, batch: &Batch) {
+        let mut table: HashMap<String, Vec<Label>> = HashMap::new();
+        if let Some(family) = batch
+            .families
+            .iter()
+            .position(|f| f.name.as_str() == self.metric)
+        {
+            for s in batch.samples.iter().filter(|s| s.family as usize == family) {
+                let Some(set) = batch.label_sets.get(s.labels as usize) else {
+                    continue;
+                };
+                let Some(key) = set.iter().find(|l| l.name.as_str() == self.on) else {
+                    continue;
+                };
+                let labels: Vec<Label> = set
+                    .iter()
+                    .filter(|l| l.name.as_str() != self.on && !l.value.is_empty())
+                    .filter(|l| {
+                        self.labels.is_empty() || self.labels.iter().any(|w| w == l.name.as_str())
+                    })
+                    .cloned()
+                    .collect();
+                // The first info series of a key wins.
+                table.entry(key.value.to_string()).or_insert(labels);
+            }
+        }
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), table));
+    }
+
+    /// Adds the info labels to the label sets whose key has info; returns how many sets.
+    fn apply(&self, batch: &mut Batch) -> usize {
+        let guard = self.table.read().unwrap_or_else(|p| p.into_inner());
+        let Some((at, table)) = guard.as_ref() else {
+            return 0;
+        };
+        if at.elapsed() > self.max_age || table.is_empty() {
+            return 0;
+        }
+        let mut enriched = 0;
+        for set in batch.label_sets.iter_mut() {
+            let Some(info) = set
+                .iter()
+                .find(|l| l.name.as_str() == self.on)
+                .and_then(|key| table.get(key.value.as_str()))
+            else {
+                continue;
+            };
+            for label in info {
+                match set.iter_mut().find(|l| l.name == label.name) {
+                    Some(own) if self.overwrite => own.value = label.value.clone(),
+                    Some(_) => {}
+                    None => set.push(label.clone()),
+                }
+            }
+            enriched += 1;
+        }
+        enriched
+    }
+}
+
 /// The processing and routing of batches.
 pub struct Pipeline {
     static_labels: Vec<Label>,
@@ -138,6 +229,7 @@ pub struct Pipeline {
     routes: Option<Vec<Route>>,
     sinks: BTreeMap<String, Arc<SinkQueue>>,
     telemetry: Arc<Telemetry>,
+    enrichers: Vec<Enricher>,
     aggregators: Vec<Aggregator>,
 }
 
@@ -271,6 +363,7 @@ impl Pipeline {
                 .then(|| config.routes.iter().map(Route::new).collect()),
             sinks,
             telemetry,
+            enrichers: config.enrich.iter().map(Enricher::new).collect(),
             aggregators: config
                 .aggregate
                 .iter()
@@ -318,6 +411,14 @@ impl Pipeline {
         }
         for rule in self.rules.iter().filter(|r| r.applies_to(source)) {
             self.apply(rule, batch);
+        }
+        for e in &self.enrichers {
+            if e.info == source {
+                e.learn(batch);
+            }
+            if e.from.iter().any(|f| f == source) {
+                e.apply(batch);
+            }
         }
         for label in &self.static_labels {
             if !batch.common_labels.iter().any(|l| l.name == label.name) {
@@ -491,6 +592,113 @@ mod tests {
             .iter()
             .map(|s| b.family_of(s).expect("family").name.to_string())
             .collect()
+    }
+
+    fn labels_of(b: &Batch, i: usize) -> Vec<String> {
+        b.labels_of(&b.samples[i])
+            .map(|l| format!("{}={}", l.name, l.value))
+            .collect()
+    }
+
+    fn discovery_batch(gpus: &[(&str, &str, &str)]) -> Batch {
+        let mut b = BatchBuilder::new();
+        let up = b.gauge("gpu_discovery_up", "", "");
+        b.sample(up, &[], 1.0);
+        let info = b.info("gpu_discovery_info", "");
+        for (uuid, gpu_id, rental) in gpus {
+            b.sample(
+                info,
+                &[
+                    ("uuid", uuid),
+                    ("gpu_id", gpu_id),
+                    ("rental", rental),
+                    ("model", "H100"),
+                ],
+                1.0,
+            );
+        }
+        b.finish()
+    }
+
+    fn nvml_batch() -> Batch {
+        let mut b = BatchBuilder::new();
+        let temp = b.gauge("gpu_temperature_celsius", "", "celsius");
+        let power = b.gauge("gpu_power_usage_watts", "", "watts");
+        let g0 = b.label_set(&[("gpu", "0"), ("uuid", "GPU-a"), ("model", "nvml's")]);
+        let g1 = b.label_set(&[("gpu", "1"), ("uuid", "GPU-b")]);
+        b.sample_in(temp, g0, 61.0);
+        b.sample_in(power, g0, 300.0);
+        b.sample_in(temp, g1, 58.0);
+        b.finish()
+    }
+
+    const ENRICH: &str = "[[collectors]]\nname = \"gpu\"\nplugin = \"nvml\"\n[[collectors]]\nname = \"disc\"\nplugin = \"discovery\"\n[[enrich]]\nfrom = [\"gpu\"]\ninfo = \"disc\"\n";
+
+    #[test]
+    fn enrich_joins_info_labels_on_the_key_and_follows_changes() {
+        let (p, _) = pipeline(ENRICH, &[]);
+        // Before any info: NVML labels only.
+        let mut b = nvml_batch();
+        p.prepare("gpu", &mut b);
+        assert_eq!(labels_of(&b, 0), ["gpu=0", "uuid=GPU-a", "model=nvml's"]);
+        // GPU-a is known; GPU-b is not and keeps its own labels.
+        let mut d = discovery_batch(&[("GPU-a", "net-1", "idle")]);
+        p.prepare("disc", &mut d);
+        let mut b = nvml_batch();
+        p.prepare("gpu", &mut b);
+        assert_eq!(
+            labels_of(&b, 0),
+            [
+                "gpu=0",
+                "uuid=GPU-a",
+                "model=nvml's",
+                "gpu_id=net-1",
+                "rental=idle"
+            ],
+            "the series keeps its own model"
+        );
+        assert_eq!(labels_of(&b, 1), labels_of(&b, 0), "the set is shared");
+        assert_eq!(labels_of(&b, 2), ["gpu=1", "uuid=GPU-b"]);
+        // A change pushed by the service shows at the next batch.
+        let mut d = discovery_batch(&[("GPU-a", "net-1", "rented"), ("GPU-b", "net-2", "idle")]);
+        p.prepare("disc", &mut d);
+        let mut b = nvml_batch();
+        p.prepare("gpu", &mut b);
+        assert!(labels_of(&b, 0).contains(&"rental=rented".to_string()));
+        assert!(labels_of(&b, 2).contains(&"gpu_id=net-2".to_string()));
+        // The service is away: the discovery collector reports no info, NVML labels only.
+        let mut d = discovery_batch(&[]);
+        p.prepare("disc", &mut d);
+        let mut b = nvml_batch();
+        p.prepare("gpu", &mut b);
+        assert_eq!(labels_of(&b, 0), ["gpu=0", "uuid=GPU-a", "model=nvml's"]);
+    }
+
+    #[test]
+    fn enrich_copies_the_chosen_labels_and_can_overwrite() {
+        let text = format!("{ENRICH}labels = [\"model\", \"gpu_id\"]\noverwrite = true\n");
+        let (p, _) = pipeline(&text, &[]);
+        let mut d = discovery_batch(&[("GPU-a", "net-1", "idle")]);
+        p.prepare("disc", &mut d);
+        let mut b = nvml_batch();
+        p.prepare("gpu", &mut b);
+        assert_eq!(
+            labels_of(&b, 0),
+            ["gpu=0", "uuid=GPU-a", "model=H100", "gpu_id=net-1"]
+        );
+    }
+
+    #[test]
+    fn enrich_config_errors_name_the_key() {
+        let bad = format!("{ENRICH}").replace("info = \"disc\"", "info = \"dsic\"");
+        let e = from_toml_with_env(
+            &bad,
+            &ConfigSource::File("t.toml".into()),
+            &BTreeMap::<String, String>::new(),
+        )
+        .expect_err("unknown collector")
+        .to_string();
+        assert!(e.contains("enrich[0].info") && e.contains("disc"), "{e}");
     }
 
     #[test]

@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use abi_stable::std_types::RStr;
 use metricsd_plugin_api::abi::HostLogger;
-use metricsd_plugin_api::log::{parse_dropped, DROPPED_TARGET};
+use metricsd_plugin_api::log::{parse_dropped, parse_status, DROPPED_TARGET, STATUS_TARGET};
 use metricsd_plugin_api::LogLevel;
 use tracing::level_filters::LevelFilter;
 
 use crate::events::{Event, Telemetry};
+use crate::health::Health;
 
 /// Drop causes already logged at warn level: (instance, reason, cause).
 static SEEN: Mutex<BTreeSet<(String, &'static str, String)>> = Mutex::new(BTreeSet::new());
@@ -20,6 +21,15 @@ const SEEN_MAX: usize = 1024;
 
 /// Where plugins' drop reports are counted; set once by the agent.
 static TELEMETRY: RwLock<Option<Arc<Telemetry>>> = RwLock::new(None);
+
+/// Where plugins' status reports go; set once by the agent.
+static HEALTH: RwLock<Option<Arc<Health>>> = RwLock::new(None);
+
+/// Shows plugins' status reports (see `metricsd_plugin_api::log::report_degraded`) in this
+/// health.
+pub fn report_status_in(health: &Arc<Health>) {
+    *HEALTH.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(health));
+}
 
 /// Counts plugins' drop reports (see `metricsd_plugin_api::log::report_dropped`) in this
 /// telemetry: the running pipeline's, replaced by each config reload.
@@ -68,6 +78,20 @@ extern "C" fn log_from_plugin(
                         reason = reason.as_str(),
                         "samples dropped: {why}"
                     ),
+                }
+                return;
+            }
+        }
+        if target == STATUS_TARGET {
+            if let Some(status) = parse_status(message) {
+                let health = HEALTH.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let changed = health
+                    .as_ref()
+                    .is_some_and(|h| h.set_degraded(instance, status));
+                match status {
+                    Some(why) if changed => tracing::warn!(instance, "degraded: {why}"),
+                    None if changed => tracing::info!(instance, "recovered"),
+                    _ => tracing::debug!(instance, "status: {message}"),
                 }
                 return;
             }

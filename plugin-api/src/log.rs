@@ -72,8 +72,10 @@ impl Visit for MessageVisitor {
 
 impl Subscriber for ForwardingSubscriber {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        // Drop reports are counted by the host whatever its log level.
-        metadata.target() == DROPPED_TARGET || level_of(metadata.level()) <= self.logger.max_level
+        // Drop and status reports reach the host whatever its log level.
+        metadata.target() == DROPPED_TARGET
+            || metadata.target() == STATUS_TARGET
+            || level_of(metadata.level()) <= self.logger.max_level
     }
 
     fn max_level_hint(&self) -> Option<LevelFilter> {
@@ -147,6 +149,33 @@ pub fn report_dropped(samples: usize, reason: DropReason, why: &str) {
     }
 }
 
+/// The `tracing` target of a status report: the host shows it in `/health`; see
+/// [`report_degraded`].
+pub const STATUS_TARGET: &str = "metricsd::status";
+
+/// Reports that the instance works, but with less than it should: a collector whose service is
+/// unreachable and that falls back to what it has, for example. Call it from `collect` (or
+/// `write`) while the condition lasts; the host shows the instance as `degraded` with `why` in
+/// `/health` (the agent's status becomes `degraded`, not failing) and logs it once when it
+/// starts. [`report_recovered`] ends it.
+pub fn report_degraded(why: &str) {
+    tracing::warn!(target: "metricsd::status", "degraded {why}");
+}
+
+/// Ends a [`report_degraded`] condition.
+pub fn report_recovered() {
+    tracing::warn!(target: "metricsd::status", "ok");
+}
+
+/// Parses a status report's message, for the host: `Some(Some(why))` for degraded,
+/// `Some(None)` for recovered.
+pub fn parse_status(message: &str) -> Option<Option<&str>> {
+    if message == "ok" {
+        return Some(None);
+    }
+    message.strip_prefix("degraded ").map(Some)
+}
+
 /// Parses a drop report's message (`"<samples> <reason> <why>"`), for the host.
 pub fn parse_dropped(message: &str) -> Option<(usize, DropReason, &str)> {
     let mut parts = message.splitn(3, ' ');
@@ -162,6 +191,16 @@ pub fn parse_dropped(message: &str) -> Option<(usize, DropReason, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_reports_parse() {
+        assert_eq!(parse_status("ok"), Some(None));
+        assert_eq!(
+            parse_status("degraded server down"),
+            Some(Some("server down"))
+        );
+        assert_eq!(parse_status("something"), None);
+    }
 
     #[test]
     fn drop_reports_round_trip() {

@@ -1581,7 +1581,11 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
                 .min()
         };
         let until = next_event.map_or(deadline, |at| at.min(deadline));
-        std::thread::sleep(until.saturating_duration_since(now).max(Duration::from_millis(1)));
+        std::thread::sleep(
+            until
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(1)),
+        );
     }
 }
 

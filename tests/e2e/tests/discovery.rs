@@ -1,0 +1,433 @@
+//! GPU discovery over gRPC: the reference server (examples/discovery-server) as a real
+//! process on loopback, serving the NVML simulator's GPUs with an inventory file's labels; the
+//! agent's discovery collector and `[[enrich]]` joining them onto the NVML series; the server
+//! changing, dying and coming back; and a hostile server.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use metricsd_discovery_proto::{
+    Gpu, GpuDiscovery, GpuDiscoveryServer, GpuEvent, ListGpusRequest, ListGpusResponse,
+    WatchGpusRequest,
+};
+use metricsd_e2e::{build, free_port, http_get, root, series_value, wait_for, Agent, Workdir};
+
+fn scenario() -> String {
+    root()
+        .join("tests/nvml-sim/scenarios/h100-sxm-2.toml")
+        .display()
+        .to_string()
+}
+
+/// The simulator's uuid of GPU `index` (tests/nvml-sim: `GPU-5f7c{index:04x}-…`).
+fn sim_uuid(index: usize) -> String {
+    format!("GPU-5f7c{index:04x}-1d2e-4c3b-9a8f-0e1d2c3b{index:04x}")
+}
+
+fn inventory_text(rental0: &str) -> String {
+    format!(
+        "node_id = \"node-7\"\nprovider = \"acme\"\n[[gpus]]\nuuid = \"{}\"\ngpu_id = \"net-gpu-0\"\nhealth = \"healthy\"\nlabels = {{ rental = \"{rental0}\" }}\n[[gpus]]\nuuid = \"{}\"\ngpu_id = \"net-gpu-1\"\nlabels = {{ rental = \"rented\" }}\n",
+        sim_uuid(0),
+        sim_uuid(1)
+    )
+}
+
+/// The reference server, a child process.
+struct DiscoveryServer {
+    child: Option<Child>,
+    port: u16,
+    inventory: PathBuf,
+    log: PathBuf,
+}
+
+impl DiscoveryServer {
+    fn start(work: &Workdir, port: u16, inventory: &Path) -> Self {
+        let mut server = Self {
+            child: None,
+            port,
+            inventory: inventory.to_path_buf(),
+            log: work.path("discovery-server.log"),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let dir = build();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(dir.join("discovery-server"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--inventory")
+            .arg(&self.inventory)
+            .arg("--nvml")
+            .arg("--nvml-library")
+            .arg(dir.join("libnvml_sim.so"))
+            .arg("--poll-interval")
+            .arg("200ms")
+            .env("NVML_SIM_SCENARIO", scenario())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start discovery-server");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for(
+            "the discovery server to listen",
+            Duration::from_secs(20),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
+    }
+
+    /// Kills it (SIGKILL: a crash, not a clean stop).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DiscoveryServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn agent_config(discovery_port: u16) -> String {
+    let dir = build();
+    format!(
+        r#"[agent]
+interval = "300ms"
+max_backoff = "1s"
+internal_metrics = false
+[agent.labels]
+node_id = "static-node"
+[http]
+health_listen = "127.0.0.1:{{health}}"
+metrics_listen = "127.0.0.1:{{metrics}}"
+[[collectors]]
+name = "gpu"
+plugin = "nvml"
+[collectors.config]
+library_path = "{sim}"
+[[collectors]]
+name = "discovery"
+plugin = "discovery"
+[collectors.config]
+endpoint = "127.0.0.1:{discovery_port}"
+max_backoff = "1s"
+[[sinks]]
+name = "prom"
+plugin = "prometheus"
+[sinks.config]
+stale_after = "1500ms"
+[[enrich]]
+from = ["gpu"]
+info = "discovery"
+labels = ["gpu_id", "provider", "rental", "node_id"]
+"#,
+        sim = dir.join("libnvml_sim.so").display()
+    )
+}
+
+/// The `/metrics` line of `metric` for GPU `gpu`, if exactly one is there.
+fn gpu_line(body: &str, metric: &str, gpu: &str) -> Option<String> {
+    let lines: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .filter(|l| l.contains(&format!("gpu=\"{gpu}\"")))
+        .collect();
+    (lines.len() == 1).then(|| lines[0].to_string())
+}
+
+/// `gpu_discovery_up` with the agent's static label.
+const UP: &str = "gpu_discovery_up{node_id=\"static-node\"}";
+
+fn scrape(agent: &Agent) -> String {
+    http_get(agent.metrics_port, "/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default()
+}
+
+#[test]
+fn gpu_series_carry_the_inventory_labels_follow_changes_and_fall_back_when_the_service_dies() {
+    build();
+    let work = Workdir::new();
+    let port = free_port();
+    let inventory = work.write("inventory.toml", inventory_text("idle"));
+    let mut server = DiscoveryServer::start(&work, port, &inventory);
+    let mut agent = Agent::start(
+        &work,
+        &agent_config(port),
+        &[("NVML_SIM_SCENARIO", scenario().as_str())],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    let fail = |e: anyhow::Error, agent: &Agent, server: &DiscoveryServer| -> ! {
+        panic!(
+            "{e}\n--- agent\n{}\n--- server\n{}",
+            agent.stderr(),
+            server.log()
+        )
+    };
+
+    // Enriched: the NVML series of GPU 0 carry the inventory's labels; the node id of the
+    // inventory replaces the static one on GPU series.
+    let line = wait_for("enriched GPU series", Duration::from_secs(30), || {
+        gpu_line(&scrape(&agent), "gpu_temperature_celsius", "0")
+            .filter(|l| l.contains("gpu_id=\"net-gpu-0\""))
+    })
+    .unwrap_or_else(|e| fail(e, &agent, &server));
+    for label in [
+        "rental=\"idle\"",
+        "provider=\"acme\"",
+        "node_id=\"node-7\"",
+        &format!("uuid=\"{}\"", sim_uuid(0)),
+    ] {
+        assert!(line.contains(label), "{label} in {line}");
+    }
+    let body = scrape(&agent);
+    assert_eq!(series_value(&body, UP), Some(1.0), "{body}");
+    assert_eq!(
+        series_value(&body, "gpu_discovery_gpus{node_id=\"static-node\"}"),
+        Some(2.0)
+    );
+    let info = body
+        .lines()
+        .find(|l| l.starts_with("gpu_discovery_info{") && l.contains("net-gpu-1"))
+        .expect("info of GPU 1");
+    assert!(
+        info.contains("model=\"NVIDIA H100 80GB HBM3\""),
+        "NVML's identity merged: {info}"
+    );
+    assert!(gpu_line(&body, "gpu_power_usage_watts", "1")
+        .is_some_and(|l| l.contains("rental=\"rented\"")));
+
+    // A change of the inventory is pushed (WatchGpus) and shows without a restart.
+    std::fs::write(&inventory, inventory_text("maintenance")).expect("write");
+    wait_for("the changed label", Duration::from_secs(30), || {
+        gpu_line(&scrape(&agent), "gpu_temperature_celsius", "0")
+            .filter(|l| l.contains("rental=\"maintenance\""))
+    })
+    .unwrap_or_else(|e| fail(e, &agent, &server));
+    assert!(server.log().contains("LabelsChanged"), "{}", server.log());
+
+    // The service dies: discovery down, NVML identity only, everything else goes on.
+    server.kill();
+    let collections = |agent: &Agent| {
+        agent
+            .stat("metricsd_collector_collections_total{collector=\"gpu\"}")
+            .unwrap_or(0.0)
+    };
+    let line = wait_for("NVML-only labels", Duration::from_secs(30), || {
+        let body = scrape(&agent);
+        (series_value(&body, UP) == Some(0.0))
+            .then(|| gpu_line(&body, "gpu_temperature_celsius", "0"))
+            .flatten()
+            .filter(|l| !l.contains("gpu_id="))
+    })
+    .unwrap_or_else(|e| fail(e, &agent, &server));
+    assert!(line.contains("node_id=\"static-node\""), "{line}");
+    assert!(scrape(&agent)
+        .lines()
+        .all(|l| !l.starts_with("gpu_discovery_info{")));
+    let (status, health) = agent.get_health("/health").expect("health");
+    assert_eq!(status, 200, "degraded is not failing: {health}");
+    let health: serde_json::Value = serde_json::from_str(&health).expect("json");
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(
+        health["instances"]["discovery"]["state"], "degraded",
+        "{health}"
+    );
+    assert!(health["instances"]["discovery"]["degraded"]
+        .as_str()
+        .is_some_and(|d| d.contains("NVML identity only")));
+    assert_eq!(health["instances"]["gpu"]["state"], "ok", "{health}");
+    let before = collections(&agent);
+    wait_for(
+        "the GPU collector to go on",
+        Duration::from_secs(10),
+        || (collections(&agent) >= before + 3.0).then_some(()),
+    )
+    .unwrap_or_else(|e| fail(e, &agent, &server));
+    assert_eq!(
+        agent.stderr().matches("degraded: GPU discovery").count(),
+        1,
+        "logged once: {}",
+        agent.stderr()
+    );
+
+    // It comes back: labels again.
+    server.spawn();
+    wait_for("recovery", Duration::from_secs(30), || {
+        let body = scrape(&agent);
+        (series_value(&body, UP) == Some(1.0))
+            .then(|| gpu_line(&body, "gpu_temperature_celsius", "0"))
+            .flatten()
+            .filter(|l| l.contains("gpu_id=\"net-gpu-0\""))
+    })
+    .unwrap_or_else(|e| fail(e, &agent, &server));
+    let (_, health) = agent.get_health("/health").expect("health");
+    let health: serde_json::Value = serde_json::from_str(&health).expect("json");
+    assert_eq!(health["instances"]["discovery"]["state"], "ok", "{health}");
+}
+
+/// A discovery service that answers with what a test sets.
+struct Hostile {
+    gpus: Vec<Gpu>,
+}
+
+type EventStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<GpuEvent, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GpuDiscovery for Hostile {
+    async fn list_gpus(
+        &self,
+        _: tonic::Request<ListGpusRequest>,
+    ) -> Result<tonic::Response<ListGpusResponse>, tonic::Status> {
+        Ok(tonic::Response::new(ListGpusResponse {
+            gpus: self.gpus.clone(),
+            revision: 1,
+        }))
+    }
+
+    type WatchGpusStream = EventStream;
+
+    async fn watch_gpus(
+        &self,
+        _: tonic::Request<WatchGpusRequest>,
+    ) -> Result<tonic::Response<EventStream>, tonic::Status> {
+        Ok(tonic::Response::new(Box::pin(tokio_stream::pending())))
+    }
+}
+
+/// Serves `gpus` on a loopback port from a thread of the test; returns the port.
+fn serve_hostile(gpus: Vec<Gpu>) -> u16 {
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(
+                    GpuDiscoveryServer::new(Hostile { gpus }).max_encoding_message_size(usize::MAX),
+                )
+                .serve(addr)
+                .await;
+        });
+    });
+    wait_for("the hostile server", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .expect("listening");
+    port
+}
+
+fn discovery_only_agent(work: &Workdir, port: u16) -> Agent {
+    let config = format!(
+        "[agent]\ninterval = \"300ms\"\ninternal_metrics = false\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"127.0.0.1:{{metrics}}\"\n[[collectors]]\nname = \"discovery\"\nplugin = \"discovery\"\n[collectors.config]\nendpoint = \"127.0.0.1:{port}\"\nmax_backoff = \"1s\"\n[[sinks]]\nname = \"prom\"\nplugin = \"prometheus\"\n"
+    );
+    let mut agent = Agent::start(work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    agent
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_hostile_inventory_is_bounded_logged_and_survived() {
+    build();
+    let work = Workdir::new();
+    // Duplicate uuids, a 100 KiB label value, a label name Prometheus refuses, 300 GPUs
+    // (more than max_gpus = 256).
+    let mut gpus: Vec<Gpu> = (0..300)
+        .map(|i| Gpu {
+            uuid: format!("GPU-{i:04}"),
+            gpu_id: format!("net-{i}"),
+            ..Gpu::default()
+        })
+        .collect();
+    gpus[1].uuid = "GPU-0000".into();
+    gpus[2].labels.insert("huge".into(), "x".repeat(100 * 1024));
+    gpus[3].labels.insert("bad-name".into(), "x".into());
+    let port = serve_hostile(gpus);
+    let agent = discovery_only_agent(&work, port);
+    let body = wait_for("the bounded inventory", Duration::from_secs(30), || {
+        let body = scrape(&agent);
+        (series_value(&body, "gpu_discovery_up") == Some(1.0)).then_some(body)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_eq!(series_value(&body, "gpu_discovery_gpus"), Some(256.0));
+    assert!(
+        body.lines().all(|l| l.len() < 2048),
+        "no huge label value served"
+    );
+    assert_eq!(
+        body.lines()
+            .filter(|l| l.starts_with("gpu_discovery_info{") && l.contains("uuid=\"GPU-0000\""))
+            .count(),
+        1
+    );
+    let log = agent.stderr();
+    for expected in [
+        "listed more than once",
+        "`huge` of 102400 bytes",
+        "\"bad-name\"",
+        "more than max_gpus",
+    ] {
+        assert!(log.contains(expected), "{expected}: {log}");
+    }
+
+    // An answer over max_message_bytes (4 MiB): refused by the decoder, reported, memory bounded.
+    let work2 = Workdir::new();
+    let giant: Vec<Gpu> = (0..64)
+        .map(|i| Gpu {
+            uuid: format!("GPU-{i}"),
+            model: "m".repeat(128 * 1024),
+            ..Gpu::default()
+        })
+        .collect();
+    let port = serve_hostile(giant);
+    let agent = discovery_only_agent(&work2, port);
+    wait_for("the refusal", Duration::from_secs(30), || {
+        agent.stderr().contains("ListGpus").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let body = scrape(&agent);
+    assert_eq!(series_value(&body, "gpu_discovery_up"), Some(0.0), "{body}");
+    let log = agent.stderr();
+    assert!(
+        log.contains("message length too large") || log.contains("OutOfRange"),
+        "{log}"
+    );
+    assert!(
+        rss_kib(agent.pid()) < 200 * 1024,
+        "{} KiB",
+        rss_kib(agent.pid())
+    );
+}
