@@ -568,6 +568,31 @@ fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigEr
                 config: table,
             });
         }
+        // With no join configured, the discovery labels go onto the NVML collectors' series.
+        if config.enrich.is_empty() {
+            let gpus: Vec<String> = config
+                .collectors
+                .iter()
+                .filter(|c| c.plugin == "nvml")
+                .map(|c| c.name.clone())
+                .collect();
+            let info = config
+                .collectors
+                .iter()
+                .find(|c| c.plugin == "discovery")
+                .map(|c| c.name.clone());
+            if let (false, Some(info)) = (gpus.is_empty(), info) {
+                config.enrich.push(EnrichConfig {
+                    from: gpus,
+                    info,
+                    metric: default_enrich_metric(),
+                    on: default_enrich_on(),
+                    labels: Vec::new(),
+                    overwrite: false,
+                    max_age: default_enrich_max_age(),
+                });
+            }
+        }
     }
     if let Some(list) = env.var("TIMESERIES_BACKEND") {
         let wanted: Vec<String> = list
@@ -1098,6 +1123,13 @@ mod tests {
             .find(|c| c.plugin == "discovery")
             .unwrap();
         assert_eq!(d.config["endpoint"], "http://127.0.0.1:50051");
+        assert_eq!(
+            c.enrich.len(),
+            1,
+            "discovery labels joined onto the NVML series"
+        );
+        assert_eq!(c.enrich[0].from, ["gpu"]);
+        assert_eq!(c.enrich[0].info, "discovery");
 
         let c = parse_env(BUILTIN_DEFAULT, &[("TIMESERIES_BACKEND", "influxdb")]).unwrap();
         let plugins: Vec<_> = c.sinks.iter().map(|s| s.plugin.as_str()).collect();

@@ -143,8 +143,11 @@ struct Enricher {
     overwrite: bool,
     max_age: Duration,
     /// When the info collector last reported, and its labels by key value.
-    table: RwLock<Option<(Instant, HashMap<String, Vec<Label>>)>>,
+    table: RwLock<Option<(Instant, InfoTable)>>,
 }
+
+/// An info collector's labels by key value.
+type InfoTable = HashMap<String, Vec<Label>>;
 
 impl Enricher {
     fn new(c: &EnrichConfig) -> Self {
@@ -163,7 +166,7 @@ impl Enricher {
     /// Takes the info series of a batch of the info collector: a batch without them empties
     /// the table (its collector knows nothing now, e.g. its service is away).
     fn learn(&self, batch: &Batch) {
-        let mut table: HashMap<String, Vec<Label>> = HashMap::new();
+        let mut table = InfoTable::new();
         if let Some(family) = batch
             .families
             .iter()
@@ -690,7 +693,7 @@ mod tests {
 
     #[test]
     fn enrich_config_errors_name_the_key() {
-        let bad = format!("{ENRICH}").replace("info = \"disc\"", "info = \"dsic\"");
+        let bad = ENRICH.replace("info = \"disc\"", "info = \"dsic\"");
         let e = from_toml_with_env(
             &bad,
             &ConfigSource::File("t.toml".into()),
