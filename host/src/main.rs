@@ -35,6 +35,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the running agent's health listener (`http.health_listen`, plain HTTP) for
+    /// `/health`: exit 0 when it answers 200 (ok or degraded), 1 otherwise. For container
+    /// health checks, where no HTTP client is installed.
+    Health,
     /// Collect from every collector once and print the samples.
     Once {
         /// Output format.
@@ -156,9 +160,49 @@ fn check(loaded: &LoadedConfig, set: &PluginSet) -> Result<(), ExitError> {
     }
 }
 
+/// `metricsd health`: GET /health on the configured health listener.
+fn health(config: &config::Config) -> Result<(), ExitError> {
+    use std::io::{Read as _, Write as _};
+    let fail = |message: String| ExitError { code: 1, message };
+    let addr = config
+        .http
+        .health_addr()
+        .map_err(|e| fail(e.to_string()))?
+        .ok_or_else(|| fail("the health listener is off (http.health_listen = \"\")".into()))?;
+    // A wildcard listen address is reached on loopback.
+    let target = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    let timeout = std::time::Duration::from_secs(5);
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)
+        .map_err(|e| fail(format!("cannot reach the health listener at {target}: {e}")))?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    stream
+        .write_all(format!("GET /health HTTP/1.0\r\nHost: {target}\r\n\r\n").as_bytes())
+        .map_err(|e| fail(format!("{target}: {e}")))?;
+    let mut answer = String::new();
+    let _ = stream.take(64 * 1024).read_to_string(&mut answer);
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok());
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    println!("{body}");
+    match status {
+        Some(200) => Ok(()),
+        Some(code) => Err(fail(format!("/health answered {code}"))),
+        None => Err(fail(format!("{target} did not answer HTTP"))),
+    }
+}
+
 fn main_inner(cli: Cli) -> Result<(), ExitError> {
     let loaded = load_config(&cli)?;
     let command = cli.command.unwrap_or(Command::Run);
+    if matches!(command, Command::Health) {
+        return health(&loaded.config);
+    }
     let quiet = !matches!(command, Command::Run);
     init_logging(&loaded.config, if quiet { "warn" } else { "info" });
     if quiet && std::env::var_os("LOG_LEVEL").is_none() && loaded.config.agent.log_level == "info" {
@@ -177,6 +221,7 @@ fn main_inner(cli: Cli) -> Result<(), ExitError> {
     };
     match command {
         Command::Plugins { json } => print_plugins(&plugins, json),
+        Command::Health => health(&loaded.config),
         Command::Check => check(&loaded, &plugins),
         Command::Once { format } => {
             let format = match format {

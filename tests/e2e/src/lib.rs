@@ -116,11 +116,27 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// A free TCP port on 127.0.0.1.
+///
+/// Ports come from 20000–32767, below Linux's ephemeral range (32768–60999), so that an
+/// outgoing connection of another test cannot take the port between this call and the bind of
+/// the process it is for; a port is handed out once per test process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::hash::{BuildHasher as _, Hasher as _};
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..10_000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(handed.len());
+        let port = 20_000 + (h.finish() % 12_768) as u16;
+        if handed.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed.push(port);
+            return port;
+        }
+    }
+    panic!("no free port in 20000-32767")
 }
 
 /// Waits until `f` returns `Some`, polling every 50 ms, up to `deadline`.
