@@ -43,6 +43,12 @@ struct Args {
     /// The node id served (default: the file's `node_id`).
     #[arg(long)]
     node_id: Option<String>,
+    /// PEM certificate (chain) to serve TLS with; needs `--tls-key`.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// How often the inventory file is checked for changes.
     #[arg(long, default_value = "500ms", value_parser = humantime_duration)]
     poll_interval: Duration,
@@ -366,9 +372,14 @@ async fn main() -> Result<()> {
     };
     let (node_id, gpus) = build_inventory(&args, nvml.as_deref())?;
     tracing::info!(
-        "serving {} GPU(s) of node {node_id:?} on {}",
+        "serving {} GPU(s) of node {node_id:?} on {}{}",
         gpus.len(),
-        args.listen
+        args.listen,
+        if args.tls_cert.is_some() {
+            " (TLS)"
+        } else {
+            ""
+        }
     );
     let served = Arc::new(RwLock::new(Served {
         node_id,
@@ -385,7 +396,19 @@ async fn main() -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let cert =
+            std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+        let key = std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?;
+        server = server
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(cert, key)),
+            )
+            .context("TLS configuration")?;
+    }
+    server
         .add_service(GpuDiscoveryServer::new(Server { served, events }))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

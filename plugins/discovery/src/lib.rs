@@ -401,13 +401,22 @@ fn status_text(status: &tonic::Status) -> String {
     format!("{:?}: {message}", status.code())
 }
 
+/// An error and its sources, each text once, with a hint for an untrusted certificate.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
         source = s.source();
+    }
+    if text.contains("UnknownIssuer") {
+        text.push_str(
+            " (the server's certificate is not signed by a trusted CA: set `tls_ca_file` to the CA that signed it)",
+        );
     }
     text
 }

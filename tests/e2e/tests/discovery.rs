@@ -41,15 +41,27 @@ struct DiscoveryServer {
     port: u16,
     inventory: PathBuf,
     log: PathBuf,
+    /// `--tls-cert` and `--tls-key`.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl DiscoveryServer {
     fn start(work: &Workdir, port: u16, inventory: &Path) -> Self {
+        Self::start_tls(work, port, inventory, None)
+    }
+
+    fn start_tls(
+        work: &Workdir,
+        port: u16,
+        inventory: &Path,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> Self {
         let mut server = Self {
             child: None,
             port,
             inventory: inventory.to_path_buf(),
             log: work.path("discovery-server.log"),
+            tls,
         };
         server.spawn();
         server
@@ -62,7 +74,11 @@ impl DiscoveryServer {
             .append(true)
             .open(&self.log)
             .expect("log");
-        let child = Command::new(dir.join("discovery-server"))
+        let mut cmd = Command::new(dir.join("discovery-server"));
+        if let Some((cert, key)) = &self.tls {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+        let child = cmd
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--inventory")
@@ -108,6 +124,11 @@ impl Drop for DiscoveryServer {
 }
 
 fn agent_config(discovery_port: u16) -> String {
+    agent_config_to(&format!("127.0.0.1:{discovery_port}"), "")
+}
+
+/// The agent's config with the discovery collector at `endpoint` and `extra` discovery keys.
+fn agent_config_to(endpoint: &str, extra: &str) -> String {
     let dir = build();
     format!(
         r#"[agent]
@@ -128,8 +149,9 @@ library_path = "{sim}"
 name = "discovery"
 plugin = "discovery"
 [collectors.config]
-endpoint = "127.0.0.1:{discovery_port}"
+endpoint = "{endpoint}"
 max_backoff = "1s"
+{extra}
 [[sinks]]
 name = "prom"
 plugin = "prometheus"
@@ -284,6 +306,69 @@ fn gpu_series_carry_the_inventory_labels_follow_changes_and_fall_back_when_the_s
     let (_, health) = agent.get_health("/health").expect("health");
     let health: serde_json::Value = serde_json::from_str(&health).expect("json");
     assert_eq!(health["instances"]["discovery"]["state"], "ok", "{health}");
+}
+
+#[test]
+fn discovery_over_tls_with_a_private_ca() {
+    build();
+    let work = Workdir::new();
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("certificate");
+    let ca_path = work.write("tls/ca.pem", ca.pem());
+    let tls = (
+        work.write("tls/server.pem", cert.pem()),
+        work.write("tls/server.key", key.serialize_pem()),
+    );
+    let port = free_port();
+    let inventory = work.write("inventory.toml", inventory_text("idle"));
+    let server = DiscoveryServer::start_tls(&work, port, &inventory, Some(tls));
+    let config = agent_config_to(
+        &format!("https://localhost:{port}"),
+        &format!("tls_ca_file = \"{}\"", ca_path.display()),
+    );
+    let mut agent = Agent::start(
+        &work,
+        &config,
+        &[("NVML_SIM_SCENARIO", scenario().as_str())],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for("enriched series over TLS", Duration::from_secs(30), || {
+        gpu_line(&scrape(&agent), "gpu_temperature_celsius", "1")
+            .filter(|l| l.contains("gpu_id=\"net-gpu-1\""))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", agent.stderr(), server.log()));
+    // Without the CA the server's certificate is refused, and that is what the log says.
+    let work2 = Workdir::new();
+    let config = agent_config_to(&format!("https://localhost:{port}"), "");
+    let mut untrusting = Agent::start(
+        &work2,
+        &config,
+        &[("NVML_SIM_SCENARIO", scenario().as_str())],
+    )
+    .expect("start");
+    untrusting.wait_ready().expect("ready");
+    wait_for("a refused certificate", Duration::from_secs(30), || {
+        let log = untrusting.stderr();
+        (log.contains("GPU discovery unavailable") && log.to_lowercase().contains("certificate"))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", untrusting.stderr()));
+    assert_eq!(series_value(&scrape(&untrusting), UP), Some(0.0));
+    let log = untrusting.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("GPU discovery unavailable"))
+        .unwrap_or_default();
+    assert!(line.contains("set `tls_ca_file`"), "{line}");
+    assert_eq!(line.matches("UnknownIssuer").count(), 1, "{line}");
 }
 
 /// A discovery service that answers with what a test sets.
