@@ -407,6 +407,16 @@ impl Drop for Agent {
     }
 }
 
+/// A process's resident memory (`VmRSS` of `/proc/PID/status`) in KiB; 0 when it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The value of `series` (exact text up to the value) in Prometheus text.
 pub fn series_value(body: &str, series: &str) -> Option<f64> {
     body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {

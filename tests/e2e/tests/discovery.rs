@@ -13,7 +13,9 @@ use metricsd_discovery_proto::{
     Gpu, GpuDiscovery, GpuDiscoveryServer, GpuEvent, ListGpusRequest, ListGpusResponse,
     WatchGpusRequest,
 };
-use metricsd_e2e::{build, free_port, http_get, root, series_value, wait_for, Agent, Workdir};
+use metricsd_e2e::{
+    build, free_port, http_get, root, rss_kib, series_value, wait_for, Agent, Workdir,
+};
 
 fn scenario() -> String {
     root()
@@ -433,15 +435,6 @@ fn discovery_only_agent(work: &Workdir, port: u16) -> Agent {
     let mut agent = Agent::start(work, &config, &[]).expect("start");
     agent.wait_ready().expect("ready");
     agent
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]

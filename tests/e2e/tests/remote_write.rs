@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use metricsd_e2e::servers::VictoriaMetrics;
-use metricsd_e2e::{build, json_lines, root, scripted, wait_for, Agent, Workdir};
+use metricsd_e2e::{build, json_lines, root, rss_kib, scripted, wait_for, Agent, Workdir};
 use metricsd_prompb::{MetricMetadata, MetricType, WriteRequest};
 use prost::Message as _;
 use serde_json::Value;
@@ -216,14 +216,11 @@ fn calls_stored(vm: &VictoriaMetrics) -> Vec<i64> {
     calls
 }
 
-#[test]
-fn an_outage_is_filled_from_the_buffer_when_the_server_returns() {
-    build();
-    let work = Workdir::new();
-    let mut vm = VictoriaMetrics::start(&work).expect("victoria-metrics");
-    let collectors = "[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\n";
+/// An agent with `collectors` (a testkit one among them) every 200 ms into `vm`, once `calls`
+/// of its collections are stored.
+fn testkit_into(work: &Workdir, vm: &VictoriaMetrics, collectors: &str, calls: usize) -> Agent {
     let mut agent = Agent::start(
-        &work,
+        work,
         &config(
             "200ms",
             "node_id = \"n1\"",
@@ -234,10 +231,26 @@ fn an_outage_is_filled_from_the_buffer_when_the_server_returns() {
     )
     .expect("start");
     agent.wait_ready().expect("ready");
-    wait_for("calls before the outage", Duration::from_secs(30), || {
-        (calls_stored(&vm).len() >= 5).then_some(())
-    })
+    wait_for(
+        &format!("{calls} calls stored"),
+        Duration::from_secs(30),
+        || (calls_stored(vm).len() >= calls).then_some(()),
+    )
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    agent
+}
+
+#[test]
+fn an_outage_is_filled_from_the_buffer_when_the_server_returns() {
+    build();
+    let work = Workdir::new();
+    let mut vm = VictoriaMetrics::start(&work).expect("victoria-metrics");
+    let agent = testkit_into(
+        &work,
+        &vm,
+        "[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\n",
+        5,
+    );
     vm.stop();
     let stopped = Instant::now();
     wait_for("failed writes", Duration::from_secs(20), || {
@@ -286,22 +299,7 @@ fn samples_a_receiver_refuses_are_dropped_alone_and_counted() {
     // refused by the encoder, counted as invalid; the collector's other samples are written.
     let collectors =
         "[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\n[collectors.config]\nlabels = { __reserved = \"x\" }\n";
-    let mut agent = Agent::start(
-        &work,
-        &config(
-            "200ms",
-            "node_id = \"n1\"",
-            collectors,
-            &remote_write_sink(&vm.write_url(), ""),
-        ),
-        &[],
-    )
-    .expect("start");
-    agent.wait_ready().expect("ready");
-    wait_for("calls stored", Duration::from_secs(30), || {
-        (calls_stored(&vm).len() >= 3).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let agent = testkit_into(&work, &vm, collectors, 3);
     let invalid = agent
         .stat("metricsd_sink_dropped_samples_total{reason=\"invalid\",sink=\"vm\"}")
         .unwrap_or(0.0);
@@ -325,16 +323,6 @@ fn cpu_ticks(pid: u32) -> u64 {
     let utime: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0);
     let stime: u64 = fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
     utime + stime
-}
-
-/// /proc/<pid>/status VmRSS in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Number of agents, and how long they push (`METRICSD_FLEET_AGENTS`, `METRICSD_FLEET_SECS`

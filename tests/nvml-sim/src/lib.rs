@@ -1528,10 +1528,10 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
     let Ok(s) = sim() else { return UNINITIALIZED };
     let deadline = Instant::now() + Duration::from_millis(u64::from(timeout_ms));
     loop {
-        let t = s.start.elapsed().as_secs_f64();
-        let due = {
+        // The earliest event not delivered yet: delivered now if it is due, else slept for.
+        let next = {
             let mut delivered = DELIVERED.lock().unwrap_or_else(|p| p.into_inner());
-            let next = s
+            let earliest = s
                 .gpus
                 .iter()
                 .enumerate()
@@ -1541,51 +1541,44 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
                         .enumerate()
                         .map(move |(e, x)| (g, e, x))
                 })
-                .filter(|(g, e, x)| x.at_s <= t && !delivered.contains(&(*g, *e)))
-                .min_by(|a, b| a.2.at_s.total_cmp(&b.2.at_s));
-            if let Some((g, e, _)) = next {
-                delivered.push((g, e));
-            }
-            next
-        };
-        if let Some((g, _, x)) = due {
-            let event = nvmlEventData_t {
-                device: (g + 1) as nvmlDevice_t,
-                eventType: c_ulonglong::from(nvmlEventTypeXidCriticalError),
-                eventData: x.xid,
-                gpuInstanceId: u32::MAX,
-                computeInstanceId: u32::MAX,
-            };
-            // SAFETY: caller's out pointer.
-            unsafe { put(data, event) };
-            return SUCCESS;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return nvmlReturn_enum_NVML_ERROR_TIMEOUT;
-        }
-        // Sleep until the next scheduled event or the deadline, like the real call blocks.
-        let next_event = {
-            let delivered = DELIVERED.lock().unwrap_or_else(|p| p.into_inner());
-            s.gpus
-                .iter()
-                .enumerate()
-                .flat_map(|(g, gpu)| {
-                    gpu.xid_events
-                        .iter()
-                        .enumerate()
-                        .map(move |(e, x)| (g, e, x.at_s))
-                })
                 .filter(|(g, e, _)| !delivered.contains(&(*g, *e)))
-                .map(|(_, _, at)| s.start + Duration::from_secs_f64(at.max(0.0)))
-                .min()
+                .min_by(|a, b| a.2.at_s.total_cmp(&b.2.at_s));
+            match earliest {
+                Some((g, e, x)) if x.at_s <= s.start.elapsed().as_secs_f64() => {
+                    delivered.push((g, e));
+                    Ok((g, x))
+                }
+                Some((_, _, x)) => Err(Some(s.start + Duration::from_secs_f64(x.at_s.max(0.0)))),
+                None => Err(None),
+            }
         };
-        let until = next_event.map_or(deadline, |at| at.min(deadline));
-        std::thread::sleep(
-            until
-                .saturating_duration_since(now)
-                .max(Duration::from_millis(1)),
-        );
+        match next {
+            Ok((g, x)) => {
+                let event = nvmlEventData_t {
+                    device: (g + 1) as nvmlDevice_t,
+                    eventType: c_ulonglong::from(nvmlEventTypeXidCriticalError),
+                    eventData: x.xid,
+                    gpuInstanceId: u32::MAX,
+                    computeInstanceId: u32::MAX,
+                };
+                // SAFETY: caller's out pointer.
+                unsafe { put(data, event) };
+                return SUCCESS;
+            }
+            Err(next_event) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return nvmlReturn_enum_NVML_ERROR_TIMEOUT;
+                }
+                // Sleep until the next scheduled event or the deadline, as the real call blocks.
+                let until = next_event.map_or(deadline, |at| at.min(deadline));
+                std::thread::sleep(
+                    until
+                        .saturating_duration_since(now)
+                        .max(Duration::from_millis(1)),
+                );
+            }
+        }
     }
 }
 
