@@ -95,6 +95,9 @@ pub struct EnrichConfig {
     /// The labels copied (all of the info series' labels but `on` when empty).
     #[serde(default)]
     pub labels: Vec<String>,
+    /// Labels never copied (applied after `labels`).
+    #[serde(default)]
+    pub exclude: Vec<String>,
     /// Replace a label the series already has (by default the series keeps its own).
     #[serde(default)]
     pub overwrite: bool,
@@ -588,6 +591,8 @@ fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigEr
                     metric: default_enrich_metric(),
                     on: default_enrich_on(),
                     labels: Vec::new(),
+                    // NVML's series already carry the GPU's index, name and PCI bus id.
+                    exclude: ["index", "model", "pci_bus_id"].map(String::from).to_vec(),
                     overwrite: false,
                     max_age: default_enrich_max_age(),
                 });
@@ -850,12 +855,20 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
                 format!("`{}` is not a valid metric name", e.metric),
             ));
         }
-        for (key, name) in std::iter::once((format!("enrich[{i}].on"), &e.on)).chain(
-            e.labels
-                .iter()
-                .enumerate()
-                .map(|(j, l)| (format!("enrich[{i}].labels[{j}]"), l)),
-        ) {
+        for (key, name) in std::iter::once((format!("enrich[{i}].on"), &e.on))
+            .chain(
+                e.labels
+                    .iter()
+                    .enumerate()
+                    .map(|(j, l)| (format!("enrich[{i}].labels[{j}]"), l)),
+            )
+            .chain(
+                e.exclude
+                    .iter()
+                    .enumerate()
+                    .map(|(j, l)| (format!("enrich[{i}].exclude[{j}]"), l)),
+            )
+        {
             if !is_label_name(name) {
                 return Err(key_error(
                     key,
@@ -1130,6 +1143,7 @@ mod tests {
         );
         assert_eq!(c.enrich[0].from, ["gpu"]);
         assert_eq!(c.enrich[0].info, "discovery");
+        assert_eq!(c.enrich[0].exclude, ["index", "model", "pci_bus_id"]);
 
         let c = parse_env(BUILTIN_DEFAULT, &[("TIMESERIES_BACKEND", "influxdb")]).unwrap();
         let plugins: Vec<_> = c.sinks.iter().map(|s| s.plugin.as_str()).collect();

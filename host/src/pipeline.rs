@@ -140,6 +140,7 @@ struct Enricher {
     metric: String,
     on: String,
     labels: Vec<String>,
+    exclude: Vec<String>,
     overwrite: bool,
     max_age: Duration,
     /// When the info collector last reported, and its labels by key value.
@@ -157,6 +158,7 @@ impl Enricher {
             metric: c.metric.clone(),
             on: c.on.clone(),
             labels: c.labels.clone(),
+            exclude: c.exclude.clone(),
             overwrite: c.overwrite,
             max_age: c.max_age,
             table: RwLock::new(None),
@@ -185,6 +187,7 @@ impl Enricher {
                     .filter(|l| {
                         self.labels.is_empty() || self.labels.iter().any(|w| w == l.name.as_str())
                     })
+                    .filter(|l| !self.exclude.iter().any(|x| x == l.name.as_str()))
                     .cloned()
                     .collect();
                 // The first info series of a key wins.
@@ -689,6 +692,17 @@ mod tests {
             labels_of(&b, 0),
             ["gpu=0", "uuid=GPU-a", "model=H100", "gpu_id=net-1"]
         );
+    }
+
+    #[test]
+    fn enrich_leaves_out_excluded_labels() {
+        let text = format!("{ENRICH}exclude = [\"model\", \"rental\"]\n");
+        let (p, _) = pipeline(&text, &[]);
+        let mut d = discovery_batch(&[("GPU-b", "net-2", "idle")]);
+        p.prepare("disc", &mut d);
+        let mut b = nvml_batch();
+        p.prepare("gpu", &mut b);
+        assert_eq!(labels_of(&b, 2), ["gpu=1", "uuid=GPU-b", "gpu_id=net-2"]);
     }
 
     #[test]
