@@ -638,6 +638,15 @@ mod tests {
         b.finish()
     }
 
+    /// The NVML batch as prepared after the discovery collector reported `gpus`.
+    fn enriched_after(p: &Pipeline, gpus: &[(&str, &str, &str)]) -> Batch {
+        let mut d = discovery_batch(gpus);
+        p.prepare("disc", &mut d);
+        let mut b = nvml_batch();
+        p.prepare("gpu", &mut b);
+        b
+    }
+
     const ENRICH: &str = "[[collectors]]\nname = \"gpu\"\nplugin = \"nvml\"\n[[collectors]]\nname = \"disc\"\nplugin = \"discovery\"\n[[enrich]]\nfrom = [\"gpu\"]\ninfo = \"disc\"\n";
 
     #[test]
@@ -648,10 +657,7 @@ mod tests {
         p.prepare("gpu", &mut b);
         assert_eq!(labels_of(&b, 0), ["gpu=0", "uuid=GPU-a", "model=nvml's"]);
         // GPU-a is known; GPU-b is not and keeps its own labels.
-        let mut d = discovery_batch(&[("GPU-a", "net-1", "idle")]);
-        p.prepare("disc", &mut d);
-        let mut b = nvml_batch();
-        p.prepare("gpu", &mut b);
+        let b = enriched_after(&p, &[("GPU-a", "net-1", "idle")]);
         assert_eq!(
             labels_of(&b, 0),
             [
@@ -666,17 +672,14 @@ mod tests {
         assert_eq!(labels_of(&b, 1), labels_of(&b, 0), "the set is shared");
         assert_eq!(labels_of(&b, 2), ["gpu=1", "uuid=GPU-b"]);
         // A change pushed by the service shows at the next batch.
-        let mut d = discovery_batch(&[("GPU-a", "net-1", "rented"), ("GPU-b", "net-2", "idle")]);
-        p.prepare("disc", &mut d);
-        let mut b = nvml_batch();
-        p.prepare("gpu", &mut b);
+        let b = enriched_after(
+            &p,
+            &[("GPU-a", "net-1", "rented"), ("GPU-b", "net-2", "idle")],
+        );
         assert!(labels_of(&b, 0).contains(&"rental=rented".to_string()));
         assert!(labels_of(&b, 2).contains(&"gpu_id=net-2".to_string()));
         // The service is away: the discovery collector reports no info, NVML labels only.
-        let mut d = discovery_batch(&[]);
-        p.prepare("disc", &mut d);
-        let mut b = nvml_batch();
-        p.prepare("gpu", &mut b);
+        let b = enriched_after(&p, &[]);
         assert_eq!(labels_of(&b, 0), ["gpu=0", "uuid=GPU-a", "model=nvml's"]);
     }
 
@@ -684,10 +687,7 @@ mod tests {
     fn enrich_copies_the_chosen_labels_and_can_overwrite() {
         let text = format!("{ENRICH}labels = [\"model\", \"gpu_id\"]\noverwrite = true\n");
         let (p, _) = pipeline(&text, &[]);
-        let mut d = discovery_batch(&[("GPU-a", "net-1", "idle")]);
-        p.prepare("disc", &mut d);
-        let mut b = nvml_batch();
-        p.prepare("gpu", &mut b);
+        let b = enriched_after(&p, &[("GPU-a", "net-1", "idle")]);
         assert_eq!(
             labels_of(&b, 0),
             ["gpu=0", "uuid=GPU-a", "model=H100", "gpu_id=net-1"]
@@ -698,10 +698,7 @@ mod tests {
     fn enrich_leaves_out_excluded_labels() {
         let text = format!("{ENRICH}exclude = [\"model\", \"rental\"]\n");
         let (p, _) = pipeline(&text, &[]);
-        let mut d = discovery_batch(&[("GPU-b", "net-2", "idle")]);
-        p.prepare("disc", &mut d);
-        let mut b = nvml_batch();
-        p.prepare("gpu", &mut b);
+        let b = enriched_after(&p, &[("GPU-b", "net-2", "idle")]);
         assert_eq!(labels_of(&b, 2), ["gpu=1", "uuid=GPU-b", "gpu_id=net-2"]);
     }
 

@@ -147,6 +147,17 @@ pub fn body_text(response: &mut ureq::http::Response<ureq::Body>) -> String {
         .unwrap_or_default()
 }
 
+/// A server's error body as a message for the log: trimmed, at most 500 characters,
+/// `(no message)` when empty.
+pub fn plain_message(body: &str) -> String {
+    let trimmed = body.trim();
+    if trimmed.is_empty() {
+        "(no message)".to_string()
+    } else {
+        trimmed.chars().take(500).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +200,13 @@ mod tests {
             basic_auth("Aladdin", "open sesame"),
             "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
         );
+    }
+
+    #[test]
+    fn messages_are_trimmed_and_bounded() {
+        assert_eq!(plain_message("  \n"), "(no message)");
+        assert_eq!(plain_message(" out of order \n"), "out of order");
+        assert_eq!(plain_message(&"x".repeat(900)).len(), 500);
     }
 
     #[test]

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metricsd_sink_common::{
-    basic_auth, body_text, check_url, http_agent, retry_after_of, secret, ClientOptions,
+    basic_auth, body_text, check_url, http_agent, plain_message, retry_after_of, secret,
+    ClientOptions,
 };
 
 use metricsd_plugin_api::log::{report_dropped, DropReason};
@@ -482,12 +483,7 @@ fn server_message(body: &str) -> String {
             return e;
         }
     }
-    let trimmed = body.trim();
-    if trimmed.is_empty() {
-        "(no message)".to_string()
-    } else {
-        trimmed.chars().take(500).collect()
-    }
+    plain_message(body)
 }
 
 /// `dropped=N` of an InfluxDB partial-write message.

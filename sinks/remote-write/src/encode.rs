@@ -204,24 +204,21 @@ pub fn encode(batch: &Batch, now_ms: i64) -> Encoded {
         .enumerate()
         .map(|(i, f)| *first_of_name.entry(f.name.as_str()).or_insert(i as u32))
         .collect();
-    // Label sets, encoded once and deduplicated: a merged batch repeats each set per
-    // collection. `canonical[i]` is label set i's index into `sets`.
-    let mut sets: Vec<EncodedLabels> = Vec::new();
-    let mut by_bytes: HashMap<Vec<u8>, u32> = HashMap::new();
-    let canonical: Vec<Result<u32, String>> = batch
+    // Label sets, each encoded once. A merged batch repeats each set per collection: equal
+    // encodings share the index of the first (`canonical[i]`, into `sets`), so that one
+    // series' samples of several collections become one `TimeSeries`.
+    let sets: Vec<Result<EncodedLabels, String>> = batch
         .label_sets
         .iter()
-        .map(|own| {
-            let encoded = encode_labels(own, &batch.common_labels)?;
-            Ok(match by_bytes.get(&encoded.bytes) {
-                Some(&i) => i,
-                None => {
-                    let i = sets.len() as u32;
-                    by_bytes.insert(encoded.bytes.clone(), i);
-                    sets.push(encoded);
-                    i
-                }
-            })
+        .map(|own| encode_labels(own, &batch.common_labels))
+        .collect();
+    let mut first_of_bytes: HashMap<&[u8], u32> = HashMap::with_capacity(sets.len());
+    let canonical: Vec<Result<u32, &String>> = sets
+        .iter()
+        .enumerate()
+        .map(|(i, set)| match set {
+            Ok(l) => Ok(*first_of_bytes.entry(l.bytes.as_slice()).or_insert(i as u32)),
+            Err(why) => Err(why),
         })
         .collect();
     // Each sample's series (family, canonical label set), numbered in order of first use.
@@ -247,7 +244,7 @@ pub fn encode(batch: &Batch, now_ms: i64) -> Encoded {
         let set = match canonical.get(s.labels as usize) {
             Some(Ok(set)) => *set,
             Some(Err(why)) => {
-                enc.skip(1, || why.clone());
+                enc.skip(1, || why.to_string());
                 continue;
             }
             None => {
@@ -277,7 +274,11 @@ pub fn encode(batch: &Batch, now_ms: i64) -> Encoded {
         let end = at + points[at..].iter().take_while(|p| p.0 == series).count();
         let (family, set) = series_keys[series as usize];
         let name = batch.families[family as usize].name.as_str();
-        let labels = &sets[set as usize];
+        // A canonical index always names a set that encoded.
+        let Some(Ok(labels)) = sets.get(set as usize) else {
+            at = end;
+            continue;
+        };
         let name_label = label_len("__name__", name);
         let samples_len: usize = points[at..end].iter().map(|p| sample_field_len(p.1)).sum();
         let ts_len = labels.bytes.len()

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use metricsd_plugin_api::log::{report_dropped, DropReason};
 use metricsd_plugin_api::{export_plugin, Batch, Context, Error, Result, Sink};
 use metricsd_sink_common::{
-    basic_auth, body_text, check_url, http_agent, retry_after_of, secret, ClientOptions,
+    basic_auth, body_text, check_url, http_agent, plain_message, retry_after_of, secret,
+    ClientOptions,
 };
 use serde::Deserialize;
 
@@ -220,8 +221,15 @@ impl RemoteWriteSink {
             .iter()
             .filter_map(|f| metadata(batch, *f))
             .collect();
-        let body = write_request(enc, from, to, &metadata);
-        match self.post(&body)? {
+        // Without metadata the request is the series' bytes as they are: no copy.
+        let with_metadata;
+        let request = if metadata.is_empty() {
+            enc.slice(from, to)
+        } else {
+            with_metadata = write_request(enc, from, to, &metadata);
+            &with_metadata[..]
+        };
+        match self.post(request)? {
             Sent::Ok => {
                 if !metadata.is_empty() {
                     let now = Instant::now();
@@ -296,7 +304,7 @@ impl RemoteWriteSink {
             return Ok(Sent::Ok);
         }
         let retry_after = retry_after_of(&response);
-        let message = server_message(&body_text(&mut response));
+        let message = plain_message(&body_text(&mut response));
         let code = status.as_u16();
         let phrase = status.canonical_reason().unwrap_or("an error");
         match code {
@@ -324,16 +332,6 @@ impl RemoteWriteSink {
                 "the server refused the samples as {phrase} (HTTP {code}): {message}"
             ))),
         }
-    }
-}
-
-/// The server's error text, trimmed and cut to 500 characters.
-fn server_message(body: &str) -> String {
-    let trimmed = body.trim();
-    if trimmed.is_empty() {
-        "(no message)".to_string()
-    } else {
-        trimmed.chars().take(500).collect()
     }
 }
 

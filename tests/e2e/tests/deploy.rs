@@ -123,6 +123,16 @@ fn every_alert_has_for_severity_text_and_a_firing_and_a_quiet_unit_test() {
     }
 }
 
+/// PromQL modifiers followed by a list of label names.
+const GROUPING: &[&str] = &[
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+];
+
 /// PromQL words that are not metric names.
 const PROMQL_WORDS: &[&str] = &[
     "sum",
@@ -139,12 +149,6 @@ const PROMQL_WORDS: &[&str] = &[
     "and",
     "or",
     "unless",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
     "vector",
     "bool",
     "offset",
@@ -195,16 +199,7 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
             i += 1;
         }
         let word: String = chars[start..i].iter().collect();
-        if [
-            "by",
-            "without",
-            "on",
-            "ignoring",
-            "group_left",
-            "group_right",
-        ]
-        .contains(&word.as_str())
-        {
+        if GROUPING.contains(&word.as_str()) {
             let mut j = i;
             while j < chars.len() && chars[j].is_whitespace() {
                 j += 1;
