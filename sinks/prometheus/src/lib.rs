@@ -5,14 +5,16 @@
 //! once per change and cached (gzip variants too). Series that their collector stops reporting
 //! are removed after `stale_after`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write as _;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
+use hashbrown::HashMap;
 use metricsd_plugin_api::exposition::{
     push_help, push_help_openmetrics, push_label_value, push_value,
 };
@@ -65,19 +67,94 @@ fn default_max_series() -> usize {
     1_000_000
 }
 
-/// Sorted label pairs: the identity of a series within its family.
-type LabelKey = Arc<[(Box<str>, Box<str>)]>;
+/// A series' labels as they are written between the braces (`a="x",b="y"`: sorted by name,
+/// values escaped): the identity of a series within its family, and what rendering copies.
+type LabelKey = Arc<str>;
 
-struct SeriesState {
+struct Series {
+    labels: LabelKey,
     value: f64,
     seen: Instant,
 }
+
+/// Index of the text format and of OpenMetrics in [`FamilyState::parts`].
+const TEXT: usize = 0;
+const OPENMETRICS: usize = 1;
 
 struct FamilyState {
     help: String,
     unit: String,
     kind: MetricKind,
-    series: HashMap<LabelKey, SeriesState>,
+    /// The series; in label order while `sorted`.
+    series: Vec<Series>,
+    /// Position of each series in `series`.
+    index: HashMap<LabelKey, usize>,
+    sorted: bool,
+    /// This family's lines in the text format and in OpenMetrics, kept until the family
+    /// changes: a write re-renders only the families it changed.
+    parts: [Option<Vec<u8>>; 2],
+}
+
+impl FamilyState {
+    fn new(help: &str, unit: &str, kind: MetricKind) -> Self {
+        FamilyState {
+            help: help.to_string(),
+            unit: unit.to_string(),
+            kind,
+            series: Vec::new(),
+            index: HashMap::new(),
+            sorted: true,
+            parts: [None, None],
+        }
+    }
+
+    fn changed(&mut self) {
+        self.parts = [None, None];
+    }
+
+    /// Puts the series in label order (after new ones were added) and indexes them again.
+    fn sort(&mut self) {
+        if self.sorted {
+            return;
+        }
+        self.series.sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
+        self.reindex();
+        self.sorted = true;
+    }
+
+    fn reindex(&mut self) {
+        self.index.clear();
+        for (i, s) in self.series.iter().enumerate() {
+            self.index.insert(Arc::clone(&s.labels), i);
+        }
+    }
+
+    /// Removes series not seen within `stale_after`; how many went.
+    fn sweep(&mut self, now: Instant, stale_after: Duration) -> usize {
+        let before = self.series.len();
+        self.series
+            .retain(|s| now.duration_since(s.seen) <= stale_after);
+        let removed = before - self.series.len();
+        if removed > 0 {
+            self.reindex();
+            self.changed();
+        }
+        removed
+    }
+
+    /// This family's lines in one format, rendered if the family changed since.
+    fn part(&mut self, name: &str, format: usize) -> &[u8] {
+        self.sort();
+        if self.parts[format].is_none() {
+            let part = if format == OPENMETRICS {
+                render_openmetrics(name, self)
+            } else {
+                render_text(name, self)
+            };
+            self.parts[format] = Some(part);
+        }
+        self.parts[format].as_deref().unwrap_or_default()
+    }
 }
 
 /// The four bodies of one state. Each write renders the variants scrapers have asked for, so
@@ -104,12 +181,22 @@ struct Store {
 }
 
 impl Store {
-    fn body(&self, variant: usize) -> Vec<u8> {
-        let raw = if variant >= 2 {
-            render_openmetrics(&self.families)
-        } else {
-            render_text(&self.families)
-        };
+    /// One variant of the exposition: the families' parts (re-rendered where they changed)
+    /// in name order.
+    fn body(&mut self, variant: usize) -> Vec<u8> {
+        let format = if variant >= 2 { OPENMETRICS } else { TEXT };
+        let len: usize = self
+            .families
+            .iter_mut()
+            .map(|(name, f)| f.part(name, format).len())
+            .sum();
+        let mut raw = Vec::with_capacity(len + 6);
+        for (name, f) in &mut self.families {
+            raw.extend_from_slice(f.part(name, format));
+        }
+        if format == OPENMETRICS {
+            raw.extend_from_slice(b"# EOF\n");
+        }
         if variant % 2 == 1 {
             gzip(&raw)
         } else {
@@ -120,8 +207,25 @@ impl Store {
     fn oldest_seen(&self) -> Option<Instant> {
         self.families
             .values()
-            .flat_map(|f| f.series.values().map(|s| s.seen))
+            .flat_map(|f| f.series.iter().map(|s| s.seen))
             .min()
+    }
+
+    /// Removes series not seen within `stale_after`; at most once a second.
+    fn sweep(&mut self, now: Instant, stale_after: Duration) {
+        if self
+            .last_sweep
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1).min(stale_after))
+        {
+            return;
+        }
+        self.last_sweep = Some(now);
+        let mut removed = 0;
+        self.families.retain(|_, f| {
+            removed += f.sweep(now, stale_after);
+            !f.series.is_empty()
+        });
+        self.series -= removed;
     }
 }
 
@@ -135,51 +239,38 @@ pub struct PrometheusSink {
     wanted: [AtomicBool; 4],
 }
 
-impl Store {
-    /// Removes series not seen within `stale_after`; at most once a second.
-    fn sweep(&mut self, now: Instant, stale_after: Duration) {
-        if self
-            .last_sweep
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1).min(stale_after))
-        {
-            return;
-        }
-        self.last_sweep = Some(now);
-        let mut removed = 0;
-        self.families.retain(|_, f| {
-            let before = f.series.len();
-            f.series
-                .retain(|_, s| now.duration_since(s.seen) <= stale_after);
-            removed += before - f.series.len();
-            !f.series.is_empty()
-        });
-        if removed > 0 {
-            self.series -= removed;
-        }
-    }
-}
-
-/// Effective labels of each label set of a batch (own + common), sorted by name.
-fn label_keys(batch: &Batch) -> Vec<LabelKey> {
-    batch
-        .label_sets
-        .iter()
-        .map(|own| {
-            let mut pairs: Vec<(Box<str>, Box<str>)> = own
+/// The key of each label set of a batch (own + common labels, each name once, sorted by name,
+/// written as between the braces): one string and the range of each set in it.
+fn label_sets(batch: &Batch) -> (String, Vec<Range<usize>>) {
+    let mut text = String::with_capacity(batch.label_sets.len() * 32);
+    let mut ranges = Vec::with_capacity(batch.label_sets.len());
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for own in batch.label_sets.iter() {
+        pairs.clear();
+        pairs.extend(own.iter().map(|l| (l.name.as_str(), l.value.as_str())));
+        pairs.extend(
+            batch
+                .common_labels
                 .iter()
-                .chain(
-                    batch
-                        .common_labels
-                        .iter()
-                        .filter(|c| !own.iter().any(|l| l.name == c.name)),
-                )
-                .map(|l| (Box::from(l.name.as_str()), Box::from(l.value.as_str())))
-                .collect();
-            pairs.sort_by(|a, b| a.0.cmp(&b.0));
-            pairs.dedup_by(|a, b| a.0 == b.0);
-            LabelKey::from(pairs)
-        })
-        .collect()
+                .filter(|c| !own.iter().any(|l| l.name == c.name))
+                .map(|l| (l.name.as_str(), l.value.as_str())),
+        );
+        pairs.sort_by(|a, b| a.0.cmp(b.0));
+        // A name given twice keeps its first value (own labels before common ones).
+        pairs.dedup_by(|a, b| a.0 == b.0);
+        let start = text.len();
+        for (i, (name, value)) in pairs.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(name);
+            text.push_str("=\"");
+            push_label_value(&mut text, value);
+            text.push('"');
+        }
+        ranges.push(start..text.len());
+    }
+    (text, ranges)
 }
 
 fn kinds_compatible(a: MetricKind, b: MetricKind) -> bool {
@@ -235,42 +326,30 @@ impl PrometheusSink {
     }
 }
 
-/// Renders the text format 0.0.4.
-fn render_text(families: &BTreeMap<String, FamilyState>) -> Vec<u8> {
-    let mut out = String::with_capacity(families.values().map(|f| f.series.len() * 64).sum());
-    for (name, f) in families {
-        out.push_str("# HELP ");
-        out.push_str(name);
-        out.push(' ');
-        push_help(&mut out, &f.help);
-        out.push_str("\n# TYPE ");
-        out.push_str(name);
-        out.push_str(match f.kind {
-            MetricKind::COUNTER => " counter\n",
-            MetricKind::GAUGE | MetricKind::INFO => " gauge\n",
-            _ => " untyped\n",
-        });
-        write_series(&mut out, name, f);
-    }
+/// One family in the text format 0.0.4.
+fn render_text(name: &str, f: &FamilyState) -> Vec<u8> {
+    let mut out = String::with_capacity(64 + f.series.len() * 64);
+    out.push_str("# HELP ");
+    out.push_str(name);
+    out.push(' ');
+    push_help(&mut out, &f.help);
+    out.push_str("\n# TYPE ");
+    out.push_str(name);
+    out.push_str(match f.kind {
+        MetricKind::COUNTER => " counter\n",
+        MetricKind::GAUGE | MetricKind::INFO => " gauge\n",
+        _ => " untyped\n",
+    });
+    write_series(&mut out, name, f);
     out.into_bytes()
 }
 
 fn write_series(out: &mut String, sample_name: &str, f: &FamilyState) {
-    let mut series: Vec<(&LabelKey, &SeriesState)> = f.series.iter().collect();
-    series.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    for (labels, s) in series {
+    for s in &f.series {
         out.push_str(sample_name);
-        if !labels.is_empty() {
+        if !s.labels.is_empty() {
             out.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(k);
-                out.push_str("=\"");
-                push_label_value(out, v);
-                out.push('"');
-            }
+            out.push_str(&s.labels);
             out.push('}');
         }
         out.push(' ');
@@ -279,43 +358,41 @@ fn write_series(out: &mut String, sample_name: &str, f: &FamilyState) {
     }
 }
 
-/// Renders OpenMetrics 1.0: counters are described without `_total` and sampled with it, info
-/// families without `_info` and sampled with it, `# UNIT` where the name ends in the unit.
-fn render_openmetrics(families: &BTreeMap<String, FamilyState>) -> Vec<u8> {
-    let mut out = String::with_capacity(families.values().map(|f| f.series.len() * 64).sum());
-    for (name, f) in families {
-        let (descriptor, sample_name, kind) = match f.kind {
-            MetricKind::COUNTER => match name.strip_suffix("_total") {
-                Some(base) => (base.to_string(), name.clone(), "counter"),
-                None => (name.clone(), format!("{name}_total"), "counter"),
-            },
-            MetricKind::INFO => match name.strip_suffix("_info") {
-                Some(base) => (base.to_string(), name.clone(), "info"),
-                None => (name.clone(), format!("{name}_info"), "info"),
-            },
-            MetricKind::GAUGE => (name.clone(), name.clone(), "gauge"),
-            _ => (name.clone(), name.clone(), "unknown"),
-        };
-        out.push_str("# TYPE ");
+/// One family in OpenMetrics 1.0: counters are described without `_total` and sampled with
+/// it, info families without `_info` and sampled with it, `# UNIT` where the name ends in the
+/// unit.
+fn render_openmetrics(name: &str, f: &FamilyState) -> Vec<u8> {
+    let mut out = String::with_capacity(96 + f.series.len() * 64);
+    let (descriptor, sample_name, kind) = match f.kind {
+        MetricKind::COUNTER => match name.strip_suffix("_total") {
+            Some(base) => (base.to_string(), name.to_string(), "counter"),
+            None => (name.to_string(), format!("{name}_total"), "counter"),
+        },
+        MetricKind::INFO => match name.strip_suffix("_info") {
+            Some(base) => (base.to_string(), name.to_string(), "info"),
+            None => (name.to_string(), format!("{name}_info"), "info"),
+        },
+        MetricKind::GAUGE => (name.to_string(), name.to_string(), "gauge"),
+        _ => (name.to_string(), name.to_string(), "unknown"),
+    };
+    out.push_str("# TYPE ");
+    out.push_str(&descriptor);
+    out.push(' ');
+    out.push_str(kind);
+    out.push('\n');
+    if !f.unit.is_empty() && descriptor.ends_with(&format!("_{}", f.unit)) {
+        out.push_str("# UNIT ");
         out.push_str(&descriptor);
         out.push(' ');
-        out.push_str(kind);
+        out.push_str(&f.unit);
         out.push('\n');
-        if !f.unit.is_empty() && descriptor.ends_with(&format!("_{}", f.unit)) {
-            out.push_str("# UNIT ");
-            out.push_str(&descriptor);
-            out.push(' ');
-            out.push_str(&f.unit);
-            out.push('\n');
-        }
-        out.push_str("# HELP ");
-        out.push_str(&descriptor);
-        out.push(' ');
-        push_help_openmetrics(&mut out, &f.help);
-        out.push('\n');
-        write_series(&mut out, &sample_name, f);
     }
-    out.push_str("# EOF\n");
+    out.push_str("# HELP ");
+    out.push_str(&descriptor);
+    out.push(' ');
+    push_help_openmetrics(&mut out, &f.help);
+    out.push('\n');
+    write_series(&mut out, &sample_name, f);
     out.into_bytes()
 }
 
@@ -374,7 +451,7 @@ impl Sink for PrometheusSink {
 
     fn write(&self, batch: &Batch) -> Result<()> {
         let now = Instant::now();
-        let keys = label_keys(batch);
+        let (keys, sets) = label_sets(batch);
         let mut guard = self.lock()?;
         let store = &mut *guard;
         store.sweep(now, self.config.stale_after);
@@ -397,18 +474,14 @@ impl Sink for PrometheusSink {
                 Some(existing) => {
                     if existing.help.is_empty() && !family.help.is_empty() {
                         existing.help = family.help.to_string();
+                        existing.changed();
                     }
                     true
                 }
                 None => {
                     store.families.insert(
                         name.to_string(),
-                        FamilyState {
-                            help: family.help.to_string(),
-                            unit: family.unit.to_string(),
-                            kind: family.kind,
-                            series: HashMap::new(),
-                        },
+                        FamilyState::new(&family.help, &family.unit, family.kind),
                     );
                     true
                 }
@@ -416,34 +489,49 @@ impl Sink for PrometheusSink {
             accept.push(ok);
         }
         let mut dropped_new = 0usize;
+        let (families, held) = (&mut store.families, &mut store.series);
+        // Samples of a family mostly come together: look the family up when it changes.
+        let mut current: Option<(u32, &mut FamilyState)> = None;
         for s in batch.samples.iter() {
-            let (Some(family), Some(key)) = (
+            let (Some(family), Some(range)) = (
                 batch.families.get(s.family as usize),
-                keys.get(s.labels as usize),
+                sets.get(s.labels as usize),
             ) else {
                 continue;
             };
             if !accept[s.family as usize] {
                 continue;
             }
-            let Some(state) = store.families.get_mut(family.name.as_str()) else {
+            if current.as_ref().is_none_or(|(id, _)| *id != s.family) {
+                current = families
+                    .get_mut(family.name.as_str())
+                    .map(|state| (s.family, state));
+            }
+            let Some((_, state)) = current.as_mut() else {
                 continue;
             };
-            match state.series.get_mut(&key[..]) {
-                Some(existing) => {
-                    existing.value = s.value;
+            let labels = &keys[range.clone()];
+            match state.index.get(labels) {
+                Some(&i) => {
+                    let existing = &mut state.series[i];
+                    if existing.value.to_bits() != s.value.to_bits() {
+                        existing.value = s.value;
+                        state.parts = [None, None];
+                    }
                     existing.seen = now;
                 }
-                None if store.series >= self.config.max_series => dropped_new += 1,
+                None if *held >= self.config.max_series => dropped_new += 1,
                 None => {
-                    state.series.insert(
-                        Arc::clone(key),
-                        SeriesState {
-                            value: s.value,
-                            seen: now,
-                        },
-                    );
-                    store.series += 1;
+                    let key = LabelKey::from(labels);
+                    state.index.insert(Arc::clone(&key), state.series.len());
+                    state.series.push(Series {
+                        labels: key,
+                        value: s.value,
+                        seen: now,
+                    });
+                    state.sorted = false;
+                    state.changed();
+                    *held += 1;
                 }
             }
         }
@@ -611,6 +699,64 @@ gpu_temperature_celsius{gpu=\"1\",node_id=\"n1\"} NaN
         assert!(get(&h, "").contains("gpu_info"));
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(get(&h, ""), "");
+    }
+
+    fn gauge_batch(family: &str, series: &[(&str, f64)]) -> Batch {
+        let mut b = BatchBuilder::new();
+        let f = b.gauge(family, "", "");
+        for (dev, v) in series {
+            b.sample(f, &[("dev", dev)], *v);
+        }
+        b.finish()
+    }
+
+    #[test]
+    fn writes_merge_per_family_in_label_order() {
+        let h = SinkHarness::new::<PrometheusSink>("p", "{}").expect("sink");
+        h.write(&gauge_batch("x", &[("b", 2.0), ("a", 1.0)]))
+            .expect("write");
+        h.write(&gauge_batch("y", &[("q", 7.0)])).expect("write");
+        assert_eq!(
+            get(&h, ""),
+            "# HELP x \n# TYPE x gauge\nx{dev=\"a\"} 1\nx{dev=\"b\"} 2\n\
+             # HELP y \n# TYPE y gauge\ny{dev=\"q\"} 7\n"
+        );
+        // New series of a held family land in order; the other family is left as it was.
+        h.write(&gauge_batch("x", &[("c", 3.0), ("0", 0.5), ("a", 1.5)]))
+            .expect("write");
+        assert_eq!(
+            get(&h, ""),
+            "# HELP x \n# TYPE x gauge\nx{dev=\"0\"} 0.5\nx{dev=\"a\"} 1.5\nx{dev=\"b\"} 2\nx{dev=\"c\"} 3\n\
+             # HELP y \n# TYPE y gauge\ny{dev=\"q\"} 7\n"
+        );
+        // The OpenMetrics rendering of the same state, asked for later, agrees.
+        let om = get(&h, "application/openmetrics-text");
+        assert!(
+            om.contains("x{dev=\"0\"} 0.5\nx{dev=\"a\"} 1.5\nx{dev=\"b\"} 2\nx{dev=\"c\"} 3\n"),
+            "{om}"
+        );
+    }
+
+    #[test]
+    fn a_series_left_out_goes_stale_while_its_family_stays() {
+        let h =
+            SinkHarness::new::<PrometheusSink>("p", r#"{"stale_after":"300ms"}"#).expect("sink");
+        h.write(&gauge_batch("x", &[("a", 1.0), ("b", 2.0)]))
+            .expect("write");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            h.write(&gauge_batch("x", &[("a", 1.0)])).expect("write");
+            let text = get(&h, "");
+            if !text.contains("dev=\"b\"") {
+                assert!(text.contains("x{dev=\"a\"} 1\n"), "{text}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "series b never went stale: {text}"
+            );
+        }
     }
 
     #[test]
