@@ -1,7 +1,7 @@
 //! Wires config, plugins, pipeline, collectors, sinks and listeners together, and runs them
 //! until SIGTERM / Ctrl-C.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use crate::delivery::{SinkQueue, SinkRuntime};
 use crate::events::Telemetry;
 use crate::health::Health;
 use crate::instance::{create_collector, create_sink, validate_config};
-use crate::loader::{scan, search_dirs, Plugin, PluginSet, Verdict};
+use crate::loader::{scan, search_dirs, Plugin, PluginSet};
 use crate::pipeline::Pipeline;
 use crate::scheduler::CollectorTask;
 use crate::spool::Spool;
@@ -40,11 +40,22 @@ fn exit(code: i32, message: impl Into<String>) -> ExitError {
     }
 }
 
-/// Scans the plugin directories for this config.
-pub fn load_plugins(config: &Config) -> PluginSet {
+/// The plugins this config's collectors and sinks name.
+pub fn plugins_named(config: &Config) -> BTreeSet<String> {
+    config
+        .collectors
+        .iter()
+        .map(|c| c.plugin.clone())
+        .chain(config.sinks.iter().map(|s| s.plugin.clone()))
+        .collect()
+}
+
+/// Scans the plugin directories of this config and loads the plugins `needed` names (every
+/// plugin file with `None`).
+pub fn load_plugins(config: &Config, needed: Option<&BTreeSet<String>>) -> PluginSet {
     let env_path = std::env::var("METRICSD_PLUGIN_PATH").ok();
     let dirs = search_dirs(env_path.as_deref(), &config.agent.plugin_path);
-    scan(&dirs, &config.agent.plugin_sha256)
+    scan(&dirs, &config.agent.plugin_sha256, needed)
 }
 
 /// A config entry matched with its plugin, or why it cannot run.
@@ -183,7 +194,7 @@ fn reload(path: Option<&Path>) -> Option<StopReason> {
             return None;
         }
     };
-    let plugins = load_plugins(&loaded.config);
+    let plugins = load_plugins(&loaded.config, Some(&plugins_named(&loaded.config)));
     if let Some(problem) = plan(&loaded, &plugins).required_problem() {
         tracing::error!(
             "SIGHUP: config reload failed, keeping the running config: required {problem}"
@@ -268,14 +279,7 @@ pub async fn run_until<T>(
     crate::plugin_log::count_drops_in(&telemetry);
     let health = Arc::new(Health::new());
     crate::plugin_log::report_status_in(&health);
-    let (loaded_n, shadowed_n, refused_n) = plugins.files.iter().fold((0, 0, 0), |acc, f| match f
-        .verdict
-    {
-        Verdict::Loaded(_) => (acc.0 + 1, acc.1, acc.2),
-        Verdict::Shadowed { .. } => (acc.0, acc.1 + 1, acc.2),
-        Verdict::Refused(_) => (acc.0, acc.1, acc.2 + 1),
-    });
-    telemetry.set_plugin_files(loaded_n, shadowed_n, refused_n);
+    telemetry.set_plugin_files(&plugins.files);
 
     // Sinks first, so that the pipeline has its queues.
     let mut queues = BTreeMap::new();

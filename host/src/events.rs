@@ -98,7 +98,7 @@ impl Telemetry {
             sink_writes: counter(&r, "metricsd_sink_writes_total", "Successful writes.", &s),
             sink_samples: counter(&r, "metricsd_sink_samples_written_total", "Samples written successfully.", &s),
             sink_last_duration: gauge(&r, "metricsd_sink_last_write_duration_seconds", "Duration of the sink's last write.", &s),
-            plugin_files: int_gauge(&r, "metricsd_plugin_files", "Plugin files found, by verdict (loaded, shadowed, refused).", &["verdict"]),
+            plugin_files: int_gauge(&r, "metricsd_plugin_files", "Plugin files found, by verdict (loaded, shadowed, refused, unused: not opened, the config does not use it).", &["verdict"]),
             build_info: int_gauge(&r, "metricsd_build_info", "Always 1; the labels carry the agent and plugin API versions.", &["version", "plugin_api_version"]),
             registry: r,
         };
@@ -160,16 +160,16 @@ impl Telemetry {
     }
 
     /// Sets the plugin file gauges.
-    pub fn set_plugin_files(&self, loaded: usize, shadowed: usize, refused: usize) {
-        self.plugin_files
-            .with_label_values(&["loaded"])
-            .set(loaded as i64);
-        self.plugin_files
-            .with_label_values(&["shadowed"])
-            .set(shadowed as i64);
-        self.plugin_files
-            .with_label_values(&["refused"])
-            .set(refused as i64);
+    pub fn set_plugin_files(&self, files: &[crate::loader::PluginFile]) {
+        for verdict in ["loaded", "shadowed", "refused", "unused"] {
+            let n = files
+                .iter()
+                .filter(|f| f.verdict.as_str() == verdict)
+                .count();
+            self.plugin_files
+                .with_label_values(&[verdict])
+                .set(n as i64);
+        }
     }
 
     /// The registry's metrics as a batch for the pipeline.

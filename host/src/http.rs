@@ -178,20 +178,22 @@ pub fn plugin_report(set: &PluginSet) -> Vec<PluginFileReport> {
                 Verdict::Loaded(name) => set.get(name),
                 _ => None,
             };
-            let (verdict, reason) = match &f.verdict {
-                Verdict::Loaded(_) => ("loaded", None),
-                Verdict::Shadowed { name, by } => (
-                    "shadowed",
-                    Some(format!(
-                        "plugin `{name}` is already provided by {}",
-                        by.display()
-                    )),
-                ),
-                Verdict::Refused(why) => ("refused", Some(why.clone())),
+            let reason = match &f.verdict {
+                Verdict::Loaded(_) => None,
+                Verdict::Shadowed { name, by } => Some(format!(
+                    "plugin `{name}` is already provided by {}",
+                    by.display()
+                )),
+                Verdict::Refused(why) => Some(why.clone()),
+                Verdict::Unused => Some(format!(
+                    "{}: not opened; by its name it holds plugin `{}`, which the config does not use or an earlier file provides",
+                    f.path.display(),
+                    crate::loader::conventional_name(&f.path).unwrap_or_default()
+                )),
             };
             PluginFileReport {
                 path: f.path.display().to_string(),
-                verdict,
+                verdict: f.verdict.as_str(),
                 name: loaded.map(|p| p.name.clone()),
                 kind: loaded.map(|p| p.kind.as_str()),
                 version: loaded.map(|p| p.version.clone()),

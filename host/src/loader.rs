@@ -5,7 +5,7 @@
 //! `RootModule::load_from_file`, which caches the first library loaded for a module type and
 //! would hand every later file the first plugin's module. Libraries are never unloaded.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -62,6 +62,20 @@ pub enum Verdict {
     },
     /// Not loaded; one line for the operator.
     Refused(String),
+    /// Not opened: its name says it holds a plugin the running config does not use.
+    Unused,
+}
+
+impl Verdict {
+    /// The word `/plugins`, `metricsd plugins` and `metricsd_plugin_files` use.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::Loaded(_) => "loaded",
+            Verdict::Shadowed { .. } => "shadowed",
+            Verdict::Refused(_) => "refused",
+            Verdict::Unused => "unused",
+        }
+    }
 }
 
 /// One file found in a plugin directory.
@@ -276,13 +290,33 @@ fn is_plugin_candidate(path: &Path) -> bool {
             .is_some_and(|n| !n.starts_with('.'))
 }
 
-/// Scans the directories and loads every plugin file that passes the checks.
-pub fn scan(dirs: &[PathBuf], allowed_sha256: &[String]) -> PluginSet {
+/// The plugin a file holds by the naming convention: `libmetricsd_<name>.so`,
+/// `lib<name>.so` or `<name>.so`.
+pub fn conventional_name(path: &Path) -> Option<&str> {
+    let stem = path.file_stem()?.to_str()?;
+    let stem = stem.strip_prefix("lib").unwrap_or(stem);
+    Some(stem.strip_prefix("metricsd_").unwrap_or(stem))
+}
+
+/// Scans the directories and loads the plugin files that pass the checks: every one with
+/// `needed = None` (`metricsd plugins`), otherwise only what those plugin names need.
+///
+/// Loading a `.so` runs its code and maps it into memory for good, so with a set of needed
+/// names a file whose name follows [`conventional_name`] for a plugin not needed (or one an
+/// earlier file already provides) is left unopened (`Verdict::Unused`). If a needed plugin
+/// is still missing after that, every file left unopened is loaded too: a plugin's file name
+/// is only a convention, and an operator looking for a missing plugin wants every refusal.
+pub fn scan(
+    dirs: &[PathBuf],
+    allowed_sha256: &[String],
+    needed: Option<&BTreeSet<String>>,
+) -> PluginSet {
     let allowed: Vec<String> = allowed_sha256.iter().map(|d| d.to_lowercase()).collect();
     let mut set = PluginSet {
         dirs: dirs.to_vec(),
         ..PluginSet::default()
     };
+    let mut candidates: Vec<PathBuf> = Vec::new();
     for dir in dirs {
         match writable_by_others(dir) {
             Ok(Some(why)) => {
@@ -317,18 +351,53 @@ pub fn scan(dirs: &[PathBuf], allowed_sha256: &[String]) -> PluginSet {
             }
         };
         entries.sort();
-        for path in entries {
-            let file = check_and_load(&path, &allowed, &mut set.plugins);
-            if let Verdict::Refused(reason) = &file.verdict {
-                tracing::warn!("plugin refused: {reason}");
-            }
-            set.files.push(file);
+        candidates.extend(entries);
+    }
+    let mut verdicts: Vec<Option<PluginFile>> = vec![None; candidates.len()];
+    for (path, verdict) in candidates.iter().zip(verdicts.iter_mut()) {
+        let skip = needed.is_some_and(|needed| {
+            conventional_name(path)
+                .is_some_and(|name| !needed.contains(name) || set.plugins.contains_key(name))
+        });
+        if !skip {
+            *verdict = Some(check_and_load(path, &allowed, &mut set.plugins));
         }
     }
+    if needed.is_some_and(|needed| needed.iter().any(|name| !set.plugins.contains_key(name))) {
+        for (path, verdict) in candidates.iter().zip(verdicts.iter_mut()) {
+            if verdict.is_none() {
+                *verdict = Some(check_and_load(path, &allowed, &mut set.plugins));
+            }
+        }
+    }
+    set.files = candidates
+        .iter()
+        .zip(verdicts)
+        .map(|(path, verdict)| {
+            verdict.unwrap_or_else(|| PluginFile {
+                path: path.clone(),
+                sha256: None,
+                verdict: Verdict::Unused,
+            })
+        })
+        .collect();
     set
 }
 
+/// [`check_file`], with a refusal logged.
 fn check_and_load(
+    path: &Path,
+    allowed: &[String],
+    plugins: &mut BTreeMap<String, Plugin>,
+) -> PluginFile {
+    let file = check_file(path, allowed, plugins);
+    if let Verdict::Refused(reason) = &file.verdict {
+        tracing::warn!("plugin refused: {reason}");
+    }
+    file
+}
+
+fn check_file(
     path: &Path,
     allowed: &[String],
     plugins: &mut BTreeMap<String, Plugin>,
@@ -382,5 +451,22 @@ fn check_and_load(
             }
         }
         Err(reason) => refused(Some(sha256), reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conventional_names() {
+        for (file, name) in [
+            ("/p/libmetricsd_remote_write.so", "remote_write"),
+            ("/p/libacme.so", "acme"),
+            ("/p/acme-gpu.so", "acme-gpu"),
+            ("/p/metricsd_x.so", "x"),
+        ] {
+            assert_eq!(conventional_name(Path::new(file)), Some(name), "{file}");
+        }
     }
 }

@@ -209,7 +209,13 @@ fn main_inner(cli: Cli) -> Result<(), ExitError> {
         // `check`, `plugins` and `once` print their results; logs would only repeat them.
         tracing::debug!("quiet command");
     }
-    let plugins = agent::load_plugins(&loaded.config);
+    // `plugins` looks at every file; the others open only what the config names.
+    let mut needed = agent::plugins_named(&loaded.config);
+    if matches!(command, Command::Once { .. }) {
+        needed.insert("stdout".to_string());
+    }
+    let all = matches!(command, Command::Plugins { .. });
+    let plugins = agent::load_plugins(&loaded.config, (!all).then_some(&needed));
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()

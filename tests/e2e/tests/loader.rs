@@ -135,10 +135,11 @@ fn bad_files_are_refused_with_one_line_each_and_the_host_runs_on() {
         .is_some_and(|p| p.ends_with("README.txt"))));
     assert_eq!(row(&rows, "libmetricsd_hello.so")["verdict"], "loaded");
 
-    // The agent runs with the good plugins and reports the refusals.
+    // The agent runs with the good plugins and reports the refusals. A plugin the config names
+    // is found nowhere, so every file is opened (not only the one named for each plugin).
     let mut agent = Agent::start(
         &work,
-        "[agent]\ninterval = \"200ms\"\n[http]\nhealth_listen = \"127.0.0.1:{health}\"\nmetrics_listen = \"\"\n[[collectors]]\nname = \"hi\"\nplugin = \"hello\"\n",
+        "[agent]\ninterval = \"200ms\"\n[http]\nhealth_listen = \"127.0.0.1:{health}\"\nmetrics_listen = \"\"\n[[collectors]]\nname = \"hi\"\nplugin = \"hello\"\n[[collectors]]\nname = \"gone\"\nplugin = \"gone\"\n",
         &env,
     )
     .expect("start");
@@ -171,6 +172,92 @@ fn bad_files_are_refused_with_one_line_each_and_the_host_runs_on() {
         "refusals are logged"
     );
     assert!(agent.is_running());
+}
+
+/// The libraries a running process has mapped whose file name contains `name`.
+fn mapped(pid: u32, name: &str) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/maps"))
+        .expect("maps")
+        .lines()
+        .any(|l| l.contains(name))
+}
+
+#[test]
+fn only_the_plugins_the_config_names_are_opened_and_a_reload_opens_more() {
+    let work = Workdir::new();
+    let dir = plugin_dir(&work);
+    fs::copy(fixture("no-root-module"), dir.join("libmetricsd_broken.so")).expect("copy");
+    let dir_text = dir.to_str().expect("utf-8");
+    let env = [("METRICSD_PLUGIN_PATH", dir_text)];
+    let base = "[agent]\ninterval = \"200ms\"\n[http]\nhealth_listen = \"127.0.0.1:{health}\"\nmetrics_listen = \"\"\n[[collectors]]\nname = \"hi\"\nplugin = \"hello\"\n";
+    let mut agent = Agent::start(&work, base, &env).expect("start");
+    agent.wait_ready().expect("ready");
+    let collected = |agent: &Agent, instance: &str| {
+        agent
+            .stat(&format!(
+                "metricsd_collector_collections_total{{collector=\"{instance}\"}}"
+            ))
+            .filter(|v| *v >= 1.0)
+    };
+    wait_for("a collection", Duration::from_secs(10), || {
+        collected(&agent, "hi")
+    })
+    .expect("hello collects");
+
+    let (_, body) = agent.get_health("/plugins").expect("/plugins");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&body).expect("json");
+    assert_eq!(row(&rows, "libmetricsd_hello.so")["verdict"], "loaded");
+    for unused in [
+        "libmetricsd_testkit.so",
+        "libmetricsd_stdout.so",
+        "libmetricsd_broken.so",
+    ] {
+        let r = row(&rows, unused);
+        assert_eq!(r["verdict"], "unused", "{r}");
+        assert!(
+            r["reason"]
+                .as_str()
+                .is_some_and(|t| t.contains("not opened")),
+            "{r}"
+        );
+    }
+    let pid = agent.pid();
+    assert!(mapped(pid, "libmetricsd_hello.so"));
+    assert!(!mapped(pid, "libmetricsd_testkit.so"), "testkit was opened");
+    assert!(
+        !mapped(pid, "libmetricsd_broken.so"),
+        "an unused file was opened"
+    );
+    assert!(
+        !agent.stderr().contains("plugin refused"),
+        "{}",
+        agent.stderr()
+    );
+    assert!(agent
+        .stat("metricsd_plugin_files{verdict=\"unused\"}")
+        .is_some_and(|n| n >= 3.0));
+
+    // A reload that names another plugin opens its file.
+    let config_path = work.path("metricsd.toml");
+    let running = fs::read_to_string(&config_path).expect("config");
+    fs::write(
+        &config_path,
+        format!("{running}[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\n"),
+    )
+    .expect("write");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    wait_for(
+        "the reloaded testkit collector",
+        Duration::from_secs(15),
+        || collected(&agent, "tk"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert!(mapped(pid, "libmetricsd_testkit.so"));
+    assert!(!mapped(pid, "libmetricsd_broken.so"));
 }
 
 #[test]
