@@ -5,6 +5,9 @@
 #   apt-get install prometheus-node-exporter collectd-core libmicrohttpd12 libprotobuf-c1 wrk
 #   cargo build --workspace --release
 #   bash scripts/bench-scrape.sh            # IDLE_SECONDS=120 WRK_SECONDS=10 by default
+#
+# BUILD_DIR=/some/other/target/release runs another build's metricsd and plugins (the
+# baseline of a before/after comparison on the same machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,13 +21,14 @@ trap cleanup EXIT
 for tool in wrk prometheus-node-exporter collectd; do
     command -v "$tool" >/dev/null || { echo "missing $tool (see the header of this script)" >&2; exit 1; }
 done
-[ -x target/release/metricsd ] || { echo "build first: cargo build --workspace --release" >&2; exit 1; }
+build=${BUILD_DIR:-target/release}
+[ -x "$build/metricsd" ] || { echo "build first: cargo build --workspace --release" >&2; exit 1; }
 
 # Installed as an operator would: the binary alone, and only the plugins the configs use (the
 # synthetic collector is the test-only testkit plugin).
 mkdir -p "$work/bin" "$work/plugins"
-cp target/release/metricsd "$work/bin/"
-cp target/release/libmetricsd_{system,prometheus,testkit}.so "$work/plugins/"
+cp "$build/metricsd" "$work/bin/"
+cp "$build"/libmetricsd_{system,prometheus,testkit}.so "$work/plugins/"
 chmod 755 "$work" "$work/bin" "$work/plugins"
 metricsd="$work/bin/metricsd"
 
@@ -55,7 +59,7 @@ start() { # name, command...; sets $started to the pid
     pids+=("$started")
 }
 
-wait_http() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "no answer from $1" >&2; return 1; }
+wait_http() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "no answer from $1" >&2; cat "$work"/*.log >&2; return 1; }
 
 cat > "$work/collectd.conf" <<EOF
 Interval 1
@@ -71,6 +75,10 @@ LoadPlugin write_prometheus
   Port "19103"
 </Plugin>
 EOF
+
+# The machine's own latency floor, before anything runs (scripts/cpu-stalls.py).
+python3 scripts/cpu-stalls.py 5
+echo
 
 start metricsd "$metricsd" -c "$(metricsd_config 19080 "")" run; m_pid=$started
 start node-exporter prometheus-node-exporter --web.listen-address=127.0.0.1:19100; n_pid=$started
