@@ -91,8 +91,10 @@ struct FamilyState {
     index: HashMap<LabelKey, usize>,
     sorted: bool,
     /// This family's lines in the text format and in OpenMetrics, kept until the family
-    /// changes: a write re-renders only the families it changed.
-    parts: [Option<Vec<u8>>; 2],
+    /// changes: a write re-renders only the families it changed, into the same buffer.
+    parts: [String; 2],
+    /// Which of `parts` still match the family.
+    fresh: [bool; 2],
 }
 
 impl FamilyState {
@@ -104,12 +106,13 @@ impl FamilyState {
             series: Vec::new(),
             index: HashMap::new(),
             sorted: true,
-            parts: [None, None],
+            parts: [String::new(), String::new()],
+            fresh: [false, false],
         }
     }
 
     fn changed(&mut self) {
-        self.parts = [None, None];
+        self.fresh = [false, false];
     }
 
     /// Puts the series in label order (after new ones were added) and indexes them again.
@@ -145,15 +148,18 @@ impl FamilyState {
     /// This family's lines in one format, rendered if the family changed since.
     fn part(&mut self, name: &str, format: usize) -> &[u8] {
         self.sort();
-        if self.parts[format].is_none() {
-            let part = if format == OPENMETRICS {
-                render_openmetrics(name, self)
+        if !self.fresh[format] {
+            let mut part = std::mem::take(&mut self.parts[format]);
+            part.clear();
+            if format == OPENMETRICS {
+                render_openmetrics(&mut part, name, self);
             } else {
-                render_text(name, self)
-            };
-            self.parts[format] = Some(part);
+                render_text(&mut part, name, self);
+            }
+            self.parts[format] = part;
+            self.fresh[format] = true;
         }
-        self.parts[format].as_deref().unwrap_or_default()
+        self.parts[format].as_bytes()
     }
 }
 
@@ -178,30 +184,51 @@ struct Store {
     /// Kind conflicts and capacity drops already logged (log once).
     reported: std::collections::HashSet<String>,
     last_sweep: Option<Instant>,
+    /// Buffers kept from one write to the next (large, so that the allocator does not hand
+    /// their pages back and fault them in again each time): the bodies of the cache it
+    /// replaced, the uncompressed body of a gzip variant, the batch's label keys.
+    spare_bodies: [Vec<u8>; 4],
+    spare_raw: Vec<u8>,
+    spare_keys: (String, Vec<Range<usize>>),
 }
 
 impl Store {
     /// One variant of the exposition: the families' parts (re-rendered where they changed)
-    /// in name order.
-    fn body(&mut self, variant: usize) -> Vec<u8> {
+    /// in name order, written into `out`.
+    fn body_into(&mut self, variant: usize, out: &mut Vec<u8>) {
         let format = if variant >= 2 { OPENMETRICS } else { TEXT };
+        let gzipped = variant % 2 == 1;
+        let mut raw = if gzipped {
+            std::mem::take(&mut self.spare_raw)
+        } else {
+            std::mem::take(out)
+        };
+        raw.clear();
         let len: usize = self
             .families
             .iter_mut()
             .map(|(name, f)| f.part(name, format).len())
             .sum();
-        let mut raw = Vec::with_capacity(len + 6);
+        raw.reserve(len + 6);
         for (name, f) in &mut self.families {
             raw.extend_from_slice(f.part(name, format));
         }
         if format == OPENMETRICS {
             raw.extend_from_slice(b"# EOF\n");
         }
-        if variant % 2 == 1 {
-            gzip(&raw)
+        if gzipped {
+            out.clear();
+            gzip(&raw, out);
+            self.spare_raw = raw;
         } else {
-            raw
+            *out = raw;
         }
+    }
+
+    fn body(&mut self, variant: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.body_into(variant, &mut out);
+        out
     }
 
     fn oldest_seen(&self) -> Option<Instant> {
@@ -240,10 +267,11 @@ pub struct PrometheusSink {
 }
 
 /// The key of each label set of a batch (own + common labels, each name once, sorted by name,
-/// written as between the braces): one string and the range of each set in it.
-fn label_sets(batch: &Batch) -> (String, Vec<Range<usize>>) {
-    let mut text = String::with_capacity(batch.label_sets.len() * 32);
-    let mut ranges = Vec::with_capacity(batch.label_sets.len());
+/// written as between the braces), into one string (emptied first) and the range of each set
+/// in it.
+fn label_sets(batch: &Batch, text: &mut String, ranges: &mut Vec<Range<usize>>) {
+    text.clear();
+    ranges.clear();
     let mut pairs: Vec<(&str, &str)> = Vec::new();
     for own in batch.label_sets.iter() {
         pairs.clear();
@@ -265,12 +293,11 @@ fn label_sets(batch: &Batch) -> (String, Vec<Range<usize>>) {
             }
             text.push_str(name);
             text.push_str("=\"");
-            push_label_value(&mut text, value);
+            push_label_value(text, value);
             text.push('"');
         }
         ranges.push(start..text.len());
     }
-    (text, ranges)
 }
 
 fn kinds_compatible(a: MetricKind, b: MetricKind) -> bool {
@@ -293,12 +320,23 @@ impl PrometheusSink {
         };
         for (i, wanted) in self.wanted.iter().enumerate() {
             if wanted.load(Ordering::Relaxed) {
-                let _ = rendered.variants[i].set(store.body(i));
+                let mut body = std::mem::take(&mut store.spare_bodies[i]);
+                store.body_into(i, &mut body);
+                let _ = rendered.variants[i].set(body);
             }
         }
         let rendered = Arc::new(rendered);
-        if let Ok(mut cache) = self.cache.write() {
-            *cache = Arc::clone(&rendered);
+        let replaced = match self.cache.write() {
+            Ok(mut cache) => Some(std::mem::replace(&mut *cache, Arc::clone(&rendered))),
+            Err(_) => None,
+        };
+        // No scrape holds the replaced bodies any more: keep their buffers for the next write.
+        if let Some(Ok(old)) = replaced.map(Arc::try_unwrap) {
+            for (spare, body) in store.spare_bodies.iter_mut().zip(old.variants) {
+                if let Some(body) = body.into_inner() {
+                    *spare = body;
+                }
+            }
         }
         rendered
     }
@@ -327,12 +365,12 @@ impl PrometheusSink {
 }
 
 /// One family in the text format 0.0.4.
-fn render_text(name: &str, f: &FamilyState) -> Vec<u8> {
-    let mut out = String::with_capacity(64 + f.series.len() * 64);
+fn render_text(out: &mut String, name: &str, f: &FamilyState) {
+    out.reserve(64 + f.series.len() * 64);
     out.push_str("# HELP ");
     out.push_str(name);
     out.push(' ');
-    push_help(&mut out, &f.help);
+    push_help(out, &f.help);
     out.push_str("\n# TYPE ");
     out.push_str(name);
     out.push_str(match f.kind {
@@ -340,8 +378,7 @@ fn render_text(name: &str, f: &FamilyState) -> Vec<u8> {
         MetricKind::GAUGE | MetricKind::INFO => " gauge\n",
         _ => " untyped\n",
     });
-    write_series(&mut out, name, f);
-    out.into_bytes()
+    write_series(out, name, f);
 }
 
 fn write_series(out: &mut String, sample_name: &str, f: &FamilyState) {
@@ -361,8 +398,8 @@ fn write_series(out: &mut String, sample_name: &str, f: &FamilyState) {
 /// One family in OpenMetrics 1.0: counters are described without `_total` and sampled with
 /// it, info families without `_info` and sampled with it, `# UNIT` where the name ends in the
 /// unit.
-fn render_openmetrics(name: &str, f: &FamilyState) -> Vec<u8> {
-    let mut out = String::with_capacity(96 + f.series.len() * 64);
+fn render_openmetrics(out: &mut String, name: &str, f: &FamilyState) {
+    out.reserve(96 + f.series.len() * 64);
     let (descriptor, sample_name, kind) = match f.kind {
         MetricKind::COUNTER => match name.strip_suffix("_total") {
             Some(base) => (base.to_string(), name.to_string(), "counter"),
@@ -390,17 +427,20 @@ fn render_openmetrics(name: &str, f: &FamilyState) -> Vec<u8> {
     out.push_str("# HELP ");
     out.push_str(&descriptor);
     out.push(' ');
-    push_help_openmetrics(&mut out, &f.help);
+    push_help_openmetrics(out, &f.help);
     out.push('\n');
-    write_series(&mut out, &sample_name, f);
-    out.into_bytes()
+    write_series(out, &sample_name, f);
 }
 
-fn gzip(body: &[u8]) -> Vec<u8> {
-    let mut enc = GzEncoder::new(Vec::with_capacity(body.len() / 4 + 64), Compression::fast());
+/// Compresses `body` into `out` (emptied first; its capacity is reused).
+fn gzip(body: &[u8], out: &mut Vec<u8>) {
+    let mut buffer = std::mem::take(out);
+    buffer.clear();
+    buffer.reserve(body.len() / 4 + 64);
+    let mut enc = GzEncoder::new(buffer, Compression::fast());
     // Writing into a Vec cannot fail.
     let _ = enc.write_all(body);
-    enc.finish().unwrap_or_default()
+    *out = enc.finish().unwrap_or_default();
 }
 
 fn accepts(request: &HttpRequest, header: &str, token: &str) -> bool {
@@ -451,9 +491,10 @@ impl Sink for PrometheusSink {
 
     fn write(&self, batch: &Batch) -> Result<()> {
         let now = Instant::now();
-        let (keys, sets) = label_sets(batch);
         let mut guard = self.lock()?;
         let store = &mut *guard;
+        let (mut keys, mut sets) = std::mem::take(&mut store.spare_keys);
+        label_sets(batch, &mut keys, &mut sets);
         store.sweep(now, self.config.stale_after);
         // Resolve each family once: None when its kind conflicts with what is held.
         let mut accept = Vec::with_capacity(batch.families.len());
@@ -516,7 +557,7 @@ impl Sink for PrometheusSink {
                     let existing = &mut state.series[i];
                     if existing.value.to_bits() != s.value.to_bits() {
                         existing.value = s.value;
-                        state.parts = [None, None];
+                        state.fresh = [false, false];
                     }
                     existing.seen = now;
                 }
@@ -543,6 +584,7 @@ impl Sink for PrometheusSink {
                 self.config.max_series
             );
         }
+        store.spare_keys = (keys, sets);
         self.rebuild(store, now);
         Ok(())
     }
@@ -792,6 +834,57 @@ gpu_temperature_celsius{gpu=\"1\",node_id=\"n1\"} NaN
         std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&r.body[..]), &mut text)
             .expect("gunzip");
         assert!(text.contains("gpu_info{"));
+    }
+
+    #[test]
+    fn every_write_gives_fresh_bodies_in_every_variant() {
+        let h = SinkHarness::new::<PrometheusSink>("p", "{}").expect("sink");
+        let gunzip = |accept: &str| {
+            let request = HttpRequest {
+                method: "GET".into(),
+                path: "/metrics".into(),
+                headers: vec![
+                    Header {
+                        name: "accept-encoding".into(),
+                        value: "gzip".into(),
+                    },
+                    Header {
+                        name: "accept".into(),
+                        value: accept.into(),
+                    },
+                ]
+                .into_iter()
+                .collect(),
+                ..HttpRequest::default()
+            };
+            let r = h.render(&request).expect("render");
+            let mut text = String::new();
+            std::io::Read::read_to_string(
+                &mut flate2::read::GzDecoder::new(&r.body[..]),
+                &mut text,
+            )
+            .expect("gunzip");
+            text
+        };
+        // Later writes render into the buffers of earlier ones: nothing of those may remain.
+        for round in 0..5 {
+            let series: Vec<(String, f64)> = (0..(5 - round))
+                .map(|i| (format!("d{i}"), f64::from(round * 10 + i)))
+                .collect();
+            let refs: Vec<(&str, f64)> = series.iter().map(|(d, v)| (d.as_str(), *v)).collect();
+            h.write(&gauge_batch(&format!("x{round}"), &refs))
+                .expect("write");
+            let text = get(&h, "");
+            let expected: String = refs
+                .iter()
+                .map(|(d, v)| format!("x{round}{{dev=\"{d}\"}} {v}\n"))
+                .collect();
+            assert!(text.contains(&expected), "{text}");
+            assert_eq!(gunzip("text/plain"), text);
+            let om = get(&h, "application/openmetrics-text");
+            assert_eq!(gunzip("application/openmetrics-text"), om);
+            assert_eq!(om.matches("# EOF").count(), 1, "{om}");
+        }
     }
 
     #[test]
