@@ -55,6 +55,11 @@ pub struct Config {
     /// Report NVLink link state, error counters and throughput where the GPU has links.
     #[serde(default = "yes")]
     pub nvlink: bool,
+    /// NVLink error counters per link (`nvmlDeviceGetNvLinkErrorCounter`: four calls and four
+    /// series per link, 72 of each on an H100) instead of per GPU (four totals from the
+    /// field-values call the collector makes anyway).
+    #[serde(default)]
+    pub nvlink_link_errors: bool,
     /// Count critical Xid errors from an NVML event set, on a thread of the plugin's own.
     #[serde(default = "yes")]
     pub xid_events: bool,
@@ -394,6 +399,17 @@ const FIELD_PCIE_TX_BYTES: u32 = 197;
 const FIELD_PCIE_RX_BYTES: u32 = 198;
 const FIELD_NVLINK_TX_KIB: u32 = 138;
 const FIELD_NVLINK_RX_KIB: u32 = 139;
+/// NVLink error counters summed over links: CRC flit, CRC data, replay, recovery.
+const FIELD_NVLINK_CRC_FLIT_TOTAL: u32 = 38;
+const FIELD_NVLINK_CRC_DATA_TOTAL: u32 = 45;
+const FIELD_NVLINK_REPLAY_TOTAL: u32 = 52;
+const FIELD_NVLINK_RECOVERY_TOTAL: u32 = 59;
+const NVLINK_ERROR_TOTALS: [(u32, &str); 4] = [
+    (FIELD_NVLINK_REPLAY_TOTAL, "replay"),
+    (FIELD_NVLINK_RECOVERY_TOTAL, "recovery"),
+    (FIELD_NVLINK_CRC_FLIT_TOTAL, "crc_flit"),
+    (FIELD_NVLINK_CRC_DATA_TOTAL, "crc_data"),
+];
 const FIELDS: [u32; 9] = [
     FIELD_NVLINK_TX_KIB,
     FIELD_NVLINK_RX_KIB,
@@ -600,7 +616,7 @@ impl Families {
             remap_pending: out.gauge("gpu_remapped_rows_pending", "1 if a row remapping waits for the next GPU reset.", ""),
             remap_failure: out.gauge("gpu_row_remap_failure", "1 if a row remapping failed.", ""),
             nvlink_up: out.gauge("gpu_nvlink_up", "1 if the NVLink link is active.", ""),
-            nvlink_errors: out.counter("gpu_nvlink_errors_total", "NVLink data-link errors by link and type.", ""),
+            nvlink_errors: out.counter("gpu_nvlink_errors_total", "NVLink data-link errors by type, summed over links (per link with nvlink_link_errors).", ""),
             nvlink_tx: out.counter("gpu_nvlink_transmit_bytes_total", "Bytes the GPU transmitted over all its NVLink links.", "bytes"),
             nvlink_rx: out.counter("gpu_nvlink_receive_bytes_total", "Bytes the GPU received over all its NVLink links.", "bytes"),
             mig_enabled: out.gauge("gpu_mig_mode_enabled", "1 if MIG mode is enabled.", ""),
@@ -846,8 +862,8 @@ fn ask<T>(
     }
 }
 
-/// NVLink link state and error counters; links are probed until the driver says there are
-/// no more. A GPU without NVLink answers NOT_SUPPORTED once and is not asked again.
+/// NVLink link state, and with `link_errors` the error counters of each link; links are probed
+/// until the driver says there are no more. A GPU without NVLink answers NOT_SUPPORTED once and is not asked again.
 fn nvlink_metrics(
     out: &mut BatchBuilder,
     f: &Families,
@@ -855,6 +871,7 @@ fn nvlink_metrics(
     index: u32,
     device: &Device,
     unsupported: &mut HashSet<(u32, Query)>,
+    link_errors: bool,
 ) -> std::result::Result<(), Stop> {
     use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
     if unsupported.contains(&(index, Query::NvLink)) {
@@ -879,6 +896,9 @@ fn nvlink_metrics(
         with_link.push(("link", link_text.as_str()));
         let link_set = out.label_set(&with_link);
         out.sample_in(f.nvlink_up, link_set, if active { 1.0 } else { 0.0 });
+        if !link_errors {
+            continue;
+        }
         for (counter, kind) in [
             (ErrorCounter::DlReplay, "replay"),
             (ErrorCounter::DlRecovery, "recovery"),
@@ -902,6 +922,8 @@ struct CollectOptions<'a> {
     enabled: bool,
     /// NVLink state, errors and throughput.
     nvlink: bool,
+    /// NVLink error counters per link rather than per GPU.
+    nvlink_link_errors: bool,
     /// The sampled PCIe throughput call.
     pcie_throughput_sampled: bool,
     /// Most processes per GPU.
@@ -1040,8 +1062,15 @@ fn gpu_metrics(
         out.sample_in(f.bar1_total, set, b.total as f64);
         out.sample_in(f.bar1_used, set, b.used as f64);
     }
+    let error_totals = options.nvlink && !options.nvlink_link_errors;
     let fields: Vec<nvml_wrapper::structs::device::FieldId> = FIELDS
         .iter()
+        .chain(
+            NVLINK_ERROR_TOTALS
+                .iter()
+                .filter(|_| error_totals)
+                .map(|(id, _)| id),
+        )
         .filter(|id| !unsupported.contains(&(index, Query::Field(**id))))
         .map(|id| nvml_wrapper::structs::device::FieldId(*id))
         .collect();
@@ -1086,13 +1115,27 @@ fn gpu_metrics(
                     FIELD_NVLINK_RX_KIB => out.sample_in(f.nvlink_rx, set, value * 1024.0),
                     FIELD_REMAPPED_PENDING => out.sample_in(f.remap_pending, set, value),
                     FIELD_REMAPPED_FAILURE => out.sample_in(f.remap_failure, set, value),
-                    _ => {}
+                    _ => {
+                        if let Some((_, kind)) = NVLINK_ERROR_TOTALS.iter().find(|(t, _)| *t == id)
+                        {
+                            let kind_set = with(out, &[("type", kind)]);
+                            out.sample_in(f.nvlink_errors, kind_set, value);
+                        }
+                    }
                 }
             }
         }
     }
     if options.nvlink {
-        nvlink_metrics(out, f, labels, index, device, unsupported)?;
+        nvlink_metrics(
+            out,
+            f,
+            labels,
+            index,
+            device,
+            unsupported,
+            options.nvlink_link_errors,
+        )?;
     }
     if let Some(mode) = ask(unsupported, index, Query::Mig, || device.mig_mode())? {
         out.sample_in(f.mig_enabled, set, f64::from(mode.current));
@@ -1320,6 +1363,7 @@ impl NvmlCollector {
                     let mut options = CollectOptions {
                         enabled: self.config.processes,
                         nvlink: self.config.nvlink,
+                        nvlink_link_errors: self.config.nvlink_link_errors,
                         pcie_throughput_sampled: self.config.pcie_throughput_sampled,
                         max: self.config.max_processes,
                         nvml: &nvml,

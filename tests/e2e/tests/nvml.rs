@@ -130,6 +130,20 @@ fn eight_gpus_report_every_metric_with_the_scenario_values() {
             value(&all, "gpu_temperature_shutdown_threshold_celsius", g),
             92.0
         );
+        // The scenario: 18 links, each with 5 replay and 2 CRC flit errors.
+        for (kind, total) in [("replay", 90.0), ("recovery", 0.0), ("crc_flit", 36.0)] {
+            let found: Vec<_> = rows(&all, "gpu_nvlink_errors_total", Some(g))
+                .into_iter()
+                .filter(|r| r["labels"]["type"] == kind)
+                .collect();
+            assert_eq!(found.len(), 1, "{kind}: {found:?}");
+            assert_eq!(found[0]["value"], total, "{kind}");
+        }
+        assert_eq!(
+            rows(&all, "gpu_nvlink_up", Some(g)).len(),
+            18,
+            "link state per link"
+        );
         assert_eq!(value(&all, "gpu_pcie_link_generation", g), 5.0);
         assert_eq!(value(&all, "gpu_pcie_link_width", g), 16.0);
         assert_eq!(value(&all, "gpu_pcie_link_max_generation", g), 5.0);
@@ -600,21 +614,33 @@ fn the_dcgm_profile_matches_dcgm_exporter_names_types_units_and_labels() {
     assert_eq!(dcgm("DCGM_FI_DEV_RETIRED_SBE"), 2.0);
     assert_eq!(dcgm("DCGM_FI_DEV_RETIRED_DBE"), 1.0);
     assert!(dcgm("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION") >= 1.0e9);
-    // NVLink error totals per GPU are the per-link counters of the default naming, summed.
+    // NVLink errors: per GPU by default (the field-values totals, one series per type), per
+    // link with `nvlink_link_errors` (one per link and type); the per-link counters sum to the
+    // totals, and the dcgm names carry the totals.
     let plain = once_json(&work, "", "h100-sxm-8.toml", &[]);
+    let per_link = once_json(&work, "nvlink_link_errors = true", "h100-sxm-8.toml", &[]);
     for (kind, field) in [
         ("replay", "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL"),
         ("recovery", "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL"),
         ("crc_flit", "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL"),
         ("crc_data", "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL"),
     ] {
-        let per_link: Vec<f64> = rows(&plain, "gpu_nvlink_errors_total", Some("0"))
-            .into_iter()
-            .filter(|r| r["labels"]["type"] == kind)
-            .filter_map(|r| r["value"].as_f64())
-            .collect();
-        assert!(per_link.len() >= 17, "{kind}: {per_link:?}");
-        assert_eq!(dcgm(field), per_link.iter().sum::<f64>(), "{field}");
+        let of_kind = |all: &[Value]| -> Vec<Value> {
+            rows(all, "gpu_nvlink_errors_total", Some("0"))
+                .into_iter()
+                .filter(|r| r["labels"]["type"] == kind)
+                .cloned()
+                .collect()
+        };
+        let totals = of_kind(&plain);
+        assert_eq!(totals.len(), 1, "{kind}: {totals:?}");
+        assert!(totals[0]["labels"]["link"].is_null(), "{totals:?}");
+        let links = of_kind(&per_link);
+        assert!(links.len() >= 17, "{kind}: {links:?}");
+        assert!(links.iter().all(|r| r["labels"]["link"].is_string()));
+        let sum: f64 = links.iter().filter_map(|r| r["value"].as_f64()).sum();
+        assert_eq!(totals[0]["value"].as_f64(), Some(sum), "{kind}");
+        assert_eq!(dcgm(field), sum, "{field}");
     }
     assert!(dcgm("DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL") > 0.0);
     // A card without NVLink (the RTX 4090 scenario) has no NVLink series: checked in

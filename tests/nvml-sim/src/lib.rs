@@ -1169,6 +1169,18 @@ pub unsafe extern "C" fn nvmlDeviceGetFieldValues(
                 entry.valueType = nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_INT;
                 entry.value.uiVal = g.remapped_rows[(entry.fieldId - 142) as usize];
             }
+            // NVLink error counters summed over the links (each link counts `nvlink_errors`):
+            // CRC flit 38, CRC data 45, replay 52, recovery 59.
+            38 | 45 | 52 | 59 if g.nvlinks > 0 => {
+                let counter = match entry.fieldId {
+                    52 => 0,
+                    59 => 1,
+                    38 => 2,
+                    _ => 3,
+                };
+                entry.valueType = nvmlValueType_enum_NVML_VALUE_TYPE_UNSIGNED_LONG_LONG;
+                entry.value.ullVal = g.nvlink_errors[counter] * u64::from(g.nvlinks);
+            }
             _ => entry.nvmlReturn = NOT_SUPPORTED,
         }
     }
