@@ -630,19 +630,24 @@ mod tests {
     use metricsd_plugin_api::testing::SinkHarness;
     use metricsd_plugin_api::BatchBuilder;
 
-    fn get(h: &SinkHarness, accept: &str) -> String {
-        let request = HttpRequest {
+    /// A GET of /metrics with these headers.
+    fn request(headers: &[(&str, &str)]) -> HttpRequest {
+        HttpRequest {
             method: "GET".into(),
             path: "/metrics".into(),
-            headers: vec![Header {
-                name: "accept".into(),
-                value: accept.into(),
-            }]
-            .into_iter()
-            .collect(),
+            headers: headers
+                .iter()
+                .map(|(name, value)| Header {
+                    name: (*name).into(),
+                    value: (*value).into(),
+                })
+                .collect(),
             ..HttpRequest::default()
-        };
-        let sink_response = h.render(&request).expect("render");
+        }
+    }
+
+    fn get(h: &SinkHarness, accept: &str) -> String {
+        let sink_response = h.render(&request(&[("accept", accept)])).expect("render");
         String::from_utf8(sink_response.body.into_vec()).expect("utf-8")
     }
 
@@ -814,17 +819,7 @@ gpu_temperature_celsius{gpu=\"1\",node_id=\"n1\"} NaN
     fn gzip_when_asked() {
         let h = SinkHarness::new::<PrometheusSink>("p", "{}").expect("sink");
         h.write(&batch()).expect("write");
-        let request = HttpRequest {
-            method: "GET".into(),
-            path: "/metrics".into(),
-            headers: vec![Header {
-                name: "accept-encoding".into(),
-                value: "gzip, deflate".into(),
-            }]
-            .into_iter()
-            .collect(),
-            ..HttpRequest::default()
-        };
+        let request = request(&[("accept-encoding", "gzip, deflate")]);
         let r = h.render(&request).expect("render");
         assert!(r
             .headers
@@ -840,23 +835,7 @@ gpu_temperature_celsius{gpu=\"1\",node_id=\"n1\"} NaN
     fn every_write_gives_fresh_bodies_in_every_variant() {
         let h = SinkHarness::new::<PrometheusSink>("p", "{}").expect("sink");
         let gunzip = |accept: &str| {
-            let request = HttpRequest {
-                method: "GET".into(),
-                path: "/metrics".into(),
-                headers: vec![
-                    Header {
-                        name: "accept-encoding".into(),
-                        value: "gzip".into(),
-                    },
-                    Header {
-                        name: "accept".into(),
-                        value: accept.into(),
-                    },
-                ]
-                .into_iter()
-                .collect(),
-                ..HttpRequest::default()
-            };
+            let request = request(&[("accept-encoding", "gzip"), ("accept", accept)]);
             let r = h.render(&request).expect("render");
             let mut text = String::new();
             std::io::Read::read_to_string(
