@@ -17,37 +17,17 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
+source scripts/scrape-bench-lib.sh
 
 start() { # label build port
     mkdir -p "$work/$1/plugins"
     cp "$2/metricsd" "$work/$1/"
     cp "$2"/libmetricsd_{system,prometheus,testkit}.so "$work/$1/plugins/"
     chmod -R go-w "$work"
-    cat > "$work/$1/metricsd.toml" <<TOML
-[agent]
-interval = "1s"
-plugin_path = ["$work/$1/plugins"]
-[http]
-metrics_listen = "127.0.0.1:$3"
-health_listen = "127.0.0.1:$(($3 + 1))"
-[[collectors]]
-name = "system"
-plugin = "system"
-[[collectors]]
-name = "synthetic"
-plugin = "testkit"
-[collectors.config]
-series = $SERIES
-[[sinks]]
-name = "prometheus"
-plugin = "prometheus"
-TOML
+    metricsd_toml "$work/$1/plugins" "$3" "$SERIES" > "$work/$1/metricsd.toml"
     "$work/$1/metricsd" -c "$work/$1/metricsd.toml" run > "$work/$1.log" 2>&1 &
     pids+=("$!")
-    for _ in $(seq 100); do
-        [ "$(curl -s "http://127.0.0.1:$3/metrics" | grep -c '^testkit_value')" -ge "$SERIES" ] && return 0
-        sleep 0.2
-    done
+    wait_series "$3" "$SERIES" && return 0
     echo "$1 did not come up" >&2; cat "$work/$1.log" >&2; exit 1
 }
 start a "$1" 19400; a_pid=${pids[-1]}
@@ -64,7 +44,7 @@ for pair in "a:$a_pid:$a0" "b:$b_pid:$b0"; do
 done
 for round in $(seq "$ROUNDS"); do
     for pair in a:19400 b:19410; do
-        out=$(wrk -t1 -c1 -d"${WRK_SECONDS}s" --latency "http://127.0.0.1:${pair#*:}/metrics")
-        echo "round $round ${pair%%:*}: p50 $(awk '$1 == "50%" {print $2}' <<< "$out") p99 $(awk '$1 == "99%" {print $2}' <<< "$out") req/s $(awk '/^Requests\/sec/ {print $2}' <<< "$out")"
+        read -r p50 p99 rps <<< "$(wrk_stats 1 "http://127.0.0.1:${pair#*:}/metrics")"
+        echo "round $round ${pair%%:*}: p50 $p50 p99 $p99 req/s $rps"
     done
 done

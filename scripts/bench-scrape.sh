@@ -32,22 +32,10 @@ cp "$build"/libmetricsd_{system,prometheus,testkit}.so "$work/plugins/"
 chmod 755 "$work" "$work/bin" "$work/plugins"
 metricsd="$work/bin/metricsd"
 
-metricsd_config() { # $1 port base, $2 extra collector toml
-    cat > "$work/metricsd-$1.toml" <<EOF
-[agent]
-interval = "1s"
-plugin_path = ["$work/plugins"]
-[http]
-metrics_listen = "127.0.0.1:$1"
-health_listen = "127.0.0.1:$(($1 + 1))"
-[[collectors]]
-name = "system"
-plugin = "system"
-$2
-[[sinks]]
-name = "prometheus"
-plugin = "prometheus"
-EOF
+source scripts/scrape-bench-lib.sh
+
+metricsd_config() { # $1 port base, $2 synthetic series; prints the config's path
+    metricsd_toml "$work/plugins" "$1" "$2" > "$work/metricsd-$1.toml"
     echo "$work/metricsd-$1.toml"
 }
 
@@ -80,7 +68,7 @@ EOF
 python3 scripts/cpu-stalls.py 5
 echo
 
-start metricsd "$metricsd" -c "$(metricsd_config 19080 "")" run; m_pid=$started
+start metricsd "$metricsd" -c "$(metricsd_config 19080 0)" run; m_pid=$started
 start node-exporter prometheus-node-exporter --web.listen-address=127.0.0.1:19100; n_pid=$started
 start collectd collectd -f -C "$work/collectd.conf"; c_pid=$started
 wait_http http://127.0.0.1:19080/metrics
@@ -119,11 +107,8 @@ echo "scrape is in the latency table below."
 echo
 
 wrk_row() { # label url connections
-    local out p50 p99 rps
-    out=$(wrk -t"$([ "$3" -gt 1 ] && echo 2 || echo 1)" -c"$3" -d"${WRK_SECONDS}s" --latency "$2" 2>&1)
-    p50=$(awk '$1 == "50%" {print $2}' <<< "$out")
-    p99=$(awk '$1 == "99%" {print $2}' <<< "$out")
-    rps=$(awk '/^Requests\/sec/ {print $2}' <<< "$out")
+    local p50 p99 rps
+    read -r p50 p99 rps <<< "$(wrk_stats "$3" "$2")"
     echo "| $1 | $3 | $p50 | $p99 | $rps |"
 }
 
@@ -140,17 +125,10 @@ done
 for n in 10000 100000; do
     port=$((19200 + n / 10000))
     kill "$m_pid" 2>/dev/null || true
-    cfg=$(metricsd_config "$port" "[[collectors]]
-name = \"synthetic\"
-plugin = \"testkit\"
-[collectors.config]
-series = $n")
+    cfg=$(metricsd_config "$port" "$n")
     start "metricsd-$n" "$metricsd" -c "$cfg" run; m_pid=$started
     wait_http "http://127.0.0.1:$port/metrics"
-    for _ in $(seq 50); do
-        [ "$(curl -s "http://127.0.0.1:$port/metrics" | grep -c '^testkit_value')" -ge "$n" ] && break
-        sleep 0.2
-    done
+    wait_series "$port" "$n" || echo "fewer than $n series on :$port" >&2
     for c in 1 64; do
         wrk_row "metricsd, $n synthetic series" "http://127.0.0.1:$port/metrics" "$c"
     done

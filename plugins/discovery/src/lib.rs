@@ -153,6 +153,17 @@ fn check_gpu(config: &Config, gpu: &Gpu, problems: &mut Vec<String>) -> Option<(
         return None;
     }
     let mut labels = vec![("uuid".to_string(), uuid.to_string())];
+    // A value longer than max_label_value_bytes is left out, and said so.
+    let fits = |name: &str, value: &str, problems: &mut Vec<String>| {
+        let fits = value.len() <= config.max_label_value_bytes;
+        if !fits {
+            problems.push(format!(
+                "{uuid}: label `{name}` of {} bytes (more than max_label_value_bytes)",
+                value.len()
+            ));
+        }
+        fits
+    };
     let index = gpu.index.to_string();
     for (name, value) in [
         ("gpu_id", gpu.gpu_id.as_str()),
@@ -162,17 +173,9 @@ fn check_gpu(config: &Config, gpu: &Gpu, problems: &mut Vec<String>) -> Option<(
         ("pci_bus_id", gpu.pci_bus_id.as_str()),
         ("index", index.as_str()),
     ] {
-        if value.is_empty() {
-            continue;
+        if !value.is_empty() && fits(name, value, problems) {
+            labels.push((name.to_string(), value.to_string()));
         }
-        if value.len() > config.max_label_value_bytes {
-            problems.push(format!(
-                "{uuid}: `{name}` of {} bytes (more than max_label_value_bytes)",
-                value.len()
-            ));
-            continue;
-        }
-        labels.push((name.to_string(), value.to_string()));
     }
     // Free-form labels, in name order, up to max_labels.
     let mut free: Vec<(&String, &String)> = gpu.labels.iter().collect();
@@ -186,14 +189,7 @@ fn check_gpu(config: &Config, gpu: &Gpu, problems: &mut Vec<String>) -> Option<(
             ));
             continue;
         }
-        if value.len() > config.max_label_value_bytes {
-            problems.push(format!(
-                "{uuid}: label `{name}` of {} bytes (more than max_label_value_bytes)",
-                value.len()
-            ));
-            continue;
-        }
-        if value.is_empty() {
+        if value.is_empty() || !fits(name, value, problems) {
             continue;
         }
         if kept == config.max_labels {
