@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use abi_stable::std_types::{ROption, RString, RVec};
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -135,14 +135,7 @@ impl Route {
 
 /// An `[[enrich]]` join: what the info collector last reported, by key, and how to apply it.
 struct Enricher {
-    from: Vec<String>,
-    info: String,
-    metric: String,
-    on: String,
-    labels: Vec<String>,
-    exclude: Vec<String>,
-    overwrite: bool,
-    max_age: Duration,
+    config: EnrichConfig,
     /// When the info collector last reported, and its labels by key value.
     table: RwLock<Option<(Instant, InfoTable)>>,
 }
@@ -151,16 +144,9 @@ struct Enricher {
 type InfoTable = HashMap<String, Vec<Label>>;
 
 impl Enricher {
-    fn new(c: &EnrichConfig) -> Self {
+    fn new(config: &EnrichConfig) -> Self {
         Self {
-            from: c.from.clone(),
-            info: c.info.clone(),
-            metric: c.metric.clone(),
-            on: c.on.clone(),
-            labels: c.labels.clone(),
-            exclude: c.exclude.clone(),
-            overwrite: c.overwrite,
-            max_age: c.max_age,
+            config: config.clone(),
             table: RwLock::new(None),
         }
     }
@@ -172,22 +158,23 @@ impl Enricher {
         if let Some(family) = batch
             .families
             .iter()
-            .position(|f| f.name.as_str() == self.metric)
+            .position(|f| f.name.as_str() == self.config.metric)
         {
             for s in batch.samples.iter().filter(|s| s.family as usize == family) {
                 let Some(set) = batch.label_sets.get(s.labels as usize) else {
                     continue;
                 };
-                let Some(key) = set.iter().find(|l| l.name.as_str() == self.on) else {
+                let Some(key) = set.iter().find(|l| l.name.as_str() == self.config.on) else {
                     continue;
                 };
                 let labels: Vec<Label> = set
                     .iter()
-                    .filter(|l| l.name.as_str() != self.on && !l.value.is_empty())
+                    .filter(|l| l.name.as_str() != self.config.on && !l.value.is_empty())
                     .filter(|l| {
-                        self.labels.is_empty() || self.labels.iter().any(|w| w == l.name.as_str())
+                        self.config.labels.is_empty()
+                            || self.config.labels.iter().any(|w| w == l.name.as_str())
                     })
-                    .filter(|l| !self.exclude.iter().any(|x| x == l.name.as_str()))
+                    .filter(|l| !self.config.exclude.iter().any(|x| x == l.name.as_str()))
                     .cloned()
                     .collect();
                 // The first info series of a key wins.
@@ -203,21 +190,21 @@ impl Enricher {
         let Some((at, table)) = guard.as_ref() else {
             return 0;
         };
-        if at.elapsed() > self.max_age || table.is_empty() {
+        if at.elapsed() > self.config.max_age || table.is_empty() {
             return 0;
         }
         let mut enriched = 0;
         for set in batch.label_sets.iter_mut() {
             let Some(info) = set
                 .iter()
-                .find(|l| l.name.as_str() == self.on)
+                .find(|l| l.name.as_str() == self.config.on)
                 .and_then(|key| table.get(key.value.as_str()))
             else {
                 continue;
             };
             for label in info {
                 match set.iter_mut().find(|l| l.name == label.name) {
-                    Some(own) if self.overwrite => own.value = label.value.clone(),
+                    Some(own) if self.config.overwrite => own.value = label.value.clone(),
                     Some(_) => {}
                     None => set.push(label.clone()),
                 }
@@ -419,10 +406,10 @@ impl Pipeline {
             self.apply(rule, batch);
         }
         for e in &self.enrichers {
-            if e.info == source {
+            if e.config.info == source {
                 e.learn(batch);
             }
-            if e.from.iter().any(|f| f == source) {
+            if e.config.from.iter().any(|f| f == source) {
                 e.apply(batch);
             }
         }
