@@ -322,7 +322,18 @@ pub async fn run_until<T>(
         telemetry.register_sink(name, &plugin.name, capacity);
         let queue = if s.config.spool {
             let dir = config.agent.spool_dir.join(name);
-            let (spool, recovered) = match Spool::open(&dir, s.config.spool_max_bytes, capacity) {
+            // Opening reads the spool's segments and may wait up to 5 s for the lock that a
+            // reloaded pipeline is letting go of: a blocking thread's work, not the runtime's.
+            let opened = {
+                let dir = dir.clone();
+                let max_bytes = s.config.spool_max_bytes;
+                tokio::task::spawn_blocking(move || Spool::open(&dir, max_bytes, capacity))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(std::io::Error::other(format!("opening panicked: {e}")))
+                    })
+            };
+            let (spool, recovered) = match opened {
                 Ok(opened) => opened,
                 Err(e) => {
                     let why = format!(

@@ -221,17 +221,24 @@ fn once_prints_every_collector_and_fails_when_one_fails() {
 #[test]
 fn sighup_reloads_the_config_and_keeps_it_when_the_new_one_is_invalid() {
     let work = Workdir::new();
+    // The spooled sink's new pipeline opens the spool that the old one held.
     let base = r#"
 [agent]
 interval = "200ms"
+spool_dir = "SPOOL"
 [http]
 health_listen = "127.0.0.1:{health}"
 metrics_listen = ""
 [[collectors]]
 name = "hi"
 plugin = "hello"
-"#;
-    let mut agent = Agent::start(&work, base, &[]).expect("start");
+[[sinks]]
+name = "out"
+plugin = "stdout"
+spool = true
+"#
+    .replace("SPOOL", work.path("spool").to_str().expect("path"));
+    let mut agent = Agent::start(&work, &base, &[]).expect("start");
     agent.wait_ready().expect("ready");
     let config_path = work.path("metricsd.toml");
     let running = std::fs::read_to_string(&config_path).expect("config");
@@ -260,7 +267,7 @@ plugin = "hello"
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
     assert!(agent.is_running());
-    assert_eq!(instances(&agent).expect("health"), ["hi"]);
+    assert_eq!(instances(&agent).expect("health"), ["hi", "out"]);
 
     // A valid one replaces the pipeline, on the same listener.
     std::fs::write(
@@ -271,9 +278,25 @@ plugin = "hello"
     hup(&agent);
     wait_for("the new instance", Duration::from_secs(15), || {
         let names = instances(&agent)?;
-        (names == ["hi", "tk"]).then_some(())
+        (names == ["hi", "out", "tk"]).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    // The new pipeline's sink got the spool: it is not disabled, and it writes (the new
+    // pipeline's counters start at 0).
+    wait_for(
+        "the reloaded sink to write",
+        Duration::from_secs(10),
+        || {
+            let (_, body) = agent.get_health("/health").ok()?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let state = v["instances"]["out"]["state"].as_str()?.to_string();
+            assert_ne!(state, "disabled", "{}", agent.stderr());
+            let written = agent.stat("metricsd_sink_samples_written_total{sink=\"out\"}")?;
+            (state == "ok" && written > 0.0).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert!(!agent.stderr().contains("in use"), "{}", agent.stderr());
     wait_for(
         "the new instance to collect",
         Duration::from_secs(10),
