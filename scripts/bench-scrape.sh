@@ -2,9 +2,14 @@
 # Side-by-side scrape benchmark and idle cost of metricsd, prometheus-node-exporter and
 # collectd (write_prometheus), all on loopback. Prints Markdown tables for docs/BENCHMARKS.md.
 #
-#   apt-get install prometheus-node-exporter collectd-core libmicrohttpd12 libprotobuf-c1 wrk
+#   apt-get install prometheus-node-exporter collectd-core libmicrohttpd12 libprotobuf-c1 wrk \
+#       nginx-light
 #   cargo build --workspace --release
-#   bash scripts/bench-scrape.sh            # IDLE_SECONDS=120 WRK_SECONDS=10 by default
+#   bash scripts/bench-scrape.sh    # IDLE_SECONDS=120 WRK_SECONDS=10 ROUNDS=3 by default
+#
+# At 10,000 and 100,000 series, metricsd's one-connection latency is also measured in ROUNDS
+# rounds that take turns with a gzip scrape (what Prometheus asks for) and with nginx serving
+# the same body from a file: the latency this machine gives any server for that many bytes.
 #
 # BUILD_DIR=/some/other/target/release runs another build's metricsd and plugins (the
 # baseline of a before/after comparison on the same machine).
@@ -13,12 +18,13 @@ cd "$(dirname "$0")/.."
 
 IDLE_SECONDS=${IDLE_SECONDS:-120}
 WRK_SECONDS=${WRK_SECONDS:-10}
+ROUNDS=${ROUNDS:-3}
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
-for tool in wrk prometheus-node-exporter collectd; do
+for tool in wrk prometheus-node-exporter collectd nginx; do
     command -v "$tool" >/dev/null || { echo "missing $tool (see the header of this script)" >&2; exit 1; }
 done
 build=${BUILD_DIR:-target/release}
@@ -105,6 +111,9 @@ echo
 echo "node_exporter collects when scraped, so its idle CPU is not a collection cost; its cost per"
 echo "scrape is in the latency table below."
 echo
+echo "## Where the idle RSS is (scripts/rss-breakdown.py)"
+echo
+python3 scripts/rss-breakdown.py "$m_pid" "$c_pid"
 
 wrk_row() { # label url connections
     local p50 p99 rps
@@ -122,6 +131,26 @@ for c in 1 64; do
     wrk_row "collectd write_prometheus" http://127.0.0.1:19103/metrics "$c"
 done
 
+# nginx serves whatever body is in $work/www/metrics: the floor rows below.
+mkdir -p "$work/www" "$work/nginx"
+cat > "$work/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log;
+events { worker_connections 256; }
+http {
+    access_log off;
+    client_body_temp_path $work/nginx;
+    server {
+        listen 127.0.0.1:19300;
+        root $work/www;
+        location = /metrics { default_type "text/plain; version=0.0.4"; }
+    }
+}
+EOF
+start nginx nginx -e "$work/nginx/error.log" -p "$work/nginx" -c "$work/nginx/nginx.conf"
+declare -A floor_rows
 for n in 10000 100000; do
     port=$((19200 + n / 10000))
     kill "$m_pid" 2>/dev/null || true
@@ -132,4 +161,45 @@ for n in 10000 100000; do
     for c in 1 64; do
         wrk_row "metricsd, $n synthetic series" "http://127.0.0.1:$port/metrics" "$c"
     done
+    curl -sf "http://127.0.0.1:$port/metrics" > "$work/www/metrics"
+    chmod 755 "$work/www"
+    chmod 644 "$work/www/metrics"
+    wait_http http://127.0.0.1:19300/metrics
+    bytes=$(stat -c %s "$work/www/metrics")
+    gz_bytes=$(curl -sf -H 'Accept-Encoding: gzip' "http://127.0.0.1:$port/metrics" | wc -c)
+    declare -A p50s=() p99s=()
+    for _ in $(seq "$ROUNDS"); do
+        for target in plain gzip nginx; do
+            case $target in
+                plain) stats=$(wrk_stats 1 "http://127.0.0.1:$port/metrics") ;;
+                gzip) stats=$(wrk_stats 1 "http://127.0.0.1:$port/metrics" -H 'Accept-Encoding: gzip') ;;
+                nginx) stats=$(wrk_stats 1 http://127.0.0.1:19300/metrics) ;;
+            esac
+            read -r p50 p99 _ <<< "$stats"
+            p50s[$target]+="$(to_us "$p50") "
+            p99s[$target]+="$(to_us "$p99") "
+        done
+    done
+    for target in plain gzip nginx; do
+        case $target in
+            plain) label="metricsd, $n series ($bytes bytes)" ;;
+            gzip) label="metricsd, $n series, gzip ($gz_bytes bytes)" ;;
+            nginx) label="nginx, the same $bytes bytes from a file" ;;
+        esac
+        each=$(for v in ${p99s[$target]}; do median_us "$v"; echo; done | paste -sd, | sed 's/,/, /g')
+        # shellcheck disable=SC2086 # the value lists are meant to be split into words
+        floor_rows[$n-$target]="| $label | $(median_us ${p50s[$target]}) | $(median_us ${p99s[$target]}) | $each |"
+    done
+done
+
+echo
+echo "## One connection at 10,000 and 100,000 series, against the machine's floor"
+echo
+echo "$ROUNDS rounds of $WRK_SECONDS s; in each round metricsd (plain), metricsd with gzip and"
+echo "nginx (the same body from a file) take turns."
+echo
+echo "| target | p50 (median) | p99 (median) | p99 in each round |"
+echo "|---|---|---|---|"
+for n in 10000 100000; do
+    for target in plain gzip nginx; do echo "${floor_rows[$n-$target]}"; done
 done

@@ -36,9 +36,24 @@ wait_series() {
     return 1
 }
 
-# wrk_stats CONNECTIONS URL: "p50 p99 requests/s" of a WRK_SECONDS-long wrk run.
+# wrk_stats CONNECTIONS URL [WRK ARGS...]: "p50 p99 requests/s" of a WRK_SECONDS-long wrk run.
 wrk_stats() {
-    local out
-    out=$(wrk -t"$([ "$1" -gt 1 ] && echo 2 || echo 1)" -c"$1" -d"${WRK_SECONDS}s" --latency "$2" 2>&1)
+    local out c=$1 url=$2
+    shift 2
+    out=$(wrk -t"$([ "$c" -gt 1 ] && echo 2 || echo 1)" -c"$c" -d"${WRK_SECONDS}s" --latency "$@" "$url" 2>&1)
     echo "$(awk '$1 == "50%" {print $2}' <<< "$out") $(awk '$1 == "99%" {print $2}' <<< "$out") $(awk '/^Requests\/sec/ {print $2}' <<< "$out")"
+}
+
+# to_us DURATION: a wrk duration (850.00us, 1.20ms, 2.00s) in microseconds.
+to_us() {
+    awk -v d="$1" 'BEGIN {
+        if (d ~ /us$/) m = 1; else if (d ~ /ms$/) m = 1000; else if (d ~ /s$/) m = 1000000; else m = 1;
+        sub(/[a-z]+$/, "", d); printf "%.0f", d * m }'
+}
+
+# median_us VALUES...: the median of microsecond values, printed as "850 µs" or "1.20 ms".
+median_us() {
+    printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END {
+        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2;
+        if (m < 1000) printf "%.0f µs", m; else printf "%.2f ms", m / 1000 }'
 }
