@@ -1,0 +1,414 @@
+#!/usr/bin/env python3
+"""Compares what metricsd's NVML collector reports with what nvidia-smi prints, on a machine
+with NVIDIA GPUs and their driver (issue 4's real-GPU check). Prints Markdown for
+docs/BENCHMARKS.md and keeps the raw outputs.
+
+    bash scripts/gpu-kit.sh                    # here: stripped metricsd + nvml/prometheus plugins
+    python3 scripts/gpu-compare.py --bin gpu-kit --out /tmp/gpu-compare   # on the GPU machine
+
+metricsd runs with the NVML collector (the system's libnvidia-ml.so.1, or --library-path) and
+the Prometheus sink at a 1 s interval for --seconds; then /metrics is scraped and nvidia-smi
+queried at once, so momentary values (power, clocks, utilization, temperature) may move a
+little between the two: those rows have a tolerance, the rest must be equal. The collection
+cost per cycle is read from the agent's own counters and /proc.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+NA = ("[N/A]", "N/A", "[Not Supported]", "Not Supported", "[Unknown Error]", "")
+
+ON_OFF = {"enabled": 1, "disabled": 0, "active": 1, "not active": 0, "yes": 1, "no": 0,
+          "true": 1, "false": 0, "1": 1, "0": 0}
+MIB = 1024 * 1024
+
+# nvidia-smi --query-gpu field -> (metricsd series, extra labels, scale to nvidia-smi's unit,
+# tolerance: None = equal, ("abs", x) or ("rel", fraction), or "onoff" / "pstate" / "label").
+FIELDS = [
+    ("name", ("gpu_info", {}, None, "label:name")),
+    ("uuid", ("gpu_info", {}, None, "label:uuid")),
+    ("pci.bus_id", ("gpu_info", {}, None, "label:pci_bus_id")),
+    ("driver_version", ("gpu_info", {}, None, "label:driver_version")),
+    ("vbios_version", ("gpu_info", {}, None, "label:vbios_version")),
+    ("serial", ("gpu_info", {}, None, "label:serial")),
+    ("count", ("gpu_count", None, 1, None)),
+    ("temperature.gpu", ("gpu_temperature_celsius", {}, 1, ("abs", 2))),
+    ("temperature.memory", ("gpu_memory_temperature_celsius", {}, 1, ("abs", 2))),
+    ("utilization.gpu", ("gpu_utilization_ratio", {}, 100, ("abs", 10))),
+    ("utilization.memory", ("gpu_memory_utilization_ratio", {}, 100, ("abs", 10))),
+    ("utilization.encoder", ("gpu_encoder_utilization_ratio", {}, 100, ("abs", 10))),
+    ("utilization.decoder", ("gpu_decoder_utilization_ratio", {}, 100, ("abs", 10))),
+    ("memory.total", ("gpu_memory_total_bytes", {}, 1 / MIB, ("abs", 1))),
+    ("memory.reserved", ("gpu_memory_reserved_bytes", {}, 1 / MIB, ("abs", 1))),
+    ("memory.used", ("gpu_memory_used_bytes", {}, 1 / MIB, ("rel", 0.02))),
+    ("memory.free", ("gpu_memory_free_bytes", {}, 1 / MIB, ("rel", 0.02))),
+    ("power.draw", ("gpu_power_usage_watts", {}, 1, ("rel", 0.15))),
+    ("power.limit", ("gpu_power_management_limit_watts", {}, 1, ("abs", 0.5))),
+    ("enforced.power.limit", ("gpu_power_limit_watts", {}, 1, ("abs", 0.5))),
+    ("power.default_limit", ("gpu_power_default_limit_watts", {}, 1, ("abs", 0.5))),
+    ("clocks.gr", ("gpu_clock_hertz", {"clock": "graphics"}, 1e-6, ("rel", 0.15))),
+    ("clocks.sm", ("gpu_clock_hertz", {"clock": "sm"}, 1e-6, ("rel", 0.15))),
+    ("clocks.mem", ("gpu_clock_hertz", {"clock": "memory"}, 1e-6, ("rel", 0.15))),
+    ("clocks.video", ("gpu_clock_hertz", {"clock": "video"}, 1e-6, ("rel", 0.15))),
+    ("clocks.max.gr", ("gpu_clock_max_hertz", {"clock": "graphics"}, 1e-6, None)),
+    ("clocks.max.sm", ("gpu_clock_max_hertz", {"clock": "sm"}, 1e-6, None)),
+    ("clocks.max.mem", ("gpu_clock_max_hertz", {"clock": "memory"}, 1e-6, None)),
+    ("pstate", ("gpu_performance_state", {}, 1, "pstate")),
+    ("pcie.link.gen.current", ("gpu_pcie_link_generation", {}, 1, None)),
+    ("pcie.link.gen.max", ("gpu_pcie_link_max_generation", {}, 1, None)),
+    ("pcie.link.width.current", ("gpu_pcie_link_width", {}, 1, None)),
+    ("pcie.link.width.max", ("gpu_pcie_link_max_width", {}, 1, None)),
+    ("fan.speed", ("gpu_fan_speed_ratio", {}, 100, ("abs", 5))),
+    ("ecc.mode.current", ("gpu_ecc_enabled", {}, 1, "onoff")),
+    ("ecc.errors.corrected.volatile.total",
+     ("gpu_ecc_errors_total", {"type": "corrected", "scope": "volatile"}, 1, None)),
+    ("ecc.errors.uncorrected.volatile.total",
+     ("gpu_ecc_errors_total", {"type": "uncorrected", "scope": "volatile"}, 1, None)),
+    ("ecc.errors.corrected.aggregate.total",
+     ("gpu_ecc_errors_total", {"type": "corrected", "scope": "aggregate"}, 1, None)),
+    ("ecc.errors.uncorrected.aggregate.total",
+     ("gpu_ecc_errors_total", {"type": "uncorrected", "scope": "aggregate"}, 1, None)),
+    ("retired_pages.pending", ("gpu_retired_pages_pending", {}, 1, "onoff")),
+    ("retired_pages.single_bit_ecc.count",
+     ("gpu_retired_pages_total", {"cause": "multiple_single_bit_ecc"}, 1, None)),
+    ("retired_pages.double_bit.count",
+     ("gpu_retired_pages_total", {"cause": "double_bit_ecc"}, 1, None)),
+    ("remapped_rows.correctable", ("gpu_remapped_rows_total", {"type": "correctable"}, 1, None)),
+    ("remapped_rows.uncorrectable",
+     ("gpu_remapped_rows_total", {"type": "uncorrectable"}, 1, None)),
+    ("remapped_rows.pending", ("gpu_remapped_rows_pending", {}, 1, "onoff")),
+    ("remapped_rows.failure", ("gpu_row_remap_failure", {}, 1, "onoff")),
+    ("mig.mode.current", ("gpu_mig_mode_enabled", {}, 1, "onoff")),
+    ("mig.mode.pending", ("gpu_mig_mode_pending", {}, 1, "onoff")),
+]
+REASONS = ["gpu_idle", "applications_clocks_setting", "sw_power_cap", "hw_slowdown",
+           "sync_boost", "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown"]
+
+
+def parse_exposition(text):
+    """[(name, labels, value)] of a text-format exposition."""
+    out = []
+    for line in text.splitlines():
+        match = SERIES.match(line)
+        if not match or line.startswith("#"):
+            continue
+        labels = {k: v.replace('\\"', '"').replace("\\\\", "\\")
+                  for k, v in LABEL.findall(match.group(2) or "")}
+        try:
+            out.append((match.group(1), labels, float(match.group(3))))
+        except ValueError:
+            pass
+    return out
+
+
+def find(series, name, gpu, extra):
+    """The value (and labels) of `name` for GPU index `gpu` (None: no gpu label) with `extra`
+    labels, or None."""
+    for n, labels, value in series:
+        if n != name:
+            continue
+        if gpu is not None and labels.get("gpu") != gpu:
+            continue
+        if extra and any(labels.get(k) != v for k, v in extra.items()):
+            continue
+        return value, labels
+    return None
+
+
+def number(text):
+    match = re.match(r"^\s*(-?[0-9.]+)", text)
+    return float(match.group(1)) if match else None
+
+
+def verdict(smi, found, scale, rule):
+    """(nvidia-smi as printed, metricsd as compared, verdict)."""
+    smi_absent = smi.strip() in NA
+    if found is None:
+        return smi, "absent", "both absent" if smi_absent else "**missing in metricsd**"
+    value, labels = found
+    if isinstance(rule, str) and rule.startswith("label:"):
+        got = labels.get(rule[6:], "")
+        if smi_absent:
+            return smi, got or "(empty)", "both absent" if not got else "**differs**"
+        same = got.lower() == smi.strip().lower()
+        return smi, got, "equal" if same else "**differs**"
+    if smi_absent:
+        return smi, f"{value:g}", "**nvidia-smi has none**"
+    if rule == "onoff":
+        want = ON_OFF.get(smi.strip().lower())
+        return smi, f"{value:g}", "equal" if want == value else "**differs**"
+    if rule == "pstate":
+        want = number(smi.strip().lstrip("P"))
+        return smi, f"P{value:g}", "equal" if want == value else "**differs**"
+    want = number(smi)
+    got = value * scale
+    shown = f"{got:.6g}"
+    if want is None:
+        return smi, shown, "**unparsed**"
+    if rule is None:
+        return smi, shown, "equal" if abs(got - want) < 1e-6 * max(1, abs(want)) else "**differs**"
+    kind, tol = rule
+    limit = tol if kind == "abs" else tol * max(abs(want), 1e-9)
+    if abs(got - want) <= limit:
+        if abs(got - want) < 1e-9:
+            return smi, shown, "equal"
+        return smi, shown, f"within ±{tol:g}" if kind == "abs" else f"within {tol * 100:g} %"
+    return smi, shown, "**differs**"
+
+
+def run(cmd):
+    started = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return done, time.monotonic() - started
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url):
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return answer.read().decode()
+
+
+def stat(url, name):
+    found = find(parse_exposition(http(url)), name, None, {"collector": "gpu"})
+    return found[0] if found else 0.0
+
+
+def cpu_seconds(pid):
+    """CPU time of all of the process's threads, in ns steps (schedstat), else clock ticks."""
+    try:
+        total = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bin", default="target/release", help="metricsd and its plugins")
+    parser.add_argument("--library-path", help="libnvidia-ml to load (default: the system's)")
+    parser.add_argument("--seconds", type=float, default=30, help="how long metricsd runs")
+    parser.add_argument("--nvidia-smi", default="nvidia-smi")
+    parser.add_argument("--out", help="a directory for the raw outputs")
+    args = parser.parse_args()
+    out = args.out or tempfile.mkdtemp(prefix="gpu-compare-")
+    os.makedirs(out, exist_ok=True)
+    smi = shutil.which(args.nvidia_smi) or args.nvidia_smi
+
+    port = free_port()
+    health = free_port()
+    config = os.path.join(out, "metricsd.toml")
+    nvml_config = f'library_path = "{args.library_path}"\n' if args.library_path else ""
+    with open(config, "w") as f:
+        f.write(f"""[agent]
+interval = "1s"
+[http]
+metrics_listen = "127.0.0.1:{port}"
+health_listen = "127.0.0.1:{health}"
+[[collectors]]
+name = "gpu"
+plugin = "nvml"
+[collectors.config]
+{nvml_config}[[sinks]]
+name = "prometheus"
+plugin = "prometheus"
+""")
+    log = open(os.path.join(out, "metricsd.log"), "w")
+    agent = subprocess.Popen([os.path.join(args.bin, "metricsd"), "-c", config, "run"],
+                             stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if agent.poll() is not None:
+                sys.exit(f"metricsd exited ({agent.returncode}); see {out}/metricsd.log")
+            try:
+                if "gpu_up{" in http(f"http://127.0.0.1:{port}/metrics"):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                sys.exit(f"no gpu_up series within 30 s; see {out}/metricsd.log")
+            time.sleep(0.2)
+        stats = f"http://127.0.0.1:{health}/metrics/stats"
+        cpu0, calls0, busy0 = (cpu_seconds(agent.pid),
+                               stat(stats, "metricsd_collector_collections_total"),
+                               stat(stats, "metricsd_collector_duration_seconds_total"))
+        time.sleep(args.seconds)
+        cpu1, calls1, busy1 = (cpu_seconds(agent.pid),
+                               stat(stats, "metricsd_collector_collections_total"),
+                               stat(stats, "metricsd_collector_duration_seconds_total"))
+        body = http(f"http://127.0.0.1:{port}/metrics")
+        help_text = run([smi, "--help-query-gpu"])[0].stdout
+        # Drivers before R535 call the clock event reasons "clocks_throttle_reasons".
+        prefix = ("clocks_event_reasons" if '"clocks_event_reasons.gpu_idle"' in help_text
+                  else "clocks_throttle_reasons")
+        fields = [f for f, _ in FIELDS] + [f"{prefix}.{r}" for r in REASONS]
+        fields = [f for f in fields if f'"{f}"' in help_text] or [f for f, _ in FIELDS]
+        query, smi_seconds = run([smi, f"--query-gpu=index,{','.join(fields)}",
+                                  "--format=csv,noheader,nounits"])
+    finally:
+        agent.terminate()
+        agent.wait(timeout=15)
+        log.close()
+    with open(os.path.join(out, "metrics.txt"), "w") as f:
+        f.write(body)
+    with open(os.path.join(out, "nvidia-smi-query.csv"), "w") as f:
+        f.write(",".join(["index"] + fields) + "\n" + query.stdout + query.stderr)
+    extras = {}
+    for name, cmd in [("nvidia-smi-q", [smi, "-q"]), ("nvlink-status", [smi, "nvlink", "-s"]),
+                      ("nvlink-errors", [smi, "nvlink", "-e"])]:
+        done = run(cmd)[0]
+        extras[name] = done.stdout + done.stderr
+        with open(os.path.join(out, name + ".txt"), "w") as f:
+            f.write(extras[name])
+    if query.returncode != 0:
+        sys.exit(f"nvidia-smi failed: {query.stderr.strip()} (raw outputs in {out})")
+
+    series = parse_exposition(body)
+    rules = dict(FIELDS)
+    for prefix in ("clocks_event_reasons", "clocks_throttle_reasons"):
+        rules.update({f"{prefix}.{r}": ("gpu_clocks_event_active", {"reason": r}, 1, "onoff")
+                      for r in REASONS})
+    print(f"nvidia-smi: {query.stdout.count(chr(10))} GPU(s); driver "
+          f"{(find(series, 'gpu_info', None, {}) or (0, {}))[1].get('driver_version', '?')}; "
+          f"raw outputs in {out}\n")
+    print("| GPU | nvidia-smi field | nvidia-smi | metricsd series | metricsd | verdict |")
+    print("|---|---|---|---|---|---|")
+    counts = {}
+    for row in query.stdout.strip().splitlines():
+        values = [v.strip() for v in row.split(",")]
+        gpu = values[0]
+        for field, smi_value in zip(fields, values[1:]):
+            rule = rules.get(field)
+            if rule is None or (field == "count" and gpu != "0"):
+                continue
+            name, extra, scale, tolerance = rule
+            found = find(series, name, None if extra is None else gpu, extra or {})
+            shown_smi, shown, result = verdict(smi_value, found, scale, tolerance)
+            kind = result.strip("*")
+            kind = "within tolerance" if kind.startswith("within") else kind
+            counts[kind] = counts.get(kind, 0) + 1
+            labels = ",".join(f'{k}="{v}"' for k, v in (extra or {}).items())
+            selector = f"{name}{{{labels}}}" if labels else name
+            print(f"| {gpu} | `{field}` | {shown_smi} | `{selector}` | {shown} | {result} |")
+    print()
+    print("Verdicts: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    print()
+    thresholds(series, extras["nvidia-smi-q"])
+    nvlink(series, extras["nvlink-status"], extras["nvlink-errors"])
+    gpm(series)
+    cycles = max(calls1 - calls0, 1)
+    gpus = max(int((find(series, "gpu_count", None, {}) or (1, {}))[0]), 1)
+    print("| cost | value |")
+    print("|---|---|")
+    print(f"| metricsd CPU per 1 s cycle (whole agent, time inside NVML and the driver included) | "
+          f"{(cpu1 - cpu0) / cycles * 1000:.2f} ms over {cycles:.0f} cycles |")
+    print(f"| per GPU | {(cpu1 - cpu0) / cycles / gpus * 1e6:.0f} µs ({gpus} GPU(s)) |")
+    print(f"| wall time of one collection (`metricsd_collector_duration_seconds_total`) | "
+          f"{(busy1 - busy0) / cycles * 1000:.2f} ms |")
+    print(f"| one `nvidia-smi --query-gpu` of the fields above (wall) | {smi_seconds * 1000:.0f} ms |")
+
+
+def thresholds(series, q_text):
+    """Slowdown and shutdown temperatures from `nvidia-smi -q`, by PCI bus id."""
+    rows = []
+    for block in re.split(r"^GPU (?=[0-9A-Fa-f]{4,8}:)", q_text, flags=re.M)[1:]:
+        bus = block.split()[0].lower()
+        for label, name in [("GPU Shutdown Temp", "gpu_temperature_shutdown_threshold_celsius"),
+                            ("GPU Slowdown Temp", "gpu_temperature_slowdown_threshold_celsius")]:
+            match = re.search(rf"{label}\s*:\s*(\S+)", block)
+            smi = match.group(1) if match else "[N/A]"
+            found = next(((v, l) for n, l, v in series
+                          if n == name and l.get("pci_bus_id", "").lower() == bus), None)
+            rows.append((bus, label, *verdict(smi, found, 1, None), name))
+    if rows:
+        print("| GPU (bus id) | nvidia-smi -q | nvidia-smi | metricsd | verdict | series |")
+        print("|---|---|---|---|---|---|")
+        for bus, label, smi, got, result, name in rows:
+            print(f"| {bus} | {label} | {smi} | {got} | {result} | `{name}` |")
+        print()
+
+
+def gpm(series):
+    """The GPM profiling metrics per GPU: nvidia-smi has no equivalent, so they are listed."""
+    names = ["gpu_graphics_engine_active_ratio", "gpu_sm_active_ratio", "gpu_sm_occupancy_ratio",
+             "gpu_tensor_active_ratio", "gpu_dram_active_ratio", "gpu_fp64_active_ratio",
+             "gpu_fp32_active_ratio", "gpu_fp16_active_ratio"]
+    gpus = sorted({labels["gpu"] for n, labels, _ in series if n in names and "gpu" in labels},
+                  key=int)
+    if not gpus:
+        print("GPM metrics (Hopper and newer; no nvidia-smi equivalent): none reported\n")
+        return
+    print("GPM metrics (no nvidia-smi equivalent):\n")
+    print("| GPU | " + " | ".join(n[4:-6] for n in names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for g in gpus:
+        cells = []
+        for n in names:
+            found = find(series, n, g, {})
+            cells.append(f"{found[0]:.3f}" if found else "absent")
+        print(f"| {g} | " + " | ".join(cells) + " |")
+    print()
+
+
+def nvlink(series, status, errors):
+    """Links up and error totals from `nvidia-smi nvlink -s / -e` against metricsd."""
+    up = {}
+    gpu = None
+    for line in status.splitlines():
+        head = re.match(r"^GPU (\d+):", line)
+        if head:
+            gpu = head.group(1)
+            up.setdefault(gpu, 0)
+        elif gpu is not None and re.match(r"^\s*Link \d+:", line) and "inactive" not in line.lower():
+            up[gpu] += 1
+    totals = {}
+    gpu = None
+    for line in errors.splitlines():
+        head = re.match(r"^GPU (\d+):", line)
+        if head:
+            gpu = head.group(1)
+            continue
+        match = re.match(r"^\s*Link \d+:\s*(.+?) Errors?:\s*(\d+)", line)
+        if gpu is not None and match:
+            kind = match.group(1).strip().lower().replace(" ", "_")
+            totals[(gpu, kind)] = totals.get((gpu, kind), 0) + int(match.group(2))
+    if not up and not totals:
+        print("NVLink: nvidia-smi reports no links (raw outputs kept)\n")
+        return
+    print("| GPU | NVLink | nvidia-smi | metricsd |")
+    print("|---|---|---|---|")
+    for g, n in sorted(up.items()):
+        ours = sum(1 for name, labels, v in series
+                   if name == "gpu_nvlink_up" and labels.get("gpu") == g and v == 1)
+        print(f"| {g} | links up | {n} | {ours} |")
+    for (g, kind), n in sorted(totals.items()):
+        # nvidia-smi's "CRC" may be metricsd's crc_flit and crc_data: show every type it begins.
+        ours = [f"{labels['type']} {v:g}" for name, labels, v in series
+                if name == "gpu_nvlink_errors_total" and labels.get("gpu") == g
+                and "link" not in labels and labels.get("type", "").startswith(kind)]
+        print(f"| {g} | {kind} errors (all links) | {n} | {', '.join(ours) or 'absent'} |")
+    print()
+
+
+if __name__ == "__main__":
+    main()
