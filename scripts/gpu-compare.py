@@ -370,26 +370,29 @@ def gpm(series):
     print()
 
 
+def link_lines(text):
+    """(GPU index, the text after `Link N:`) of `nvidia-smi nvlink` output; None for the GPU's
+    own heading line."""
+    gpu = None
+    for line in text.splitlines():
+        head = re.match(r"^GPU (\d+):", line)
+        link = re.match(r"^\s*Link \d+:\s*(.*)", line)
+        if head:
+            gpu = head.group(1)
+            yield gpu, None
+        elif gpu is not None and link:
+            yield gpu, link.group(1)
+
+
 def nvlink(series, status, errors):
     """Links up and error totals from `nvidia-smi nvlink -s / -e` against metricsd."""
     up = {}
-    gpu = None
-    for line in status.splitlines():
-        head = re.match(r"^GPU (\d+):", line)
-        if head:
-            gpu = head.group(1)
-            up.setdefault(gpu, 0)
-        elif gpu is not None and re.match(r"^\s*Link \d+:", line) and "inactive" not in line.lower():
-            up[gpu] += 1
+    for gpu, rest in link_lines(status):
+        up[gpu] = up.get(gpu, 0) + (rest is not None and "inactive" not in rest.lower())
     totals = {}
-    gpu = None
-    for line in errors.splitlines():
-        head = re.match(r"^GPU (\d+):", line)
-        if head:
-            gpu = head.group(1)
-            continue
-        match = re.match(r"^\s*Link \d+:\s*(.+?) Errors?:\s*(\d+)", line)
-        if gpu is not None and match:
+    for gpu, rest in link_lines(errors):
+        match = re.match(r"(.+?) Errors?:\s*(\d+)", rest or "")
+        if match:
             kind = match.group(1).strip().lower().replace(" ", "_")
             totals[(gpu, kind)] = totals.get((gpu, kind), 0) + int(match.group(2))
     if not up and not totals:
