@@ -310,3 +310,50 @@ spool = true
     let status = agent.terminate().expect("terminate");
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn tokio_worker_threads_overrides_the_small_default() {
+    let work = Workdir::new();
+    let config = r#"
+[agent]
+interval = "1s"
+[http]
+health_listen = "127.0.0.1:{health}"
+metrics_listen = ""
+[[collectors]]
+name = "hi"
+plugin = "hello"
+"#;
+    let threads = |agent: &Agent| -> usize {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("Threads line")
+    };
+    let mut small = Agent::start_named(&work, "small", config, &[]).expect("start");
+    small.wait_ready().expect("ready");
+    let mut big =
+        Agent::start_named(&work, "big", config, &[("TOKIO_WORKER_THREADS", "8")]).expect("start");
+    big.wait_ready().expect("ready");
+    // Both have run a collection, so both have their blocking threads too.
+    for agent in [&small, &big] {
+        wait_for("a collection", Duration::from_secs(10), || {
+            agent
+                .stat("metricsd_collector_collections_total{collector=\"hi\"}")
+                .filter(|v| *v >= 1.0)
+        })
+        .expect("collects");
+    }
+    // 2 workers against 8; blocking-pool threads come and go beside them (a collection or a
+    // scrape may have one more or fewer at the moment of reading), hence the margin.
+    let (few, many) = (threads(&small), threads(&big));
+    assert!(
+        many >= few + 4,
+        "{few} threads by default, {many} with TOKIO_WORKER_THREADS=8"
+    );
+    assert_eq!(small.terminate().expect("terminate").code(), Some(0));
+    assert_eq!(big.terminate().expect("terminate").code(), Some(0));
+}
