@@ -133,6 +133,7 @@ done
 
 # nginx serves whatever body is in $work/www/metrics: the floor rows below.
 mkdir -p "$work/www" "$work/nginx"
+chmod 755 "$work/www"
 cat > "$work/nginx/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
@@ -162,7 +163,6 @@ for n in 10000 100000; do
         wrk_row "metricsd, $n synthetic series" "http://127.0.0.1:$port/metrics" "$c"
     done
     curl -sf "http://127.0.0.1:$port/metrics" > "$work/www/metrics"
-    chmod 755 "$work/www"
     chmod 644 "$work/www/metrics"
     wait_http http://127.0.0.1:19300/metrics
     bytes=$(stat -c %s "$work/www/metrics")

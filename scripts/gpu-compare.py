@@ -14,6 +14,7 @@ cost per cycle is read from the agent's own counters and /proc.
 """
 
 import argparse
+import csv
 import os
 import re
 import shutil
@@ -93,6 +94,11 @@ FIELDS = [
 ]
 REASONS = ["gpu_idle", "applications_clocks_setting", "sw_power_cap", "hw_slowdown",
            "sync_boost", "sw_thermal_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown"]
+# Every comparable field; the clock event reasons under both names drivers have used for them.
+RULES = dict(FIELDS) | {
+    f"{prefix}.{r}": ("gpu_clocks_event_active", {"reason": r}, 1, "onoff")
+    for prefix in ("clocks_event_reasons", "clocks_throttle_reasons") for r in REASONS
+}
 
 
 def parse_exposition(text):
@@ -183,9 +189,16 @@ def http(url):
         return answer.read().decode()
 
 
-def stat(url, name):
-    found = find(parse_exposition(http(url)), name, None, {"collector": "gpu"})
-    return found[0] if found else 0.0
+def collector_counters(url):
+    """(collections, seconds spent collecting) of the `gpu` collector, from one read of the
+    agent's own metrics."""
+    series = parse_exposition(http(url))
+    values = []
+    for name in ("metricsd_collector_collections_total",
+                 "metricsd_collector_duration_seconds_total"):
+        found = find(series, name, None, {"collector": "gpu"})
+        values.append(found[0] if found else 0.0)
+    return values
 
 
 def cpu_seconds(pid):
@@ -212,7 +225,9 @@ def main():
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="gpu-compare-")
     os.makedirs(out, exist_ok=True)
-    smi = shutil.which(args.nvidia_smi) or args.nvidia_smi
+    smi = shutil.which(args.nvidia_smi)
+    if smi is None:
+        sys.exit(f"{args.nvidia_smi} not found: this check needs a machine with the NVIDIA driver")
 
     port = free_port()
     health = free_port()
@@ -249,20 +264,16 @@ plugin = "prometheus"
                 sys.exit(f"no gpu_up series within 30 s; see {out}/metricsd.log")
             time.sleep(0.2)
         stats = f"http://127.0.0.1:{health}/metrics/stats"
-        cpu0, calls0, busy0 = (cpu_seconds(agent.pid),
-                               stat(stats, "metricsd_collector_collections_total"),
-                               stat(stats, "metricsd_collector_duration_seconds_total"))
+        cpu0, (calls0, busy0) = cpu_seconds(agent.pid), collector_counters(stats)
         time.sleep(args.seconds)
-        cpu1, calls1, busy1 = (cpu_seconds(agent.pid),
-                               stat(stats, "metricsd_collector_collections_total"),
-                               stat(stats, "metricsd_collector_duration_seconds_total"))
+        cpu1, (calls1, busy1) = cpu_seconds(agent.pid), collector_counters(stats)
         body = http(f"http://127.0.0.1:{port}/metrics")
         help_text = run([smi, "--help-query-gpu"])[0].stdout
         # Drivers before R535 call the clock event reasons "clocks_throttle_reasons".
         prefix = ("clocks_event_reasons" if '"clocks_event_reasons.gpu_idle"' in help_text
                   else "clocks_throttle_reasons")
-        fields = [f for f, _ in FIELDS] + [f"{prefix}.{r}" for r in REASONS]
-        fields = [f for f in fields if f'"{f}"' in help_text] or [f for f, _ in FIELDS]
+        fields = [f for f in RULES if f'"{f}"' in help_text
+                  and (not f.startswith("clocks_") or f.startswith(prefix))]
         query, smi_seconds = run([smi, f"--query-gpu=index,{','.join(fields)}",
                                   "--format=csv,noheader,nounits"])
     finally:
@@ -284,24 +295,19 @@ plugin = "prometheus"
         sys.exit(f"nvidia-smi failed: {query.stderr.strip()} (raw outputs in {out})")
 
     series = parse_exposition(body)
-    rules = dict(FIELDS)
-    for prefix in ("clocks_event_reasons", "clocks_throttle_reasons"):
-        rules.update({f"{prefix}.{r}": ("gpu_clocks_event_active", {"reason": r}, 1, "onoff")
-                      for r in REASONS})
-    print(f"nvidia-smi: {query.stdout.count(chr(10))} GPU(s); driver "
-          f"{(find(series, 'gpu_info', None, {}) or (0, {}))[1].get('driver_version', '?')}; "
-          f"raw outputs in {out}\n")
+    rows = list(csv.reader(query.stdout.strip().splitlines(), skipinitialspace=True))
+    info = find(series, "gpu_info", None, {})
+    driver = info[1].get("driver_version", "?") if info else "?"
+    print(f"nvidia-smi: {len(rows)} GPU(s); driver {driver}; raw outputs in {out}\n")
     print("| GPU | nvidia-smi field | nvidia-smi | metricsd series | metricsd | verdict |")
     print("|---|---|---|---|---|---|")
     counts = {}
-    for row in query.stdout.strip().splitlines():
-        values = [v.strip() for v in row.split(",")]
-        gpu = values[0]
+    for values in rows:
+        gpu = values[0].strip()
         for field, smi_value in zip(fields, values[1:]):
-            rule = rules.get(field)
-            if rule is None or (field == "count" and gpu != "0"):
+            if field == "count" and gpu != "0":
                 continue
-            name, extra, scale, tolerance = rule
+            name, extra, scale, tolerance = RULES[field]
             found = find(series, name, None if extra is None else gpu, extra or {})
             shown_smi, shown, result = verdict(smi_value, found, scale, tolerance)
             kind = result.strip("*")

@@ -407,14 +407,19 @@ impl Drop for Agent {
     }
 }
 
+/// A number of `/proc/PID/status` (`VmRSS` in KiB, `Threads`, …); `None` when the process is
+/// gone.
+pub fn proc_status(pid: u32, key: &str) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// A process's resident memory (`VmRSS` of `/proc/PID/status`) in KiB; 0 when it is gone.
 pub fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    proc_status(pid, "VmRSS").unwrap_or(0)
 }
 
 /// The value of `series` (exact text up to the value) in Prometheus text.
@@ -600,4 +605,18 @@ pub fn http_get_with(
     let mut body = Vec::new();
     resp.into_reader().read_to_end(&mut body)?;
     Ok((status, hdrs, body))
+}
+
+#[cfg(test)]
+mod proc_status_tests {
+    use super::{proc_status, rss_kib};
+
+    #[test]
+    fn reads_numbers_with_and_without_a_unit() {
+        let me = std::process::id();
+        assert!(rss_kib(me) > 0, "VmRSS (in kB) of this test process");
+        assert!(proc_status(me, "Threads").is_some_and(|n| n >= 1));
+        assert_eq!(proc_status(me, "NoSuchKey"), None);
+        assert_eq!(proc_status(u32::MAX, "Threads"), None, "no such process");
+    }
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use metricsd_e2e::{json_lines, wait_for, Agent, Workdir};
+use metricsd_e2e::{json_lines, proc_status, wait_for, Agent, Workdir};
 
 fn check(config: &str) -> (Option<i32>, String) {
     let work = Workdir::new();
@@ -324,15 +324,7 @@ metrics_listen = ""
 name = "hi"
 plugin = "hello"
 "#;
-    let threads = |agent: &Agent| -> usize {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
-            .and_then(|n| n.trim().parse().ok())
-            .expect("Threads line")
-    };
+    let threads = |agent: &Agent| proc_status(agent.pid(), "Threads").expect("Threads line");
     let mut small = Agent::start_named(&work, "small", config, &[]).expect("start");
     small.wait_ready().expect("ready");
     let mut big =
