@@ -201,6 +201,20 @@ def collector_counters(url):
     return values
 
 
+def thread_cpu(pid):
+    """{thread name: CPU seconds} of a process's threads (schedstat, ns steps)."""
+    out = {}
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                out[name] = out.get(name, 0) + int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
 def cpu_seconds(pid):
     """CPU time of all of the process's threads, in ns steps (schedstat), else clock ticks."""
     try:
@@ -220,7 +234,10 @@ def main():
     parser.add_argument("--bin", default="target/release", help="metricsd and its plugins")
     parser.add_argument("--library-path", help="libnvidia-ml to load (default: the system's)")
     parser.add_argument("--seconds", type=float, default=30, help="how long metricsd runs")
+    parser.add_argument("--interval", default="1s", help="the collection interval")
     parser.add_argument("--nvidia-smi", default="nvidia-smi")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a line for the collector's [collectors.config], e.g. energy=false")
     parser.add_argument("--out", help="a directory for the raw outputs")
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="gpu-compare-")
@@ -233,9 +250,10 @@ def main():
     health = free_port()
     config = os.path.join(out, "metricsd.toml")
     nvml_config = f'library_path = "{args.library_path}"\n' if args.library_path else ""
+    nvml_config += "".join(f"{line}\n" for line in args.set)
     with open(config, "w") as f:
         f.write(f"""[agent]
-interval = "1s"
+interval = "{args.interval}"
 [http]
 metrics_listen = "127.0.0.1:{port}"
 health_listen = "127.0.0.1:{health}"
@@ -264,10 +282,15 @@ plugin = "prometheus"
                 sys.exit(f"no gpu_up series within 30 s; see {out}/metricsd.log")
             time.sleep(0.2)
         stats = f"http://127.0.0.1:{health}/metrics/stats"
+        threads0 = thread_cpu(agent.pid)
         cpu0, (calls0, busy0) = cpu_seconds(agent.pid), collector_counters(stats)
         time.sleep(args.seconds)
         cpu1, (calls1, busy1) = cpu_seconds(agent.pid), collector_counters(stats)
+        threads1 = thread_cpu(agent.pid)
+        rss_kib = rss(agent.pid)
         body = http(f"http://127.0.0.1:{port}/metrics")
+        apps = run([smi, "--query-compute-apps=gpu_uuid,pid,process_name,used_memory",
+                    "--format=csv,noheader,nounits"])[0]
         help_text = run([smi, "--help-query-gpu"])[0].stdout
         # Drivers before R535 call the clock event reasons "clocks_throttle_reasons".
         prefix = ("clocks_event_reasons" if '"clocks_event_reasons.gpu_idle"' in help_text
@@ -320,38 +343,107 @@ plugin = "prometheus"
     print("Verdicts: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     print()
     thresholds(series, extras["nvidia-smi-q"])
+    processes(series, apps.stdout if apps.returncode == 0 else "")
     nvlink(series, extras["nvlink-status"], extras["nvlink-errors"])
     gpm(series)
     cycles = max(calls1 - calls0, 1)
     gpus = max(int((find(series, "gpu_count", None, {}) or (1, {}))[0]), 1)
     print("| cost | value |")
     print("|---|---|")
-    print(f"| metricsd CPU per 1 s cycle (whole agent, time inside NVML and the driver included) | "
+    print(f"| metricsd CPU per {args.interval} cycle (whole agent, time inside NVML and the driver "
+          f"included) | "
           f"{(cpu1 - cpu0) / cycles * 1000:.2f} ms over {cycles:.0f} cycles |")
     print(f"| per GPU | {(cpu1 - cpu0) / cycles / gpus * 1e6:.0f} µs ({gpus} GPU(s)) |")
+    by_thread = sorted(((threads1[n] - threads0.get(n, 0), n) for n in threads1), reverse=True)
+    print("| by thread, per cycle | " + ", ".join(
+        f"{n} {d / cycles * 1000:.2f} ms" for d, n in by_thread if d / cycles >= 1e-5) + " |")
     print(f"| wall time of one collection (`metricsd_collector_duration_seconds_total`) | "
           f"{(busy1 - busy0) / cycles * 1000:.2f} ms |")
+    print(f"| metricsd RSS after {args.seconds:g} s (libnvidia-ml mapped in) | {rss_kib / 1024:.1f} MiB |")
     print(f"| one `nvidia-smi --query-gpu` of the fields above (wall) | {smi_seconds * 1000:.0f} ms |")
 
 
+def rss(pid):
+    """VmRSS of a process in KiB (0 if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def processes(series, apps_csv):
+    """Compute processes from `nvidia-smi --query-compute-apps` against gpu_process_memory_used_bytes
+    (matched by GPU uuid and pid)."""
+    rows = list(csv.reader(apps_csv.strip().splitlines(), skipinitialspace=True))
+    ours = [(labels, v) for n, labels, v in series if n == "gpu_process_memory_used_bytes"]
+    if not rows and not ours:
+        print("Compute processes: none on either side\n")
+        return
+    print("| GPU uuid | pid | nvidia-smi process, MiB | metricsd process, MiB | verdict |")
+    print("|---|---|---|---|---|")
+    seen = set()
+    for row in rows:
+        if len(row) < 4:
+            continue
+        uuid, pid, name, used = (c.strip() for c in row[:4])
+        match = next(((l, v) for l, v in ours if l.get("uuid") == uuid and l.get("pid") == pid),
+                     None)
+        if match is None:
+            print(f"| {uuid} | {pid} | {name}, {used} | absent | **missing in metricsd** |")
+            continue
+        seen.add((uuid, pid))
+        labels, value = match
+        mib = value / MIB
+        want = number(used)
+        same = want is not None and abs(mib - want) <= max(0.02 * want, 2)
+        print(f"| {uuid} | {pid} | {name}, {used} | {labels.get('process', '')}, {mib:.0f} | "
+              f"{'equal' if same else '**differs**'} |")
+    for labels, value in ours:
+        if (labels.get("uuid"), labels.get("pid")) not in seen:
+            print(f"| {labels.get('uuid')} | {labels.get('pid')} | absent | "
+                  f"{labels.get('process', '')}, {value / MIB:.0f} | **not in nvidia-smi** |")
+    print()
+
+
 def thresholds(series, q_text):
-    """Slowdown and shutdown temperatures from `nvidia-smi -q`, by PCI bus id."""
+    """Slowdown and shutdown temperatures from `nvidia-smi -q`, by PCI bus id. Drivers from
+    R570 on print them on Hopper as margins to the "T.Limit" temperature (`GPU T.Limit Temp`,
+    the current margin, and `GPU Shutdown T.Limit Temp`, the margin at which it shuts down):
+    then the absolute threshold is current + current margin - threshold margin."""
     rows = []
     for block in re.split(r"^GPU (?=[0-9A-Fa-f]{4,8}:)", q_text, flags=re.M)[1:]:
         bus = block.split()[0].lower()
-        for label, name in [("GPU Shutdown Temp", "gpu_temperature_shutdown_threshold_celsius"),
-                            ("GPU Slowdown Temp", "gpu_temperature_slowdown_threshold_celsius")]:
-            match = re.search(rf"{label}\s*:\s*(\S+)", block)
-            smi = match.group(1) if match else "[N/A]"
+
+        def read(label):
+            match = re.search(rf"^\s*{re.escape(label)}\s*:\s*(\S+)", block, flags=re.M)
+            return match.group(1) if match else "[N/A]"
+
+        for kind, name in [("Shutdown", "gpu_temperature_shutdown_threshold_celsius"),
+                           ("Slowdown", "gpu_temperature_slowdown_threshold_celsius")]:
+            label, smi, rule = f"GPU {kind} Temp", read(f"GPU {kind} Temp"), None
+            current, margin = number(read("GPU Current Temp")), number(read("GPU T.Limit Temp"))
+            at = number(read(f"GPU {kind} T.Limit Temp"))
+            if smi in NA and None not in (current, margin, at):
+                # The two readings of the current temperature may be a degree apart.
+                label, smi, rule = (f"GPU {kind} T.Limit Temp {at:g} (current + T.Limit margin {-at:+g})",
+                                    f"{current + margin - at:g}", ("abs", 1))
             found = next(((v, l) for n, l, v in series
                           if n == name and l.get("pci_bus_id", "").lower() == bus), None)
-            rows.append((bus, label, *verdict(smi, found, 1, None), name))
+            rows.append((bus, label, *verdict(smi, found, 1, rule), name))
     if rows:
         print("| GPU (bus id) | nvidia-smi -q | nvidia-smi | metricsd | verdict | series |")
         print("|---|---|---|---|---|---|")
         for bus, label, smi, got, result, name in rows:
             print(f"| {bus} | {label} | {smi} | {got} | {result} | `{name}` |")
         print()
+        if any("T.Limit" in label for _, label, *_ in rows):
+            print("The T.Limit margin is not measured at the sensor of `GPU Current Temp`: the "
+                  "derived thresholds hold on an idle GPU only (on a busy H200 they came out 5 °C "
+                  "low).\n")
 
 
 def gpm(series):
