@@ -14,7 +14,7 @@ pub mod dcgm;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -63,16 +63,14 @@ pub struct Config {
     /// Count critical Xid errors from an NVML event set, on a thread of the plugin's own.
     #[serde(default = "yes")]
     pub xid_events: bool,
-    /// Collect GPM profiling metrics (Hopper and newer) on a thread of the plugin's own.
+    /// Report the energy counter (`nvmlDeviceGetTotalEnergyConsumption`): on an H200 with
+    /// driver 580 this one call costs 4 to 6 ms of CPU, about a third of a collection.
+    #[serde(default = "yes")]
+    pub energy: bool,
+    /// Collect GPM profiling metrics (Hopper and newer), over each collection interval, on a
+    /// thread of the plugin's own.
     #[serde(default = "yes")]
     pub gpm: bool,
-    /// The interval GPM metrics are computed over.
-    #[serde(default = "default_gpm_period", with = "humantime_serde")]
-    pub gpm_period: Duration,
-}
-
-fn default_gpm_period() -> Duration {
-    Duration::from_secs(1)
 }
 
 /// A thread of the plugin's own, stopped and joined when dropped.
@@ -157,10 +155,49 @@ const GPM_METRICS: [(nvml_wrapper::enums::gpm::GpmMetricId, &str, &str); 8] = {
     ]
 };
 
-/// GPU index → (when computed, values per `GPM_METRICS` entry as ratios).
-type GpmBook = BTreeMap<u32, (Instant, Vec<Option<f64>>)>;
+/// What the GPM thread and the collections share: how many computations were asked for and
+/// done, and the latest values (GPU index → one value per `GPM_METRICS` entry, as ratios).
+#[derive(Default)]
+struct GpmState {
+    asked: u64,
+    done: u64,
+    /// The thread has ended (no GPU supports GPM, or it was stopped): nothing to wait for.
+    ended: bool,
+    values: BTreeMap<u32, Vec<Option<f64>>>,
+}
 
-fn gpm_loop(nvml: &Nvml, book: &Mutex<GpmBook>, stop: &AtomicBool, period: Duration) {
+#[derive(Default)]
+struct GpmShared {
+    state: Mutex<GpmState>,
+    /// Signalled when `asked` or `done` moves.
+    changed: Condvar,
+}
+
+/// Samples younger than this are not compared: a ratio over a few milliseconds says little
+/// (`metricsd once` gets no GPM values rather than noise).
+const GPM_MIN_SPAN: Duration = Duration::from_millis(100);
+
+/// How long a collection waits for the GPM thread (a sample and a computation take a few ms per
+/// GPU; a GPM call that hangs costs a collection its GPM values, not its other metrics).
+const GPM_WAIT: Duration = Duration::from_millis(500);
+
+fn gpm_sample<'nvml>(
+    device: &Device<'nvml>,
+    index: u32,
+) -> Option<(Instant, nvml_wrapper::gpm::GpmSample<'nvml>)> {
+    match device.gpm_sample() {
+        Ok(s) => Some((Instant::now(), s)),
+        Err(e) => {
+            tracing::debug!(gpu = index, "GPM sample failed: {e}");
+            None
+        }
+    }
+}
+
+/// One GPM sample per GPU each time a collection asks, compared with the previous one: the
+/// values are averages over the collection interval. (On an H200 a sample and a computation
+/// cost about 2.7 ms of CPU, so they are made once per collection, not on a timer of their own.)
+fn gpm_loop(nvml: &Nvml, shared: &GpmShared, stop: &AtomicBool) {
     let count = nvml.device_count().unwrap_or(0);
     let devices: Vec<(u32, Device)> = (0..count)
         .filter_map(|i| nvml.device_by_index(i).ok().map(|d| (i, d)))
@@ -171,38 +208,56 @@ fn gpm_loop(nvml: &Nvml, book: &Mutex<GpmBook>, stop: &AtomicBool, period: Durat
         return;
     }
     let ids: Vec<_> = GPM_METRICS.iter().map(|(id, _, _)| *id).collect();
-    let mut previous: Vec<Option<nvml_wrapper::gpm::GpmSample>> =
-        devices.iter().map(|_| None).collect();
-    while !stop.load(Ordering::Relaxed) {
-        for (slot, (index, device)) in devices.iter().enumerate() {
-            match device.gpm_sample() {
-                Ok(current) => {
-                    if let Some(before) = &previous[slot] {
-                        match nvml_wrapper::gpm::gpm_metrics_get(nvml, before, &current, &ids) {
-                            Ok(results) => {
-                                let values = results
-                                    .into_iter()
-                                    .map(|r| r.ok().map(|m| m.value / 100.0))
-                                    .collect();
-                                if let Ok(mut b) = book.lock() {
-                                    b.insert(*index, (Instant::now(), values));
-                                }
-                            }
-                            Err(e) => tracing::debug!(gpu = index, "GPM metrics failed: {e}"),
-                        }
-                    }
-                    previous[slot] = Some(current);
+    let mut previous: Vec<_> = devices.iter().map(|(i, d)| gpm_sample(d, *i)).collect();
+    loop {
+        let target = {
+            let Ok(mut state) = shared.state.lock() else {
+                return;
+            };
+            while state.asked == state.done {
+                if stop.load(Ordering::Relaxed) {
+                    return;
                 }
-                Err(e) => {
-                    tracing::debug!(gpu = index, "GPM sample failed: {e}");
-                    previous[slot] = None;
-                }
+                state = match shared
+                    .changed
+                    .wait_timeout(state, Duration::from_millis(200))
+                {
+                    Ok((s, _)) => s,
+                    Err(_) => return,
+                };
             }
+            state.asked
+        };
+        let mut values = BTreeMap::new();
+        for (slot, (index, device)) in devices.iter().enumerate() {
+            let Some((at, current)) = gpm_sample(device, *index) else {
+                previous[slot] = None;
+                continue;
+            };
+            match &previous[slot] {
+                Some((before_at, _)) if at.duration_since(*before_at) < GPM_MIN_SPAN => continue,
+                Some((_, before)) => {
+                    match nvml_wrapper::gpm::gpm_metrics_get(nvml, before, &current, &ids) {
+                        Ok(results) => {
+                            let got = results
+                                .into_iter()
+                                .map(|r| r.ok().map(|m| m.value / 100.0))
+                                .collect();
+                            values.insert(*index, got);
+                        }
+                        Err(e) => tracing::debug!(gpu = index, "GPM metrics failed: {e}"),
+                    }
+                }
+                None => {}
+            }
+            previous[slot] = Some((at, current));
         }
-        let until = Instant::now() + period;
-        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(50).min(period));
-        }
+        let Ok(mut state) = shared.state.lock() else {
+            return;
+        };
+        state.values = values;
+        state.done = target;
+        shared.changed.notify_all();
     }
 }
 
@@ -235,32 +290,58 @@ impl XidWatcher {
     }
 }
 
-/// The thread that computes GPM metrics every `gpm_period`, and its latest results.
+/// The thread that computes GPM metrics when a collection asks, and what it computed.
 struct GpmWatcher {
-    book: Arc<Mutex<GpmBook>>,
-    period: Duration,
+    shared: Arc<GpmShared>,
     _thread: Background,
 }
 
 impl GpmWatcher {
-    fn start(nvml: Arc<Nvml>, dispatch: tracing::Dispatch, period: Duration) -> Self {
-        let book = Arc::new(Mutex::new(GpmBook::new()));
-        let thread_book = Arc::clone(&book);
+    fn start(nvml: Arc<Nvml>, dispatch: tracing::Dispatch) -> Self {
+        let shared = Arc::new(GpmShared::default());
+        let thread_shared = Arc::clone(&shared);
         let thread = Background::spawn("nvml-gpm", dispatch, move |stop| {
-            gpm_loop(&nvml, &thread_book, stop, period)
+            gpm_loop(&nvml, &thread_shared, stop);
+            if let Ok(mut state) = thread_shared.state.lock() {
+                state.ended = true;
+                thread_shared.changed.notify_all();
+            }
         });
+        if thread.thread.is_none() {
+            if let Ok(mut state) = shared.state.lock() {
+                state.ended = true;
+            }
+        }
         Self {
-            book,
-            period,
+            shared,
             _thread: thread,
         }
     }
 
-    /// Fresh GPM values of a GPU (computed within three periods).
-    fn values(&self, index: u32) -> Option<Vec<Option<f64>>> {
-        let book = self.book.lock().ok()?;
-        let (at, values) = book.get(&index)?;
-        (at.elapsed() <= self.period * 3).then(|| values.clone())
+    /// Asks for the GPM values since the previous ask; [`Self::values`] gives them.
+    fn ask(&self) -> Option<u64> {
+        let mut state = self.shared.state.lock().ok()?;
+        if state.ended {
+            return None;
+        }
+        state.asked += 1;
+        self.shared.changed.notify_all();
+        Some(state.asked)
+    }
+
+    /// The values computed for `ask` (waiting up to [`GPM_WAIT`] for them), or none.
+    fn values(&self, ask: u64) -> BTreeMap<u32, Vec<Option<f64>>> {
+        let Ok(state) = self.shared.state.lock() else {
+            return BTreeMap::new();
+        };
+        match self
+            .shared
+            .changed
+            .wait_timeout_while(state, GPM_WAIT, |s| s.done < ask && !s.ended)
+        {
+            Ok((state, _)) if state.done >= ask => state.values.clone(),
+            _ => BTreeMap::new(),
+        }
     }
 }
 
@@ -374,6 +455,7 @@ enum Query {
     PowerManagementLimit,
     Thresholds,
     Pcie,
+    PcieMax,
     PcieReplay,
     Throttle,
     Ecc,
@@ -422,6 +504,59 @@ const FIELDS: [u32; 9] = [
     FIELD_PCIE_RX_BYTES,
 ];
 
+/// What a GPU answers the same every time while it runs (a GPU reset, which NVML sees as the
+/// GPU lost and back, or a driver restart can change it): read once, refreshed every
+/// [`CONSTANTS_REFRESH`]. On an H200 (driver 580) the four max-clock calls alone cost 5 to 6 ms
+/// of CPU, over a third of a collection (docs/BENCHMARKS.md).
+#[derive(Clone, Default)]
+struct Constants {
+    /// Max graphics, SM, memory and video clocks, MHz (in [`CLOCKS`]' order).
+    max_clocks: [Option<u32>; 4],
+    /// Slowdown and shutdown temperature thresholds, °C.
+    thresholds: Option<(u32, u32)>,
+    /// Default power limit, mW.
+    power_limit_default: Option<u32>,
+    /// Max PCIe link generation and width.
+    pcie_max: Option<(u32, u32)>,
+    /// ECC currently enabled (a change takes effect only at the next reset).
+    ecc_enabled: Option<bool>,
+}
+
+/// How long [`Constants`] are used before they are read again.
+const CONSTANTS_REFRESH: Duration = Duration::from_secs(600);
+
+fn read_constants(
+    device: &Device,
+    index: u32,
+    unsupported: &mut HashSet<(u32, Query)>,
+) -> std::result::Result<Constants, Stop> {
+    use nvml_wrapper::enum_wrappers::device::TemperatureThreshold;
+    let mut max_clocks = [None; 4];
+    for (slot, (clock, _, id)) in max_clocks.iter_mut().zip(CLOCKS) {
+        *slot = ask(unsupported, index, Query::MaxClock(id), || {
+            device.max_clock_info(clock)
+        })?;
+    }
+    Ok(Constants {
+        max_clocks,
+        thresholds: ask(unsupported, index, Query::Thresholds, || {
+            Ok((
+                device.temperature_threshold(TemperatureThreshold::Slowdown)?,
+                device.temperature_threshold(TemperatureThreshold::Shutdown)?,
+            ))
+        })?,
+        power_limit_default: ask(unsupported, index, Query::PowerLimitDefault, || {
+            device.power_management_limit_default()
+        })?,
+        pcie_max: ask(unsupported, index, Query::PcieMax, || {
+            Ok((device.max_pcie_link_gen()?, device.max_pcie_link_width()?))
+        })?,
+        ecc_enabled: ask(unsupported, index, Query::Ecc, || {
+            device.is_ecc_enabled().map(|m| m.currently_enabled)
+        })?,
+    })
+}
+
 /// Why a GPU's queries stopped this cycle.
 enum Stop {
     Lost,
@@ -435,6 +570,8 @@ pub struct NvmlCollector {
     driver_version: String,
     cuda_version: String,
     identities: BTreeMap<u32, Identity>,
+    /// Per GPU, its [`Constants`] and when they were read.
+    constants: HashMap<u32, (Instant, Constants)>,
     unsupported: HashSet<(u32, Query)>,
     /// Per GPU, the newest process-utilization sample seen (µs), asked for what came after.
     process_util_seen: HashMap<u32, u64>,
@@ -683,13 +820,10 @@ impl NvmlCollector {
             .config
             .xid_events
             .then(|| XidWatcher::start(Arc::clone(&nvml), self.dispatch.clone()));
-        self.gpm = self.config.gpm.then(|| {
-            GpmWatcher::start(
-                Arc::clone(&nvml),
-                self.dispatch.clone(),
-                self.config.gpm_period,
-            )
-        });
+        self.gpm = self
+            .config
+            .gpm
+            .then(|| GpmWatcher::start(Arc::clone(&nvml), self.dispatch.clone()));
         self.nvml = Some(nvml);
         Ok(())
     }
@@ -926,6 +1060,8 @@ struct CollectOptions<'a> {
     nvlink_link_errors: bool,
     /// The sampled PCIe throughput call.
     pcie_throughput_sampled: bool,
+    /// The energy counter.
+    energy: bool,
     /// Most processes per GPU.
     max: usize,
     /// For process names.
@@ -942,10 +1078,11 @@ fn gpu_metrics(
     labels: &[(&str, &str)],
     index: u32,
     device: &Device,
+    constants: &Constants,
     unsupported: &mut HashSet<(u32, Query)>,
     options: &mut CollectOptions,
 ) -> std::result::Result<(), Stop> {
-    use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureThreshold};
+    use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError};
     use nvml_wrapper::enums::device::UsedGpuMemory;
     let with = |out: &mut BatchBuilder, extra: &[(&str, &str)]| {
         let mut all = labels.to_vec();
@@ -957,25 +1094,20 @@ fn gpu_metrics(
     })? {
         out.sample_in(f.power_mgmt_limit, set, f64::from(p) / 1000.0);
     }
-    if let Some((slow, shut)) = ask(unsupported, index, Query::Thresholds, || {
-        Ok((
-            device.temperature_threshold(TemperatureThreshold::Slowdown)?,
-            device.temperature_threshold(TemperatureThreshold::Shutdown)?,
-        ))
-    })? {
+    if let Some((slow, shut)) = constants.thresholds {
         out.sample_in(f.temp_slowdown, set, f64::from(slow));
         out.sample_in(f.temp_shutdown, set, f64::from(shut));
     }
-    if let Some((g, w, gm, wm)) = ask(unsupported, index, Query::Pcie, || {
+    if let Some((g, w)) = ask(unsupported, index, Query::Pcie, || {
         Ok((
             device.current_pcie_link_gen()?,
             device.current_pcie_link_width()?,
-            device.max_pcie_link_gen()?,
-            device.max_pcie_link_width()?,
         ))
     })? {
         out.sample_in(f.pcie_gen, set, f64::from(g));
         out.sample_in(f.pcie_width, set, f64::from(w));
+    }
+    if let Some((gm, wm)) = constants.pcie_max {
         out.sample_in(f.pcie_gen_max, set, f64::from(gm));
         out.sample_in(f.pcie_width_max, set, f64::from(wm));
     }
@@ -996,13 +1128,9 @@ fn gpu_metrics(
             );
         }
     }
-    if let Some(mode) = ask(unsupported, index, Query::Ecc, || device.is_ecc_enabled())? {
-        out.sample_in(
-            f.ecc_mode,
-            set,
-            if mode.currently_enabled { 1.0 } else { 0.0 },
-        );
-        if mode.currently_enabled {
+    if let Some(enabled) = constants.ecc_enabled {
+        out.sample_in(f.ecc_mode, set, if enabled { 1.0 } else { 0.0 });
+        if enabled {
             for (kind, kind_name) in [
                 (MemoryError::Corrected, "corrected"),
                 (MemoryError::Uncorrected, "uncorrected"),
@@ -1065,6 +1193,7 @@ fn gpu_metrics(
     let error_totals = options.nvlink && !options.nvlink_link_errors;
     let fields: Vec<nvml_wrapper::structs::device::FieldId> = FIELDS
         .iter()
+        .filter(|id| options.nvlink || ![FIELD_NVLINK_TX_KIB, FIELD_NVLINK_RX_KIB].contains(id))
         .chain(
             NVLINK_ERROR_TOTALS
                 .iter()
@@ -1164,7 +1293,13 @@ fn gpu_metrics(
                 })
             });
             list.truncate(options.max);
-            let utilization = process_utilization(device, index, unsupported, options)?;
+            // Over 2 ms of CPU on an H200 even when it finds nothing: asked only when there is
+            // a process to report it for.
+            let utilization = if list.is_empty() {
+                None
+            } else {
+                process_utilization(device, index, unsupported, options)?
+            };
             for p in &list {
                 let pid = p.pid.to_string();
                 let name = options.nvml.sys_process_name(p.pid, 64).unwrap_or_default();
@@ -1209,22 +1344,19 @@ fn gpu_metrics(
     })? {
         out.sample_in(f.power_limit, set, f64::from(p) / 1000.0);
     }
-    if let Some(p) = ask(unsupported, index, Query::PowerLimitDefault, || {
-        device.power_management_limit_default()
-    })? {
+    if let Some(p) = constants.power_limit_default {
         out.sample_in(f.power_limit_default, set, f64::from(p) / 1000.0);
     }
-    if let Some(e) = ask(unsupported, index, Query::Energy, || {
-        device.total_energy_consumption()
-    })? {
-        out.sample_in(f.energy, set, e as f64 / 1000.0);
+    if options.energy {
+        if let Some(e) = ask(unsupported, index, Query::Energy, || {
+            device.total_energy_consumption()
+        })? {
+            out.sample_in(f.energy, set, e as f64 / 1000.0);
+        }
     }
-    for (clock, name, id) in CLOCKS {
+    for ((clock, name, id), max) in CLOCKS.into_iter().zip(constants.max_clocks) {
         let current = ask(unsupported, index, Query::Clock(id), || {
             device.clock_info(clock)
-        })?;
-        let max = ask(unsupported, index, Query::MaxClock(id), || {
-            device.max_clock_info(clock)
         })?;
         if current.is_none() && max.is_none() {
             continue;
@@ -1244,7 +1376,13 @@ fn gpu_metrics(
     })? {
         out.sample_in(f.pstate, set, f64::from(p.as_c()));
     }
-    if let Some(s) = ask(unsupported, index, Query::Fan, || device.fan_speed(0))? {
+    if let Some(s) = ask(unsupported, index, Query::Fan, || {
+        match device.fan_speed(0) {
+            // A board without fans (H100/H200 SXM) says fan 0 is out of range.
+            Err(NvmlError::InvalidArg) => Err(NvmlError::NotSupported),
+            other => other,
+        }
+    })? {
         out.sample_in(f.fan, set, f64::from(s) / 100.0);
     }
     if let Some(u) = ask(unsupported, index, Query::Encoder, || {
@@ -1273,6 +1411,7 @@ impl Collector for NvmlCollector {
             driver_version: String::new(),
             cuda_version: String::new(),
             identities: BTreeMap::new(),
+            constants: HashMap::new(),
             unsupported: HashSet::new(),
             process_util_seen: HashMap::new(),
             hostname: std::env::var("NODE_NAME")
@@ -1321,6 +1460,14 @@ impl NvmlCollector {
         let Some(nvml) = self.nvml.take() else {
             return Ok(());
         };
+        // Before the other queries, not beside them: on an H200 both orders cost the same
+        // (8.6-9.7 against 9.1-9.4 ms of CPU a cycle), and this one is simpler to reason about.
+        let gpm_values = self
+            .gpm
+            .as_ref()
+            .and_then(|g| g.ask().map(|ask| g.values(ask)))
+            .unwrap_or_default();
+        let mut gpm_sets = Vec::new();
         let mut session_error = None;
         for index in 0..count {
             let device = match nvml.device_by_index(index) {
@@ -1359,12 +1506,23 @@ impl NvmlCollector {
             };
             let set = out.label_set(&labels);
             let result = match device {
-                Ok(d) if identity.is_some() => {
+                Ok(d) if identity.is_some() => 'gpu: {
+                    let constants = match self.constants.get(&index) {
+                        Some((at, c)) if at.elapsed() < CONSTANTS_REFRESH => c.clone(),
+                        _ => match read_constants(&d, index, &mut self.unsupported) {
+                            Ok(c) => {
+                                self.constants.insert(index, (Instant::now(), c.clone()));
+                                c
+                            }
+                            Err(stop) => break 'gpu Err(stop),
+                        },
+                    };
                     let mut options = CollectOptions {
                         enabled: self.config.processes,
                         nvlink: self.config.nvlink,
                         nvlink_link_errors: self.config.nvlink_link_errors,
                         pcie_throughput_sampled: self.config.pcie_throughput_sampled,
+                        energy: self.config.energy,
                         max: self.config.max_processes,
                         nvml: &nvml,
                         process_util_seen: &mut self.process_util_seen,
@@ -1376,6 +1534,7 @@ impl NvmlCollector {
                         &labels,
                         index,
                         &d,
+                        &constants,
                         &mut self.unsupported,
                         &mut options,
                     )
@@ -1386,14 +1545,7 @@ impl NvmlCollector {
             match result {
                 Ok(()) => {
                     out.sample_in(families.up, set, 1.0);
-                    if let Some(values) = self.gpm.as_ref().and_then(|g| g.values(index)) {
-                        for ((_, name, help), value) in GPM_METRICS.iter().zip(values) {
-                            if let Some(v) = value {
-                                let family = out.gauge(name, help, "ratio");
-                                out.sample_in(family, set, v);
-                            }
-                        }
-                    }
+                    gpm_sets.push((index, set));
                     if let Some(id) = &identity {
                         let mut info = labels.clone();
                         info.push(("driver_version", self.driver_version.as_str()));
@@ -1408,6 +1560,8 @@ impl NvmlCollector {
                     }
                 }
                 Err(Stop::Lost) => {
+                    // Read again when it is back: a reset may have changed them.
+                    self.constants.remove(&index);
                     tracing::warn!(
                         gpu = index,
                         "GPU has fallen off the bus (NVML: GPU is lost); reported as gpu_up 0"
@@ -1420,12 +1574,24 @@ impl NvmlCollector {
                 }
             }
         }
+        for (index, set) in gpm_sets {
+            let Some(values) = gpm_values.get(&index) else {
+                continue;
+            };
+            for ((_, name, help), value) in GPM_METRICS.iter().zip(values) {
+                if let Some(v) = value {
+                    let family = out.gauge(name, help, "ratio");
+                    out.sample_in(family, set, *v);
+                }
+            }
+        }
         self.xid_metrics(out);
         match session_error {
             // Start over with a fresh NVML session at the next attempt; nothing stale is sent.
             Some(e) => {
                 self.xid = None;
                 self.gpm = None;
+                self.constants.clear();
                 Err(Error::transient(describe_init_error(
                     &self.config.library_path,
                     &e,

@@ -332,6 +332,12 @@ fn not_supported_queries_are_absent_and_asked_once() {
         "no NVLink on this card"
     );
     assert_eq!(count("nvlink"), 1, "a GPU without NVLink is probed once");
+    assert!(count("processes") >= 4);
+    assert_eq!(
+        count("process_utilization"),
+        0,
+        "no process, no per-process utilization call (over 2 ms on an H200)"
+    );
     assert!(rows(&all, "gpu_power_default_limit_watts", None).is_empty());
     let fan = rows(&all, "gpu_fan_speed_ratio", Some("0"));
     assert!(
@@ -340,6 +346,112 @@ fn not_supported_queries_are_absent_and_asked_once() {
     );
     let pstate = rows(&all, "gpu_performance_state", Some("0"));
     assert!(pstate.iter().all(|r| r["value"] == 2.0));
+}
+
+/// The metric groups an operator can switch off are neither reported nor asked for.
+#[test]
+fn switched_off_groups_are_neither_reported_nor_asked_for() {
+    let work = Workdir::new();
+    let on_log = work.path("on.log");
+    let off_log = work.path("off.log");
+    let on = once_json(
+        &work,
+        "",
+        "h100-sxm-8.toml",
+        &[("NVML_SIM_CALL_LOG", on_log.to_str().expect("path"))],
+    );
+    let off = once_json(
+        &work,
+        "processes = false\nnvlink = false\nenergy = false",
+        "h100-sxm-8.toml",
+        &[("NVML_SIM_CALL_LOG", off_log.to_str().expect("path"))],
+    );
+    let on_calls = std::fs::read_to_string(&on_log).expect("call log");
+    let off_calls = std::fs::read_to_string(&off_log).expect("call log");
+    let count = |calls: &str, q: &str| calls.lines().filter(|l| *l == q).count();
+    let named = |all: &[Value], prefix: &str| {
+        all.iter()
+            .filter(|r| r["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+            .count()
+    };
+    for (prefix, call) in [
+        ("gpu_process_", "processes"),
+        ("gpu_nvlink_", "nvlink"),
+        ("gpu_energy_", "total_energy"),
+    ] {
+        assert!(named(&on, prefix) > 0, "{prefix}* are on by default");
+        assert_eq!(named(&off, prefix), 0, "{prefix}* switched off");
+        assert!(count(&on_calls, call) > 0, "{call}");
+        assert_eq!(count(&off_calls, call), 0, "{call} not asked when off");
+    }
+    assert_eq!(rows(&off, "gpu_up", None).len(), 8);
+    assert_eq!(rows(&off, "gpu_power_usage_watts", None).len(), 8);
+}
+
+/// What never changes while a GPU runs (max clocks, temperature thresholds, default power
+/// limit, max PCIe link, ECC mode) is read once per GPU yet reported every cycle; a board
+/// without fans (INVALID_ARGUMENT for fan 0, as an H200 SXM answers) is asked once.
+#[test]
+fn constant_queries_are_read_once_per_gpu_and_reported_every_cycle() {
+    let work = Workdir::new();
+    let call_log = work.path("nvml-calls.log");
+    let config = stdout_agent_config("200ms");
+    let mut agent = Agent::start(
+        &work,
+        &config,
+        &[
+            ("NVML_SIM_SCENARIO", &scenario("h100-sxm-8.toml")),
+            ("NVML_SIM_CALL_LOG", call_log.to_str().expect("path")),
+        ],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    // Four cycles written out (the call log then holds at least four cycles too).
+    wait_for("four cycles", Duration::from_secs(15), || {
+        (rows(&json_lines(&agent.stdout()), "gpu_up", Some("0")).len() >= 4).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let calls = std::fs::read_to_string(&call_log).expect("call log");
+    let count = |q: &str| calls.lines().filter(|l| *l == q).count();
+    // Eight GPUs: once each, per call.
+    assert_eq!(count("max_clocks"), 8 * 4, "four clocks per GPU, once");
+    assert_eq!(count("temperature_threshold"), 8 * 2);
+    assert_eq!(count("power_limit_default"), 8);
+    assert_eq!(count("pcie_max"), 8 * 2);
+    assert_eq!(count("ecc"), 8);
+    assert_eq!(count("fan_speed"), 8, "a fanless board is asked once");
+    // What changes is asked every cycle.
+    assert!(count("pcie") >= 8 * 2 * 4, "current PCIe link every cycle");
+    assert!(count("ecc_errors") >= 8 * 4 * 4);
+    assert!(
+        count("process_utilization") >= 8 * 4,
+        "GPUs with processes are asked for their utilization every cycle"
+    );
+    let status = agent.terminate().expect("terminate");
+    assert!(status.success());
+    // Everything collected is written out by now; compare per cycle.
+    let all = json_lines(&agent.stdout());
+    let cycles = rows(&all, "gpu_up", Some("0")).len();
+    let max_sm: Vec<_> = rows(&all, "gpu_clock_max_hertz", Some("0"))
+        .into_iter()
+        .filter(|r| r["labels"]["clock"] == "sm")
+        .collect();
+    assert_eq!(
+        max_sm.len(),
+        cycles,
+        "served every cycle from what was read"
+    );
+    assert!(max_sm.iter().all(|r| r["value"] == 1.98e9), "{max_sm:?}");
+    assert_eq!(
+        rows(
+            &all,
+            "gpu_temperature_shutdown_threshold_celsius",
+            Some("7")
+        )
+        .len(),
+        cycles
+    );
+    assert!(rows(&all, "gpu_fan_speed_ratio", None).is_empty());
 }
 
 #[test]
@@ -382,13 +494,22 @@ fn a_lost_gpu_reports_up_0_while_the_others_continue_and_comes_back() {
             && r["timestamp_ms"] == lost_ts
             && r["value"] == 1.0));
     }
-    wait_for("GPU 2 to come back", Duration::from_secs(20), || {
+    let back = wait_for("GPU 2 to come back", Duration::from_secs(20), || {
         up_rows(&agent, "2")
             .into_iter()
             .filter(|r| r["timestamp_ms"].as_i64() > Some(lost_ts))
             .find(|r| r["value"] == 1.0)
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    // What is read once per GPU is read again when it comes back (a reset may change it).
+    let back_ts = back["timestamp_ms"].as_i64();
+    assert!(rows(
+        &json_lines(&agent.stdout()),
+        "gpu_clock_max_hertz",
+        Some("2")
+    )
+    .iter()
+    .any(|r| r["timestamp_ms"].as_i64() == back_ts));
     let status = agent.terminate().expect("terminate");
     assert!(status.success());
 }
@@ -712,16 +833,17 @@ fn xid_errors_are_counted_per_gpu_and_code_from_the_event_thread() {
 }
 
 #[test]
-fn gpm_metrics_come_from_the_plugins_own_thread() {
+fn gpm_metrics_come_from_the_plugins_own_thread_once_per_collection() {
     let work = Workdir::new();
-    let config = stdout_agent_config("250ms").replace(
-        "[collectors.config]\n",
-        "[collectors.config]\ngpm_period = \"200ms\"\n",
-    );
+    let call_log = work.path("nvml-calls.log");
+    let config = stdout_agent_config("250ms");
     let mut agent = Agent::start(
         &work,
         &config,
-        &[("NVML_SIM_SCENARIO", &scenario("h100-sxm-8.toml"))],
+        &[
+            ("NVML_SIM_SCENARIO", &scenario("h100-sxm-8.toml")),
+            ("NVML_SIM_CALL_LOG", call_log.to_str().expect("path")),
+        ],
     )
     .expect("start");
     agent.wait_ready().expect("ready");
@@ -751,6 +873,18 @@ fn gpm_metrics_come_from_the_plugins_own_thread() {
     }
     let status = agent.terminate().expect("terminate");
     assert!(status.success(), "the GPM thread stops with the instance");
+    // One sample per GPU at the start and one per collection (a sample costs about 2.7 ms of
+    // CPU on an H200, so none is taken between collections).
+    let cycles = rows(&json_lines(&agent.stdout()), "gpu_up", Some("0")).len();
+    let samples = std::fs::read_to_string(&call_log)
+        .expect("call log")
+        .lines()
+        .filter(|l| *l == "gpm_sample")
+        .count();
+    assert!(
+        samples >= 8 * cycles && samples <= 8 * (cycles + 2),
+        "{samples} GPM samples for {cycles} collections of 8 GPUs"
+    );
 
     // A GPU without GPM (the A100 scenario) has no GPM series.
     let all = once_json(&work, "", "a100.toml", &[]);

@@ -85,6 +85,10 @@ pub struct GpuSpec {
     /// Fan speed, percent.
     #[serde(default)]
     pub fan_percent: Option<f64>,
+    /// How many fans the board has; fan indices from here on answer INVALID_ARGUMENT, as an
+    /// H200 SXM (no fans) answers for fan 0 with driver 580. Unset: as many as asked for.
+    #[serde(default)]
+    pub fans: Option<u32>,
     /// Performance state (0 = P0).
     #[serde(default)]
     pub pstate: u32,
@@ -361,7 +365,9 @@ fn log_call(name: &str) {
             .append(true)
             .open(path)
         {
-            let _ = writeln!(f, "{name}");
+            // One write per line: the plugin's own threads (GPM, Xid) call in concurrently, and
+            // writeln! may split a line in two writes that another thread's line gets between.
+            let _ = f.write_all(format!("{name}\n").as_bytes());
         }
     }
 }
@@ -804,6 +810,7 @@ pub unsafe extern "C" fn nvmlDeviceGetFanSpeed_v2(
     speed: *mut c_uint,
 ) -> nvmlReturn_t {
     match lookup(device, "fan_speed") {
+        Ok((_, g, _)) if g.fans.is_some_and(|n| fan >= n) => INVALID_ARGUMENT,
         Ok((_, g, _)) => match g.fan_percent {
             Some(p) if fan == 0 => {
                 // SAFETY: caller's out pointer.
@@ -914,7 +921,9 @@ pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkGeneration(
     value: *mut c_uint,
 ) -> nvmlReturn_t {
     // SAFETY: caller's out pointer.
-    answer!(device, "pcie", |_i, g, _t| unsafe { put(value, g.pcie[2]) })
+    answer!(device, "pcie_max", |_i, g, _t| unsafe {
+        put(value, g.pcie[2])
+    })
 }
 
 #[no_mangle]
@@ -923,7 +932,9 @@ pub unsafe extern "C" fn nvmlDeviceGetMaxPcieLinkWidth(
     value: *mut c_uint,
 ) -> nvmlReturn_t {
     // SAFETY: caller's out pointer.
-    answer!(device, "pcie", |_i, g, _t| unsafe { put(value, g.pcie[3]) })
+    answer!(device, "pcie_max", |_i, g, _t| unsafe {
+        put(value, g.pcie[3])
+    })
 }
 
 #[no_mangle]
