@@ -441,9 +441,9 @@ def thresholds(series, q_text):
             print(f"| {bus} | {label} | {smi} | {got} | {result} | `{name}` |")
         print()
         if any("T.Limit" in label for _, label, *_ in rows):
-            print("The T.Limit margin is not measured at the sensor of `GPU Current Temp`: the "
-                  "derived thresholds hold on an idle GPU only (on a busy H200 they came out 5 °C "
-                  "low).\n")
+            print("The T.Limit margin need not be measured at the sensor of `GPU Current Temp`: "
+                  "under load the derived thresholds can be off (on busy H200s they came out "
+                  "equal once and 5 °C low once).\n")
 
 
 def gpm(series):
