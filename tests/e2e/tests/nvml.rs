@@ -64,6 +64,28 @@ fn stdout_agent_config(interval: &str) -> String {
     )
 }
 
+/// A running, ready agent with `stdout_agent_config(interval)` on a scenario, and the path of
+/// the simulator's call log (`NVML_SIM_CALL_LOG`: one line per device query).
+fn agent_logging_calls(work: &Workdir, scenario_file: &str, interval: &str) -> (Agent, PathBuf) {
+    let call_log = work.path("nvml-calls.log");
+    let mut agent = Agent::start(
+        work,
+        &stdout_agent_config(interval),
+        &[
+            ("NVML_SIM_SCENARIO", &scenario(scenario_file)),
+            ("NVML_SIM_CALL_LOG", call_log.to_str().expect("path")),
+        ],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    (agent, call_log)
+}
+
+/// How many times a call log names `query`.
+fn calls_to(calls: &str, query: &str) -> usize {
+    calls.lines().filter(|l| *l == query).count()
+}
+
 /// Rows of one metric, optionally for one GPU.
 fn rows<'a>(rows: &'a [Value], name: &str, gpu: Option<&str>) -> Vec<&'a Value> {
     rows.iter()
@@ -299,18 +321,7 @@ fn mig_mode_and_instances() {
 #[test]
 fn not_supported_queries_are_absent_and_asked_once() {
     let work = Workdir::new();
-    let call_log = work.path("nvml-calls.log");
-    let config = stdout_agent_config("200ms");
-    let mut agent = Agent::start(
-        &work,
-        &config,
-        &[
-            ("NVML_SIM_SCENARIO", &scenario("rtx4090.toml")),
-            ("NVML_SIM_CALL_LOG", call_log.to_str().expect("path")),
-        ],
-    )
-    .expect("start");
-    agent.wait_ready().expect("ready");
+    let (agent, call_log) = agent_logging_calls(&work, "rtx4090.toml", "200ms");
     wait_for("four collections", Duration::from_secs(15), || {
         agent
             .stat("metricsd_collector_collections_total{collector=\"gpu\"}")
@@ -318,7 +329,7 @@ fn not_supported_queries_are_absent_and_asked_once() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
     let calls = std::fs::read_to_string(&call_log).expect("call log");
-    let count = |q: &str| calls.lines().filter(|l| *l == q).count();
+    let count = |q: &str| calls_to(&calls, q);
     assert_eq!(count("total_energy"), 1, "NOT_SUPPORTED is remembered");
     assert_eq!(count("power_limit_default"), 1);
     assert!(
@@ -368,7 +379,6 @@ fn switched_off_groups_are_neither_reported_nor_asked_for() {
     );
     let on_calls = std::fs::read_to_string(&on_log).expect("call log");
     let off_calls = std::fs::read_to_string(&off_log).expect("call log");
-    let count = |calls: &str, q: &str| calls.lines().filter(|l| *l == q).count();
     let named = |all: &[Value], prefix: &str| {
         all.iter()
             .filter(|r| r["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
@@ -381,8 +391,8 @@ fn switched_off_groups_are_neither_reported_nor_asked_for() {
     ] {
         assert!(named(&on, prefix) > 0, "{prefix}* are on by default");
         assert_eq!(named(&off, prefix), 0, "{prefix}* switched off");
-        assert!(count(&on_calls, call) > 0, "{call}");
-        assert_eq!(count(&off_calls, call), 0, "{call} not asked when off");
+        assert!(calls_to(&on_calls, call) > 0, "{call}");
+        assert_eq!(calls_to(&off_calls, call), 0, "{call} not asked when off");
     }
     assert_eq!(rows(&off, "gpu_up", None).len(), 8);
     assert_eq!(rows(&off, "gpu_power_usage_watts", None).len(), 8);
@@ -394,25 +404,14 @@ fn switched_off_groups_are_neither_reported_nor_asked_for() {
 #[test]
 fn constant_queries_are_read_once_per_gpu_and_reported_every_cycle() {
     let work = Workdir::new();
-    let call_log = work.path("nvml-calls.log");
-    let config = stdout_agent_config("200ms");
-    let mut agent = Agent::start(
-        &work,
-        &config,
-        &[
-            ("NVML_SIM_SCENARIO", &scenario("h100-sxm-8.toml")),
-            ("NVML_SIM_CALL_LOG", call_log.to_str().expect("path")),
-        ],
-    )
-    .expect("start");
-    agent.wait_ready().expect("ready");
+    let (mut agent, call_log) = agent_logging_calls(&work, "h100-sxm-8.toml", "200ms");
     // Four cycles written out (the call log then holds at least four cycles too).
     wait_for("four cycles", Duration::from_secs(15), || {
         (rows(&json_lines(&agent.stdout()), "gpu_up", Some("0")).len() >= 4).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
     let calls = std::fs::read_to_string(&call_log).expect("call log");
-    let count = |q: &str| calls.lines().filter(|l| *l == q).count();
+    let count = |q: &str| calls_to(&calls, q);
     // Eight GPUs: once each, per call.
     assert_eq!(count("max_clocks"), 8 * 4, "four clocks per GPU, once");
     assert_eq!(count("temperature_threshold"), 8 * 2);
@@ -835,18 +834,7 @@ fn xid_errors_are_counted_per_gpu_and_code_from_the_event_thread() {
 #[test]
 fn gpm_metrics_come_from_the_plugins_own_thread_once_per_collection() {
     let work = Workdir::new();
-    let call_log = work.path("nvml-calls.log");
-    let config = stdout_agent_config("250ms");
-    let mut agent = Agent::start(
-        &work,
-        &config,
-        &[
-            ("NVML_SIM_SCENARIO", &scenario("h100-sxm-8.toml")),
-            ("NVML_SIM_CALL_LOG", call_log.to_str().expect("path")),
-        ],
-    )
-    .expect("start");
-    agent.wait_ready().expect("ready");
+    let (mut agent, call_log) = agent_logging_calls(&work, "h100-sxm-8.toml", "250ms");
     let latest = |agent: &Agent, name: &str, gpu: &str| -> Option<f64> {
         json_lines(&agent.stdout())
             .iter()
@@ -876,11 +864,10 @@ fn gpm_metrics_come_from_the_plugins_own_thread_once_per_collection() {
     // One sample per GPU at the start and one per collection (a sample costs about 2.7 ms of
     // CPU on an H200, so none is taken between collections).
     let cycles = rows(&json_lines(&agent.stdout()), "gpu_up", Some("0")).len();
-    let samples = std::fs::read_to_string(&call_log)
-        .expect("call log")
-        .lines()
-        .filter(|l| *l == "gpm_sample")
-        .count();
+    let samples = calls_to(
+        &std::fs::read_to_string(&call_log).expect("call log"),
+        "gpm_sample",
+    );
     assert!(
         samples >= 8 * cycles && samples <= 8 * (cycles + 2),
         "{samples} GPM samples for {cycles} collections of 8 GPUs"
