@@ -2,15 +2,19 @@
 # RSS and CPU of metricsd with the NVML simulator over a long run at a 1 s interval.
 #   cargo build --workspace --release
 #   SECONDS_TOTAL=600 GPUS=8 bash scripts/soak-nvml.sh
+# BUILD_DIR (default target/release) runs another build's metricsd and plugins; PORT (default
+# 19480, health on PORT + 1) lets two runs go side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_TOTAL=${SECONDS_TOTAL:-600}
 GPUS=${GPUS:-8}
+build=${BUILD_DIR:-target/release}
+port=${PORT:-19480}
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 mkdir -p "$work/bin" "$work/plugins"
-cp target/release/metricsd "$work/bin/"
-cp target/release/libmetricsd_{nvml,prometheus}.so "$work/plugins/"
+cp "$build/metricsd" "$work/bin/"
+cp "$build"/libmetricsd_{nvml,prometheus}.so "$work/plugins/"
 chmod 755 "$work" "$work/bin" "$work/plugins"
 sed "s/^count = 8$/count = $GPUS/" tests/nvml-sim/scenarios/h100-sxm-8.toml > "$work/scenario.toml"
 cat > "$work/metricsd.toml" <<CONF
@@ -18,8 +22,8 @@ cat > "$work/metricsd.toml" <<CONF
 interval = "1s"
 plugin_path = ["$work/plugins"]
 [http]
-metrics_listen = "127.0.0.1:19480"
-health_listen = "127.0.0.1:19481"
+metrics_listen = "127.0.0.1:$port"
+health_listen = "127.0.0.1:$((port + 1))"
 [[collectors]]
 name = "gpu"
 plugin = "nvml"
@@ -34,14 +38,18 @@ pid=$!
 sleep 5
 hz=$(getconf CLK_TCK)
 start_ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-echo "| elapsed | RSS | CPU so far |"
-echo "|---|---|---|"
+# RSS split into anonymous memory (heap, stacks: what a leak grows) and mapped files (code: it
+# grows as code paths run for the first time, and stays).
+echo "| elapsed | RSS | anonymous | files | CPU so far |"
+echo "|---|---|---|---|---|"
 elapsed=0
 while [ "$elapsed" -lt "$SECONDS_TOTAL" ]; do
     step=$(( SECONDS_TOTAL / 10 )); sleep "$step"; elapsed=$((elapsed + step))
-    rss=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
+    read -r rss anon file < <(awk '/^VmRSS/ {r = $2} /^RssAnon/ {a = $2} /^RssFile/ {f = $2}
+        END {print r, a, f}' "/proc/$pid/status")
     ticks=$(( $(awk '{print $14 + $15}' "/proc/$pid/stat") - start_ticks ))
-    awk -v e="$elapsed" -v r="$rss" -v t="$ticks" -v hz="$hz" 'BEGIN { printf "| %d s | %.1f MiB | %.2f s |\n", e, r / 1024, t / hz }'
+    awk -v e="$elapsed" -v r="$rss" -v a="$anon" -v f="$file" -v t="$ticks" -v hz="$hz" 'BEGIN {
+        printf "| %d s | %.1f MiB | %.2f MiB | %.2f MiB | %.2f s |\n", e, r / 1024, a / 1024, f / 1024, t / hz }'
 done
-cycles=$(curl -s http://127.0.0.1:19481/metrics/stats | awk '/^metricsd_collector_collections_total\{collector="gpu"\}/ {print $2}')
+cycles=$(curl -s "http://127.0.0.1:$((port + 1))/metrics/stats" | awk '/^metricsd_collector_collections_total\{collector="gpu"\}/ {print $2}')
 awk -v t="$ticks" -v hz="$hz" -v c="$cycles" -v g="$GPUS" 'BEGIN { printf "\n%d collections of %d GPUs: %.2f ms of agent CPU per cycle (everything: NVML calls, pipeline, Prometheus sink)\n", c, g, t / hz / c * 1000 }'
