@@ -508,7 +508,7 @@ const FIELDS: [u32; 9] = [
 /// GPU lost and back, or a driver restart can change it): read once, refreshed every
 /// [`CONSTANTS_REFRESH`]. On an H200 (driver 580) the four max-clock calls alone cost 5 to 6 ms
 /// of CPU, over a third of a collection (docs/BENCHMARKS.md).
-#[derive(Clone, Default)]
+#[derive(Clone, Copy, Default)]
 struct Constants {
     /// Max graphics, SM, memory and video clocks, MHz (in [`CLOCKS`]' order).
     max_clocks: [Option<u32>; 4],
@@ -525,36 +525,59 @@ struct Constants {
 /// How long [`Constants`] are used before they are read again.
 const CONSTANTS_REFRESH: Duration = Duration::from_secs(600);
 
+/// Reads a GPU's [`Constants`]; `true` with them when every query answered or is known
+/// NOT_SUPPORTED. A query that failed otherwise (a passing driver error) is asked again at the
+/// next collection rather than left out for [`CONSTANTS_REFRESH`].
 fn read_constants(
     device: &Device,
     index: u32,
     unsupported: &mut HashSet<(u32, Query)>,
-) -> std::result::Result<Constants, Stop> {
+) -> std::result::Result<(Constants, bool), Stop> {
     use nvml_wrapper::enum_wrappers::device::TemperatureThreshold;
+    let mut missed = Vec::new();
     let mut max_clocks = [None; 4];
     for (slot, (clock, _, id)) in max_clocks.iter_mut().zip(CLOCKS) {
         *slot = ask(unsupported, index, Query::MaxClock(id), || {
             device.max_clock_info(clock)
         })?;
+        if slot.is_none() {
+            missed.push(Query::MaxClock(id));
+        }
     }
-    Ok(Constants {
+    let thresholds = ask(unsupported, index, Query::Thresholds, || {
+        Ok((
+            device.temperature_threshold(TemperatureThreshold::Slowdown)?,
+            device.temperature_threshold(TemperatureThreshold::Shutdown)?,
+        ))
+    })?;
+    let power_limit_default = ask(unsupported, index, Query::PowerLimitDefault, || {
+        device.power_management_limit_default()
+    })?;
+    let pcie_max = ask(unsupported, index, Query::PcieMax, || {
+        Ok((device.max_pcie_link_gen()?, device.max_pcie_link_width()?))
+    })?;
+    let ecc_enabled = ask(unsupported, index, Query::Ecc, || {
+        device.is_ecc_enabled().map(|m| m.currently_enabled)
+    })?;
+    for (query, absent) in [
+        (Query::Thresholds, thresholds.is_none()),
+        (Query::PowerLimitDefault, power_limit_default.is_none()),
+        (Query::PcieMax, pcie_max.is_none()),
+        (Query::Ecc, ecc_enabled.is_none()),
+    ] {
+        if absent {
+            missed.push(query);
+        }
+    }
+    let complete = missed.iter().all(|q| unsupported.contains(&(index, *q)));
+    let constants = Constants {
         max_clocks,
-        thresholds: ask(unsupported, index, Query::Thresholds, || {
-            Ok((
-                device.temperature_threshold(TemperatureThreshold::Slowdown)?,
-                device.temperature_threshold(TemperatureThreshold::Shutdown)?,
-            ))
-        })?,
-        power_limit_default: ask(unsupported, index, Query::PowerLimitDefault, || {
-            device.power_management_limit_default()
-        })?,
-        pcie_max: ask(unsupported, index, Query::PcieMax, || {
-            Ok((device.max_pcie_link_gen()?, device.max_pcie_link_width()?))
-        })?,
-        ecc_enabled: ask(unsupported, index, Query::Ecc, || {
-            device.is_ecc_enabled().map(|m| m.currently_enabled)
-        })?,
-    })
+        thresholds,
+        power_limit_default,
+        pcie_max,
+        ecc_enabled,
+    };
+    Ok((constants, complete))
 }
 
 /// Why a GPU's queries stopped this cycle.
@@ -1508,10 +1531,12 @@ impl NvmlCollector {
             let result = match device {
                 Ok(d) if identity.is_some() => 'gpu: {
                     let constants = match self.constants.get(&index) {
-                        Some((at, c)) if at.elapsed() < CONSTANTS_REFRESH => c.clone(),
+                        Some((at, c)) if at.elapsed() < CONSTANTS_REFRESH => *c,
                         _ => match read_constants(&d, index, &mut self.unsupported) {
-                            Ok(c) => {
-                                self.constants.insert(index, (Instant::now(), c.clone()));
+                            Ok((c, complete)) => {
+                                if complete {
+                                    self.constants.insert(index, (Instant::now(), c));
+                                }
                                 c
                             }
                             Err(stop) => break 'gpu Err(stop),
