@@ -453,6 +453,62 @@ fn constant_queries_are_read_once_per_gpu_and_reported_every_cycle() {
     assert!(rows(&all, "gpu_fan_speed_ratio", None).is_empty());
 }
 
+/// A constant query that fails with a passing driver error (not NOT_SUPPORTED) is asked again at
+/// the next collection, not left out until the next refresh; once answered it is not asked again.
+#[test]
+fn a_constant_query_that_fails_for_a_while_is_asked_again_until_it_answers() {
+    let work = Workdir::new();
+    let scenario_text = std::fs::read_to_string(scenario("rtx4090.toml")).expect("scenario");
+    let failing = work.write(
+        "failing.toml",
+        format!("{scenario_text}fail = {{ query = \"max_clocks\", until_s = 1.5 }}\n"),
+    );
+    let call_log = work.path("nvml-calls.log");
+    let mut agent = Agent::start(
+        &work,
+        &stdout_agent_config("200ms"),
+        &[
+            ("NVML_SIM_SCENARIO", failing.to_str().expect("path")),
+            ("NVML_SIM_CALL_LOG", call_log.to_str().expect("path")),
+        ],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for(
+        "max clocks after the failure",
+        Duration::from_secs(15),
+        || {
+            let all = json_lines(&agent.stdout());
+            (rows(&all, "gpu_clock_max_hertz", Some("0")).len() >= 4).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let asked = || {
+        calls_to(
+            &std::fs::read_to_string(&call_log).expect("log"),
+            "max_clocks",
+        )
+    };
+    let settled = asked();
+    assert!(settled > 4, "asked again after failing: {settled}");
+    let cycles = |agent: &Agent| rows(&json_lines(&agent.stdout()), "gpu_up", Some("0")).len();
+    let now = cycles(&agent);
+    wait_for("three more cycles", Duration::from_secs(10), || {
+        (cycles(&agent) >= now + 3).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_eq!(asked(), settled, "read once it answered");
+    let status = agent.terminate().expect("terminate");
+    assert!(status.success());
+    let all = json_lines(&agent.stdout());
+    let first_up = rows(&all, "gpu_up", Some("0"))[0]["timestamp_ms"].as_i64();
+    let first_max = rows(&all, "gpu_clock_max_hertz", Some("0"))[0]["timestamp_ms"].as_i64();
+    assert!(
+        first_max > first_up,
+        "absent while failing, never a stale or zero value"
+    );
+}
+
 #[test]
 fn a_lost_gpu_reports_up_0_while_the_others_continue_and_comes_back() {
     let work = Workdir::new();

@@ -105,6 +105,8 @@ pub struct GpuSpec {
     pub not_supported: Vec<String>,
     /// A query that blocks for a while.
     pub hang: Option<Hang>,
+    /// A query that fails with NVML_ERROR_UNKNOWN (a passing driver error) for a while.
+    pub fail: Option<Fail>,
     /// Slowdown and shutdown temperature thresholds, °C.
     #[serde(default = "default_thresholds")]
     pub temp_thresholds: [f64; 2],
@@ -312,6 +314,19 @@ pub struct Hang {
     pub until_s: Option<f64>,
 }
 
+/// A query that answers NVML_ERROR_UNKNOWN between `from_s` and `until_s`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fail {
+    /// The query (as in `not_supported`).
+    pub query: String,
+    /// From this second after start.
+    #[serde(default)]
+    pub from_s: f64,
+    /// Until this second.
+    pub until_s: f64,
+}
+
 /// The scenario file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -376,6 +391,7 @@ const SUCCESS: nvmlReturn_t = nvmlReturn_enum_NVML_SUCCESS;
 const INVALID_ARGUMENT: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
 const NOT_SUPPORTED: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED;
 const GPU_IS_LOST: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST;
+const UNKNOWN: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_UNKNOWN;
 const UNINITIALIZED: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_UNINITIALIZED;
 const INSUFFICIENT_SIZE: nvmlReturn_t = nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE;
 
@@ -396,6 +412,11 @@ fn lookup(
     }
     if gpu.not_supported.iter().any(|q| q == query) {
         return Err(NOT_SUPPORTED);
+    }
+    if let Some(f) = &gpu.fail {
+        if f.query == query && t >= f.from_s && t < f.until_s {
+            return Err(UNKNOWN);
+        }
     }
     if let Some(h) = &gpu.hang {
         if h.query == query && t >= h.from_s && h.until_s.is_none_or(|until| t < until) {
