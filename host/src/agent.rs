@@ -390,6 +390,7 @@ pub async fn run_until<T>(
             max_backoff: config.agent.max_backoff,
             instance: RwLock::new(instance),
             queue: Arc::clone(&queue),
+            calls: crate::call_thread::CallThread::spawn(&format!("write-{name}")),
             telemetry: Arc::clone(&telemetry),
             health: Arc::clone(&health),
         });

@@ -10,6 +10,7 @@ use metricsd_plugin_api::abi::SinkBox;
 use metricsd_plugin_api::{Batch, ErrorKind, PluginError};
 use tokio::sync::Notify;
 
+use crate::call_thread::CallThread;
 use crate::events::{Event, Telemetry};
 use crate::health::{Health, State};
 use crate::spool::{RecordId, Spool};
@@ -392,6 +393,8 @@ pub struct SinkRuntime {
     pub instance: RwLock<Option<Arc<SinkBox>>>,
     /// Its queue.
     pub queue: Arc<SinkQueue>,
+    /// Where its writes run.
+    pub calls: CallThread,
     /// Shared telemetry.
     pub telemetry: Arc<Telemetry>,
     /// Shared health.
@@ -412,10 +415,12 @@ impl SinkRuntime {
         self.health.failure(&self.name, State::Disabled, why);
     }
 
-    /// Calls `write` on a blocking thread; after the timeout the sink is reported stale and
-    /// the worker keeps waiting for the call (a sink is never written to twice at once).
+    /// Calls `write` on the sink's own thread; after the timeout the sink is reported stale
+    /// and the worker keeps waiting for the call (a sink is never written to twice at once).
     async fn write(&self, instance: Arc<SinkBox>, batch: Arc<Batch>) -> Result<(), PluginError> {
-        let mut call = tokio::task::spawn_blocking(move || instance.write(&batch).into_result());
+        let mut call = self
+            .calls
+            .call(move || instance.write(&batch).into_result());
         let joined = match tokio::time::timeout(self.timeout, &mut call).await {
             Ok(joined) => joined,
             Err(_) => {
@@ -437,7 +442,7 @@ impl SinkRuntime {
         joined.unwrap_or_else(|e| {
             Err(PluginError {
                 kind: ErrorKind::PANIC,
-                message: format!("write task failed: {e}").into(),
+                message: e.to_string().into(),
                 retry_after_ms: abi_stable::std_types::ROption::RNone,
             })
         })

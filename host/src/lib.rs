@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod aggregate;
+pub mod call_thread;
 pub mod config;
 pub mod delivery;
 pub mod events;

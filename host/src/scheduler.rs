@@ -1,6 +1,6 @@
 //! One task per collector instance: interval ticks (missed ticks skipped, not bunched), each
-//! call on a blocking thread with a timeout, never two calls of one instance at once, failures
-//! backed off, panicked instances re-created.
+//! call on the instance's own thread ([`CallThread`]) with a timeout, never two calls of one
+//! instance at once, failures backed off, panicked instances re-created.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use metricsd_plugin_api::abi::CollectorBox;
 use metricsd_plugin_api::{Batch, ErrorKind, PluginError};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
+use crate::call_thread::{Call, CallThread};
 use crate::events::{Event, Telemetry};
 use crate::health::{Health, State};
 use crate::instance::create_collector;
@@ -44,7 +44,7 @@ type CallResult = (CollectorBox, Result<Batch, PluginError>);
 struct InFlight {
     started: Instant,
     timed_out: bool,
-    handle: JoinHandle<CallResult>,
+    handle: Call<CallResult>,
 }
 
 /// The delay before attempt number `failures + 1`: the interval doubled per failure, capped.
@@ -63,6 +63,7 @@ impl CollectorTask {
         let mut failures: u32 = 0;
         let mut not_before = Instant::now();
         let mut created_once = false;
+        let calls = CallThread::spawn(&format!("collect-{}", self.name));
 
         loop {
             let deadline = in_flight
@@ -106,7 +107,7 @@ impl CollectorTask {
                     }
                     if let Some(mut inst) = instance.take() {
                         let started = Instant::now();
-                        let handle = tokio::task::spawn_blocking(move || {
+                        let handle = calls.call(move || {
                             let result = inst.collect().into_result();
                             (inst, result)
                         });
@@ -156,7 +157,8 @@ impl CollectorTask {
                             }
                         }
                         Err(e) => {
-                            // The SDK catches panics; this is a failure of the blocking task itself.
+                            // The SDK catches panics; this is a panic in the host's side of the
+                            // call (the instance went with it: it is created again).
                             failures += 1;
                             let wait = backoff(self.interval, self.max_backoff, failures);
                             not_before = Instant::now() + wait;
