@@ -349,3 +349,55 @@ plugin = "hello"
     assert_eq!(small.terminate().expect("terminate").code(), Some(0));
     assert_eq!(big.terminate().expect("terminate").code(), Some(0));
 }
+
+/// The thread ids named `name` in the agent's process.
+fn threads_named(pid: u32, name: &str) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .filter_map(|t| t.ok())
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .map(|t| t.file_name().to_string_lossy().into_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn each_instance_calls_its_plugin_on_one_thread_of_its_own() {
+    let work = Workdir::new();
+    let config = r#"
+[agent]
+interval = "200ms"
+[http]
+health_listen = "127.0.0.1:{health}"
+metrics_listen = "127.0.0.1:{metrics}"
+[[collectors]]
+name = "hi"
+plugin = "hello"
+[[sinks]]
+name = "prom"
+plugin = "prometheus"
+"#;
+    let mut agent = Agent::start(&work, config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let written = |n: f64| {
+        wait_for("sink writes", Duration::from_secs(10), || {
+            agent
+                .stat("metricsd_sink_writes_total{sink=\"prom\"}")
+                .filter(|v| *v >= n)
+        })
+        .expect("the sink is written to")
+    };
+    let first = written(2.0);
+    let collect = threads_named(agent.pid(), "collect-hi");
+    let write = threads_named(agent.pid(), "write-prom");
+    assert_eq!(collect.len(), 1, "one collect-hi thread: {collect:?}");
+    assert_eq!(write.len(), 1, "one write-prom thread: {write:?}");
+    // Later collections and writes run on the same threads, not new ones.
+    written(first + 5.0);
+    assert_eq!(threads_named(agent.pid(), "collect-hi"), collect);
+    assert_eq!(threads_named(agent.pid(), "write-prom"), write);
+    assert_eq!(agent.terminate().expect("terminate").code(), Some(0));
+}
