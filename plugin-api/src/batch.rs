@@ -63,6 +63,15 @@ impl BatchBuilder {
         builder
     }
 
+    /// An empty builder with room for that many families, label sets and samples.
+    pub fn with_capacities(families: usize, label_sets: usize, samples: usize) -> Self {
+        let mut builder = Self::default();
+        builder.batch.families.reserve_exact(families);
+        builder.batch.label_sets.reserve_exact(label_sets);
+        builder.batch.samples.reserve_exact(samples);
+        builder
+    }
+
     /// Declares a family (or returns the one already declared under that name).
     pub fn family(&mut self, name: &str, help: &str, unit: &str, kind: MetricKind) -> FamilyId {
         if let Some(i) = self

@@ -231,6 +231,12 @@ fn make_dispatch(args: &InstanceArgs, plugin: &'static str) -> Dispatch {
 struct CollectorAdapter<C: Collector> {
     inner: Option<C>,
     dispatch: Dispatch,
+    /// Families, label sets and samples of the last batch: the next builder is made that big
+    /// up front, so that a collector whose output keeps its size allocates each of the three
+    /// arrays once per collection, at its final size, instead of growing it by doubling
+    /// (fewer copies, and the same chunk sizes every cycle keep the malloc arena from
+    /// fragmenting; docs/BENCHMARKS.md, "Flat memory").
+    last_sizes: (usize, usize, usize),
 }
 
 impl<C: Collector> CollectorAdapter<C> {
@@ -246,10 +252,18 @@ impl<C: Collector> CollectorFfi for CollectorAdapter<C> {
         let Some(inner) = self.inner.as_mut() else {
             return RResult::RErr(disabled_error());
         };
+        let (families, label_sets, samples) = self.last_sizes;
         let result = guarded(&self.dispatch, || {
-            let mut out = BatchBuilder::new();
+            let mut out = BatchBuilder::with_capacities(families, label_sets, samples);
             inner.collect(&mut out).map(|()| out.finish())
         });
+        if let Ok(Ok(batch)) = &result {
+            self.last_sizes = (
+                batch.families.len(),
+                batch.label_sets.len(),
+                batch.samples.len(),
+            );
+        }
         if result.is_err() {
             // State after a panic is unknown: never call into it again.
             self.discard();
@@ -294,6 +308,7 @@ pub fn new_collector<C: Collector>(
             CollectorAdapter {
                 inner: Some(inner),
                 dispatch,
+                last_sizes: (0, 0, 0),
             },
             TD_Opaque,
         )),
@@ -479,6 +494,43 @@ mod tests {
     fn empty_config_is_an_empty_table() {
         let conf = parse_config::<Conf>("").unwrap();
         assert_eq!(conf.count, 0);
+    }
+
+    struct Fixed(usize);
+
+    impl Collector for Fixed {
+        type Config = serde_json::Value;
+        fn new(_: Self::Config, _: &Context) -> Result<Self> {
+            Ok(Self(0))
+        }
+        fn collect(&mut self, out: &mut BatchBuilder) -> Result<()> {
+            self.0 += 1;
+            let f = out.gauge("x", "", "");
+            // Two sets, five samples (the first cycle one more of each).
+            for i in 0..5 + usize::from(self.0 == 1) {
+                out.sample(f, &[("i", if i % 2 == 0 { "a" } else { "b" })], 1.0);
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn each_collection_starts_with_arrays_the_size_of_the_last_batch() {
+        let mut adapter = CollectorAdapter {
+            inner: Some(Fixed(0)),
+            dispatch: Dispatch::none(),
+            last_sizes: (0, 0, 0),
+        };
+        let first = adapter.collect().unwrap();
+        assert_eq!(first.samples.len(), 6);
+        let second = adapter.collect().unwrap();
+        assert_eq!(second.samples.len(), 5);
+        // Sized from the first batch (6), not grown by doubling (8).
+        assert_eq!(second.samples.capacity(), 6);
+        assert_eq!(second.label_sets.capacity(), 6);
+        assert_eq!(second.families.capacity(), 1);
+        let third = adapter.collect().unwrap();
+        assert_eq!(third.samples.capacity(), 5);
     }
 
     #[test]
