@@ -19,6 +19,7 @@ use std::pin::Pin;
 use std::sync::mpsc;
 use std::task::{Context, Poll};
 
+use metricsd_plugin_api::panic_message;
 use tokio::sync::oneshot;
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -53,16 +54,6 @@ impl<R> Future for Call<R> {
                 Ok(Err(panic)) => Err(CallFailed(format!("the call panicked: {panic}"))),
                 Err(_) => Err(CallFailed("the call's thread is gone".to_string())),
             })
-    }
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(no message)".to_string()
     }
 }
 

@@ -104,7 +104,7 @@ pub use abi::{
 };
 pub use batch::{BatchBuilder, FamilyId, LabelSetId};
 pub use error::{Error, Result};
-pub use sdk::{parse_config, Collector, Context, Sink};
+pub use sdk::{panic_message, parse_config, Collector, Context, Sink};
 
 #[doc(hidden)]
 pub use abi_stable;

@@ -158,7 +158,7 @@ fn install_panic_hook() {
                             .location()
                             .map(|l| format!(" at {}:{}", l.file(), l.line()))
                             .unwrap_or_default();
-                        *record = Some(format!("{}{location}", payload_text(info.payload())));
+                        *record = Some(format!("{}{location}", panic_message(info.payload())));
                         true
                     }
                     None => false,
@@ -171,7 +171,8 @@ fn install_panic_hook() {
     });
 }
 
-fn payload_text(payload: &(dyn Any + Send)) -> String {
+/// The text of a panic payload (`panic!` with a message gives a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
@@ -192,7 +193,7 @@ fn guarded<T>(dispatch: &Dispatch, f: impl FnOnce() -> T) -> Result<T, PluginErr
     result.map_err(|payload| {
         let message = recorded
             .flatten()
-            .unwrap_or_else(|| payload_text(payload.as_ref()));
+            .unwrap_or_else(|| panic_message(payload.as_ref()));
         PluginError {
             kind: ErrorKind::PANIC,
             message: format!("plugin panicked: {message}").into(),
