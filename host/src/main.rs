@@ -247,9 +247,9 @@ fn main_inner(cli: Cli) -> Result<(), ExitError> {
 }
 
 /// The runtime's worker threads serve the HTTP listeners and schedule; collections and sink
-/// writes run on each instance's own thread (`call_thread`). A node's core count is no reason for more of them: on a
-/// 192-core GPU node tokio's default would be 192 idle threads. Like node_exporter, which
-/// defaults to one Go thread, the agent keeps this small. `TOKIO_WORKER_THREADS` overrides it
+/// writes run on each instance's own thread (`call_thread`). A node's core count is no reason
+/// for more workers: on a 192-core GPU node tokio's default would be 192 idle threads. Like
+/// node_exporter, which defaults to one Go thread, the agent keeps this small. `TOKIO_WORKER_THREADS` overrides it
 /// (`None`: leave tokio's own choice, which reads that variable).
 const MAX_WORKER_THREADS: usize = 2;
 

@@ -600,6 +600,8 @@ pub struct NvmlCollector {
     process_util_seen: HashMap<u32, u64>,
     /// `Hostname` label of the dcgm profile: `NODE_NAME` (Kubernetes) or the kernel hostname.
     hostname: String,
+    /// Families, label sets and samples of the last plain batch the dcgm profile translated.
+    plain_sizes: (usize, usize, usize),
     xid: Option<XidWatcher>,
     gpm: Option<GpmWatcher>,
     dispatch: tracing::Dispatch,
@@ -1437,6 +1439,7 @@ impl Collector for NvmlCollector {
             constants: HashMap::new(),
             unsupported: HashSet::new(),
             process_util_seen: HashMap::new(),
+            plain_sizes: (0, 0, 0),
             hostname: std::env::var("NODE_NAME")
                 .ok()
                 .filter(|n| !n.is_empty())
@@ -1451,10 +1454,18 @@ impl Collector for NvmlCollector {
 
     fn collect(&mut self, out: &mut BatchBuilder) -> Result<()> {
         if self.config.naming == Naming::Dcgm {
-            let mut plain = BatchBuilder::new();
+            // Sized from the last cycle, as the SDK sizes `out`.
+            let (families, label_sets, samples) = self.plain_sizes;
+            let mut plain = BatchBuilder::with_capacities(families, label_sets, samples);
             self.collect_plain(&mut plain)?;
+            let plain = plain.finish();
+            self.plain_sizes = (
+                plain.families.len(),
+                plain.label_sets.len(),
+                plain.samples.len(),
+            );
             dcgm::translate(
-                &plain.finish(),
+                &plain,
                 out,
                 &self.hostname,
                 &self.driver_version,
