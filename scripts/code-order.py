@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Writes a linker symbol-ordering file from a callgrind profile: every function of the given
+objects that ran, hottest first, by its exact (mangled) symbol name.
+
+    valgrind --tool=callgrind --dump-instr=yes --callgrind-out-file=/tmp/cg.out \\
+        target/release/metricsd -c CONFIG run      # stop it with SIGTERM after a while
+    python3 scripts/code-order.py /tmp/cg.out target/release/metricsd \\
+        target/release/libmetricsd_system.so ... > build-support/code-order.txt
+    python3 scripts/code-order.py --check build-support/code-order.txt target/release/metricsd ...
+
+`--check` says, for each object of a build, how many of the profile's functions it still has
+under the same name (after a toolchain or dependency update the file goes stale) and how many
+64 KiB windows of `.text` the ones it has span.
+
+Addresses in the profile are offsets into each object; they are mapped to the functions that
+hold them with `nm --defined-only -S` of the very files that were profiled, so the names carry
+the same hashes as the build they came from. lld then lays those functions out side by side at
+the start of `.text`, and the code the agent runs fills a few 64 KiB windows instead of being
+spread over the whole binary (build-support/src/lib.rs explains why that is resident memory).
+"""
+
+import bisect
+import collections
+import os
+import re
+import subprocess
+import sys
+
+NAMED = re.compile(r"c?ob=\((\d+)\)(?: (.*))?")
+SKIP = ("fn=", "fl=", "fi=", "fe=", "cfn=", "cfi=", "cfl=", "cob=", "jump=", "jcnd=")
+
+
+def costs(path):
+    """{object path: {address: instructions}} from a callgrind profile with --dump-instr=yes."""
+    names, per_object = {}, collections.defaultdict(collections.Counter)
+    current, last, after_call = None, 0, False
+    with open(path) as profile:
+        for line in profile:
+            if line.startswith(("ob=", "cob=")):
+                match = NAMED.match(line.strip())
+                if match:
+                    if match.group(2):
+                        names[match.group(1)] = match.group(2)
+                    if line.startswith("ob="):
+                        current = match.group(1)
+                continue
+            if line.startswith("calls="):
+                after_call = True
+                continue
+            if line.startswith(SKIP) or line[:1] not in ("0", "+", "-", "*"):
+                continue
+            fields = line.split()
+            token = fields[0]
+            try:
+                if token.startswith("0x"):
+                    last = int(token, 16)
+                elif token[0] in "+-":
+                    last += int(token)
+                elif token != "*":
+                    continue
+                count = int(fields[-1]) if len(fields) > 2 else 1
+            except ValueError:
+                continue
+            if current is not None:
+                # The line after `calls=` is the call's inclusive cost: the call instruction ran
+                # once, the rest of the count belongs to the callee.
+                per_object[current][last] += 1 if after_call else count
+            after_call = False
+    return {names.get(k, k): v for k, v in per_object.items()}
+
+
+def functions(binary):
+    """Sorted [(start, end, name)] of the defined functions in a binary's symbol table."""
+    out = subprocess.run(
+        ["nm", "--defined-only", "-S", binary], check=True, capture_output=True, text=True
+    ).stdout
+    rows = []
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) == 4 and fields[2] in "tTwW":
+            start, size = int(fields[0], 16), int(fields[1], 16)
+            rows.append((start, start + size, fields[3]))
+    rows.sort()
+    return rows
+
+
+def check(order_file, binaries):
+    """Prints how much of the ordering file each binary matches."""
+    with open(order_file) as lines:
+        order = [line.strip() for line in lines if line.strip()]
+    for binary in binaries:
+        table = {name: (start, end) for start, end, name in functions(binary)}
+        ranges = [table[name] for name in order if name in table]
+        windows = {w for start, end in ranges for w in range(start >> 16, ((end - 1) >> 16) + 1)}
+        code = sum(end - start for start, end in ranges)
+        print(f"{binary}: {len(ranges)} of the {len(order)} ordered functions "
+              f"({code // 1024} KiB of code) in {len(windows)} windows of 64 KiB")
+
+
+def main():
+    if len(sys.argv) >= 4 and sys.argv[1] == "--check":
+        check(sys.argv[2], sys.argv[3:])
+        return
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    profile = costs(sys.argv[1])
+    heat = collections.Counter()
+    for binary in sys.argv[2:]:
+        real = os.path.realpath(binary)
+        counts = next(
+            (c for name, c in profile.items() if os.path.realpath(name) == real), None
+        )
+        if counts is None:
+            sys.exit(f"{binary}: not in the profile (objects: {', '.join(sorted(profile))})")
+        table = functions(binary)
+        starts = [row[0] for row in table]
+        found = 0
+        for address, count in counts.items():
+            i = bisect.bisect_right(starts, address) - 1
+            if i >= 0 and table[i][0] <= address < table[i][1]:
+                heat[table[i][2]] += count
+                found += 1
+        print(f"{binary}: {found} of {len(counts)} addresses in named functions",
+              file=sys.stderr)
+    for name, _ in sorted(heat.items(), key=lambda item: (-item[1], item[0])):
+        print(name)
+
+
+if __name__ == "__main__":
+    main()
