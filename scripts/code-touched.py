@@ -10,42 +10,21 @@ Compare the 64 KiB windows with the RSS of the same files (scripts/rss-breakdown
 kernel maps code around each first-run page in windows of about that size.
 """
 
-import collections
-import re
+import importlib.util
+import os
 import sys
 
-NAMED = re.compile(r"c?ob=\((\d+)\)(?: (.*))?")
-SKIP = ("fn=", "fl=", "fi=", "fe=", "cfn=", "cfi=", "cfl=", "calls=", "jump=", "jcnd=")
+# The profile parser is code-order.py's (one reader of callgrind's format in the repository).
+_spec = importlib.util.spec_from_file_location(
+    "code_order", os.path.join(os.path.dirname(os.path.abspath(__file__)), "code-order.py")
+)
+code_order = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(code_order)
 
 
 def touched(path):
-    names, addresses = {}, collections.defaultdict(set)
-    current, last = None, 0
-    with open(path) as profile:
-        for line in profile:
-            if line.startswith(("ob=", "cob=")):
-                match = NAMED.match(line.strip())
-                if match:
-                    if match.group(2):
-                        names[match.group(1)] = match.group(2)
-                    if line.startswith("ob="):
-                        current = match.group(1)
-                continue
-            if line.startswith(SKIP) or not line[:1] in ("0", "+", "-", "*"):
-                continue
-            token = line.split(" ", 1)[0]
-            try:
-                if token.startswith("0x"):
-                    last = int(token, 16)
-                elif token[0] in "+-":
-                    last += int(token)
-                elif token != "*":
-                    continue
-            except ValueError:
-                continue
-            if current is not None:
-                addresses[current].add(last)
-    return {names.get(k, k): v for k, v in addresses.items()}
+    """{object: set of instruction addresses that ran}."""
+    return {name: set(counts) for name, counts in code_order.costs(path).items()}
 
 
 def main():
