@@ -12,9 +12,10 @@
 //! stale file only makes the layout less compact, never the build fail. `scripts/code-order.sh`
 //! profiles the agent and rewrites the file; `docs/BENCHMARKS.md` shows its effect.
 //!
-//! It applies to release builds for `x86_64-unknown-linux-gnu` with rustc 1.90 or newer (whose
-//! default linker there is lld; GNU ld has no ordering option). `METRICSD_CODE_ORDER=off`
-//! turns it off, for a build with another linker.
+//! It applies to release builds for `x86_64-unknown-linux-gnu` with rustc 1.90 or newer, whose
+//! default linker there is lld (GNU ld has no ordering option), and stays off when the build
+//! chooses its own linker (`target.<triple>.linker` in cargo's config, or `RUSTFLAGS` naming a
+//! linker, linker features or `-fuse-ld`). `METRICSD_CODE_ORDER=off` turns it off too.
 
 use std::process::Command;
 
@@ -26,6 +27,7 @@ pub const ORDER_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/code-order.tx
 pub fn link_in_run_order() {
     println!("cargo:rerun-if-changed={ORDER_FILE}");
     println!("cargo:rerun-if-env-changed=METRICSD_CODE_ORDER");
+    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     if applies() {
         println!("cargo:rustc-link-arg=-Wl,--symbol-ordering-file={ORDER_FILE}");
         println!("cargo:rustc-link-arg=-Wl,--no-warn-symbol-ordering");
@@ -39,8 +41,19 @@ fn applies() -> bool {
         && var("CARGO_CFG_TARGET_ARCH") == "x86_64"
         && var("CARGO_CFG_TARGET_OS") == "linux"
         && var("CARGO_CFG_TARGET_ENV") == "gnu"
+        && var("RUSTC_LINKER").is_empty()
+        && !chooses_linker(&var("CARGO_ENCODED_RUSTFLAGS"))
         && std::path::Path::new(ORDER_FILE).is_file()
         && rustc_minor(&var("RUSTC")).is_some_and(|minor| minor >= 90)
+}
+
+/// Whether the build's rustc flags (cargo's `\x1f`-separated form) pick a linker other than the
+/// default: `-C linker=…`, `-C linker-flavor=…`, `-C linker-features=…`,
+/// `-C link-self-contained=-linker`, or `-fuse-ld=…` passed through `link-arg(s)`.
+fn chooses_linker(encoded_rustflags: &str) -> bool {
+    encoded_rustflags
+        .split('\x1f')
+        .any(|flag| flag.contains("linker") || flag.contains("fuse-ld"))
 }
 
 /// The minor version of `rustc --version` ("rustc 1.95.0 (...)" gives 95).
@@ -61,7 +74,17 @@ fn parse_minor(version: &str) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_minor;
+    use super::{chooses_linker, parse_minor};
+
+    #[test]
+    fn a_build_that_picks_its_linker_is_left_alone() {
+        assert!(!chooses_linker(""));
+        assert!(!chooses_linker("-C\x1fopt-level=3\x1f-Ctarget-cpu=native"));
+        assert!(chooses_linker("-C\x1flinker=clang"));
+        assert!(chooses_linker("-Clinker-features=-lld"));
+        assert!(chooses_linker("-C\x1flink-arg=-fuse-ld=bfd"));
+        assert!(chooses_linker("-Clink-self-contained=-linker"));
+    }
 
     #[test]
     fn reads_the_minor_version_of_rustc() {
