@@ -20,7 +20,8 @@ command -v valgrind >/dev/null || { echo "valgrind is needed: apt-get install va
 cargo build --workspace --release
 
 work=$(mktemp -d)
-trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+pid=""
+trap '[ -z "$pid" ] || kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 sed "s/^count = 8$/count = 2/" tests/nvml-sim/scenarios/h100-sxm-8.toml > "$work/scenario.toml"
 cat > "$work/metricsd.toml" <<CONF
 [agent]

@@ -12,7 +12,8 @@ GPUS=${GPUS:-8}
 build=${BUILD_DIR:-target/release}
 port=${PORT:-19480}
 work=$(mktemp -d)
-trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+pid=""
+trap '[ -z "$pid" ] || kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 mkdir -p "$work/bin" "$work/plugins"
 cp "$build/metricsd" "$work/bin/"
 cp "$build"/libmetricsd_{nvml,prometheus}.so "$work/plugins/"
