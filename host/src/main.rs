@@ -216,18 +216,27 @@ fn main_inner(cli: Cli) -> Result<(), ExitError> {
     }
     let all = matches!(command, Command::Plugins { .. });
     let plugins = agent::load_plugins(&loaded.config, (!all).then_some(&needed));
+    // One async thread serves the listeners and runs the scheduling and the pipeline; each
+    // collector and sink instance calls its plugin on a thread of its own (`call_thread`), and
+    // scrapes render on the blocking pool. The async work is light (a 10,000-series cycle is
+    // about 0.2 ms of pipeline), so a multi-thread scheduler would add threads, not speed, and
+    // its code alone loads libm (0.5 MiB resident) for one `pow` in its statistics: the
+    // workspace builds tokio without `rt-multi-thread` (docs/BENCHMARKS.md, "One runtime thread").
     let runtime = || {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if let Some(n) = worker_threads(
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-            std::env::var_os("TOKIO_WORKER_THREADS").is_some(),
-        ) {
-            builder.worker_threads(n);
+        if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+            tracing::warn!(
+                "TOKIO_WORKER_THREADS is ignored: the agent's listeners and scheduling run on one \
+                 thread, its collections and sink writes on threads of their own"
+            );
         }
-        builder.enable_all().build().map_err(|e| ExitError {
-            code: 1,
-            message: format!("cannot start the runtime: {e}"),
-        })
+        tokio::runtime::Builder::new_current_thread()
+            .thread_name("metricsd-blocking")
+            .enable_all()
+            .build()
+            .map_err(|e| ExitError {
+                code: 1,
+                message: format!("cannot start the runtime: {e}"),
+            })
     };
     match command {
         Command::Plugins { json } => print_plugins(&plugins, json),
@@ -246,17 +255,6 @@ fn main_inner(cli: Cli) -> Result<(), ExitError> {
     }
 }
 
-/// The runtime's worker threads serve the HTTP listeners and schedule; collections and sink
-/// writes run on each instance's own thread (`call_thread`). A node's core count is no reason
-/// for more workers: on a 192-core GPU node tokio's default would be 192 idle threads. Like
-/// node_exporter, which defaults to one Go thread, the agent keeps this small. `TOKIO_WORKER_THREADS` overrides it
-/// (`None`: leave tokio's own choice, which reads that variable).
-const MAX_WORKER_THREADS: usize = 2;
-
-fn worker_threads(cores: usize, overridden: bool) -> Option<usize> {
-    (!overridden).then_some(cores.clamp(1, MAX_WORKER_THREADS))
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match main_inner(cli) {
@@ -265,23 +263,5 @@ fn main() -> ExitCode {
             eprintln!("metricsd: {}", e.message);
             ExitCode::from(e.code.clamp(1, 255) as u8)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::worker_threads;
-
-    #[test]
-    fn worker_threads_stay_few_on_big_nodes_unless_overridden() {
-        assert_eq!(worker_threads(192, false), Some(2));
-        assert_eq!(worker_threads(2, false), Some(2));
-        assert_eq!(worker_threads(1, false), Some(1));
-        assert_eq!(worker_threads(0, false), Some(1));
-        assert_eq!(
-            worker_threads(192, true),
-            None,
-            "TOKIO_WORKER_THREADS decides"
-        );
     }
 }
