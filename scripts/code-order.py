@@ -8,6 +8,12 @@ objects that ran, hottest first, by its exact (mangled) symbol name.
         target/release/libmetricsd_system.so ... > build-support/code-order.txt
     python3 scripts/code-order.py --check build-support/code-order.txt target/release/metricsd ...
 
+`--faults PERF_SCRIPT ORDER_FILE OBJECTS...` prints the functions of the objects that took a
+page fault in a native run (`perf record -e page-faults -d`, then `perf script
+--show-mmap-events -F addr`) and are not in ORDER_FILE yet: code the profile cannot see, such
+as CPU-feature paths valgrind does not emulate (SHA-NI in the plugin loader's hashing). Only
+the first page of each window faults, so a few rounds of faults, appends and relinks find them.
+
 `--check` says, for each object of a build, how many of the profile's functions it still has
 under the same name (after a toolchain or dependency update the file goes stale) and how many
 64 KiB windows of `.text` the ones it has span.
@@ -97,9 +103,56 @@ def check(order_file, binaries):
               f"({code // 1024} KiB of code) in {len(windows)} windows of 64 KiB")
 
 
+MMAP = re.compile(r"PERF_RECORD_MMAP2? .*\[0x([0-9a-f]+)\(0x([0-9a-f]+)\) @ (0x[0-9a-f]+|0)\b.*\]: \S+ (\S+)$")
+
+
+def faulted(perf_script, order_file, binaries):
+    """Prints the functions of `binaries` that page faults hit and `order_file` lacks."""
+    with open(order_file) as lines:
+        ordered = {line.strip() for line in lines if line.strip()}
+    wanted = {os.path.realpath(b): functions(b) for b in binaries}
+    by_name = {os.path.basename(b): os.path.realpath(b) for b in binaries}
+    maps, bias, new = [], {}, []
+    with open(perf_script) as lines:
+        for line in lines:
+            match = MMAP.search(line)
+            if match:
+                start, size, offset, path = match.groups()
+                real = by_name.get(os.path.basename(path))
+                if real is not None:
+                    maps.append((int(start, 16), int(start, 16) + int(size, 16), real))
+                    if int(offset, 16) == 0:
+                        bias[real] = int(start, 16)
+                continue
+            fields = line.split()
+            if len(fields) != 1:
+                continue
+            try:
+                address = int(fields[0], 16)
+            except ValueError:
+                continue
+            for start, end, real in maps:
+                if start <= address < end and real in bias:
+                    # The mapping of file offset 0 is where the object's address 0 was loaded.
+                    target = address - bias[real]
+                    table = wanted[real]
+                    i = bisect.bisect_right([row[0] for row in table], target) - 1
+                    if i >= 0 and table[i][0] <= target < table[i][1]:
+                        name = table[i][2]
+                        if name not in ordered:
+                            ordered.add(name)
+                            new.append(name)
+                    break
+    for name in new:
+        print(name)
+
+
 def main():
     if len(sys.argv) >= 4 and sys.argv[1] == "--check":
         check(sys.argv[2], sys.argv[3:])
+        return
+    if len(sys.argv) >= 5 and sys.argv[1] == "--faults":
+        faulted(sys.argv[2], sys.argv[3], sys.argv[4:])
         return
     if len(sys.argv) < 3:
         sys.exit(__doc__)

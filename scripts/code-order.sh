@@ -10,11 +10,21 @@
 # simulator (2 GPUs) and the Prometheus sink at a 1 s interval, scraped each second (text,
 # OpenMetrics with gzip, the health and stats pages), stops it with SIGTERM, writes the file,
 # relinks, and prints how many of the file's functions each object has.
+#
+# Then, where `perf` is installed, it runs the relinked agent natively (that config, and the
+# system collector with the Prometheus sink alone) recording every page fault, appends the
+# functions that faulted outside the ordered ones (code valgrind cannot show: CPU-feature
+# paths such as SHA-NI, or the blocking pool retiring an idle thread after 10 s), relinks, and
+# repeats up to NATIVE_ROUNDS (default 3) times. NATIVE_ONLY=1 skips the callgrind profile and
+# only adds to the committed file (a quick refresh, without valgrind).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_RUN=${SECONDS_RUN:-40}
+NATIVE_ROUNDS=${NATIVE_ROUNDS:-3}
 port=${PORT:-19380}
-command -v valgrind >/dev/null || { echo "valgrind is needed: apt-get install valgrind" >&2; exit 1; }
+NATIVE_ONLY=${NATIVE_ONLY:-}
+[ -n "$NATIVE_ONLY" ] || command -v valgrind >/dev/null \
+    || { echo "valgrind is needed: apt-get install valgrind" >&2; exit 1; }
 # The README's build: symbol hashes depend on the features cargo unifies over the packages it
 # builds, so a build of fewer packages would name some functions differently.
 cargo build --workspace --release
@@ -42,26 +52,66 @@ library_path = "$PWD/target/release/libnvml_sim.so"
 name = "prometheus"
 plugin = "prometheus"
 CONF
-NVML_SIM_SCENARIO="$work/scenario.toml" valgrind --tool=callgrind --dump-instr=yes \
-    --callgrind-out-file="$work/callgrind.out" target/release/metricsd -c "$work/metricsd.toml" \
-    run 2> "$work/log" &
-pid=$!
-for _ in $(seq "$SECONDS_RUN"); do
-    sleep 1
-    curl -s -o /dev/null "http://127.0.0.1:$port/metrics" || true
-    curl -s -o /dev/null --compressed -H 'Accept: application/openmetrics-text' \
-        "http://127.0.0.1:$port/metrics" || true
-done
-for page in health metrics/stats; do
-    curl -sf -o /dev/null "http://127.0.0.1:$((port + 1))/$page" \
-        || { echo "the agent did not answer /$page; its log:" >&2; cat "$work/log" >&2; exit 1; }
-done
-kill -TERM "$pid"
-wait "$pid" || true
-
+scrape() { # PORT SECONDS: what Prometheus and an operator ask of the agent, once a second
+    for _ in $(seq "$2"); do
+        sleep 1
+        curl -s -o /dev/null "http://127.0.0.1:$1/metrics" || true
+        curl -s -o /dev/null --compressed -H 'Accept: application/openmetrics-text' \
+            "http://127.0.0.1:$1/metrics" || true
+    done
+    for page in health metrics/stats; do
+        curl -sf -o /dev/null "http://127.0.0.1:$(($1 + 1))/$page" \
+            || { echo "the agent did not answer /$page; its log:" >&2; cat "$work/log" >&2; exit 1; }
+    done
+}
 objects=(target/release/metricsd target/release/libmetricsd_system.so
     target/release/libmetricsd_nvml.so target/release/libmetricsd_prometheus.so)
-python3 scripts/code-order.py "$work/callgrind.out" "${objects[@]}" > "$work/order.txt"
-mv "$work/order.txt" build-support/code-order.txt
-cargo build --workspace --release
+if [ -z "$NATIVE_ONLY" ]; then
+    NVML_SIM_SCENARIO="$work/scenario.toml" valgrind --tool=callgrind --dump-instr=yes \
+        --callgrind-out-file="$work/callgrind.out" target/release/metricsd -c "$work/metricsd.toml" \
+        run 2> "$work/log" &
+    pid=$!
+    scrape "$port" "$SECONDS_RUN"
+    kill -TERM "$pid"
+    wait "$pid" || true
+    python3 scripts/code-order.py "$work/callgrind.out" "${objects[@]}" > "$work/order.txt"
+    mv "$work/order.txt" build-support/code-order.txt
+    cargo build --workspace --release
+fi
+
+if ! command -v perf >/dev/null; then
+    echo "perf not found (apt-get install linux-perf): code that only runs natively stays unordered" >&2
+    NATIVE_ROUNDS=0
+fi
+sed -e "/^\[\[collectors\]\]$/,\$d" "$work/metricsd.toml" > "$work/plain.toml"
+printf '[[collectors]]\nname = "system"\nplugin = "system"\n[[sinks]]\nname = "prometheus"\nplugin = "prometheus"\n' \
+    >> "$work/plain.toml"
+for round in $(seq "$NATIVE_ROUNDS"); do
+    : > "$work/faults.txt"
+    for config in metricsd plain; do
+        # Out of the page cache first, so that each window of code faults on its own.
+        sync
+        python3 -c 'import os, sys
+for f in sys.argv[1:]:
+    fd = os.open(f, os.O_RDONLY); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); os.close(fd)' \
+            "${objects[@]}"
+        NVML_SIM_SCENARIO="$work/scenario.toml" perf record -q -e page-faults -c 1 -d \
+            -o "$work/perf.data" -- target/release/metricsd -c "$work/$config.toml" run \
+            2> "$work/log" &
+        pid=$!
+        sleep 2
+        scrape "$port" 10
+        sleep 12 # an idle blocking-pool thread retires after 10 s
+        pkill -TERM -P "$pid" || true
+        wait "$pid" || true
+        pid=""
+        perf script -i "$work/perf.data" --show-mmap-events -F addr >> "$work/faults.txt" 2>/dev/null
+    done
+    python3 scripts/code-order.py --faults "$work/faults.txt" build-support/code-order.txt \
+        "${objects[@]}" > "$work/new.txt"
+    echo "native round $round: $(wc -l < "$work/new.txt") more functions" >&2
+    [ -s "$work/new.txt" ] || break
+    cat "$work/new.txt" >> build-support/code-order.txt
+    cargo build --workspace --release
+done
 python3 scripts/code-order.py --check build-support/code-order.txt "${objects[@]}"
