@@ -90,6 +90,18 @@ def functions(binary):
     return rows
 
 
+def locator(binary):
+    """A function from an address of `binary` to the name of the function holding it (or None)."""
+    table = functions(binary)
+    starts = [row[0] for row in table]
+
+    def function_at(address):
+        i = bisect.bisect_right(starts, address) - 1
+        return table[i][2] if i >= 0 and table[i][0] <= address < table[i][1] else None
+
+    return function_at
+
+
 def check(order_file, binaries):
     """Prints how much of the ordering file each binary matches."""
     with open(order_file) as lines:
@@ -110,7 +122,7 @@ def faulted(perf_script, order_file, binaries):
     """Prints the functions of `binaries` that page faults hit and `order_file` lacks."""
     with open(order_file) as lines:
         ordered = {line.strip() for line in lines if line.strip()}
-    wanted = {os.path.realpath(b): functions(b) for b in binaries}
+    function_at = {os.path.realpath(b): locator(b) for b in binaries}
     by_name = {os.path.basename(b): os.path.realpath(b) for b in binaries}
     maps, bias, new = [], {}, []
     with open(perf_script) as lines:
@@ -120,9 +132,11 @@ def faulted(perf_script, order_file, binaries):
                 start, size, offset, path = match.groups()
                 real = by_name.get(os.path.basename(path))
                 if real is not None:
-                    maps.append((int(start, 16), int(start, 16) + int(size, 16), real))
                     if int(offset, 16) == 0:
+                        # A new load of the object (the next run in the file): forget the last.
+                        maps = [m for m in maps if m[2] != real]
                         bias[real] = int(start, 16)
+                    maps.append((int(start, 16), int(start, 16) + int(size, 16), real))
                 continue
             fields = line.split()
             if len(fields) != 1:
@@ -134,14 +148,10 @@ def faulted(perf_script, order_file, binaries):
             for start, end, real in maps:
                 if start <= address < end and real in bias:
                     # The mapping of file offset 0 is where the object's address 0 was loaded.
-                    target = address - bias[real]
-                    table = wanted[real]
-                    i = bisect.bisect_right([row[0] for row in table], target) - 1
-                    if i >= 0 and table[i][0] <= target < table[i][1]:
-                        name = table[i][2]
-                        if name not in ordered:
-                            ordered.add(name)
-                            new.append(name)
+                    name = function_at[real](address - bias[real])
+                    if name is not None and name not in ordered:
+                        ordered.add(name)
+                        new.append(name)
                     break
     for name in new:
         print(name)
@@ -165,13 +175,12 @@ def main():
         )
         if counts is None:
             sys.exit(f"{binary}: not in the profile (objects: {', '.join(sorted(profile))})")
-        table = functions(binary)
-        starts = [row[0] for row in table]
+        function_at = locator(binary)
         found = 0
         for address, count in counts.items():
-            i = bisect.bisect_right(starts, address) - 1
-            if i >= 0 and table[i][0] <= address < table[i][1]:
-                heat[table[i][2]] += count
+            name = function_at(address)
+            if name is not None:
+                heat[name] += count
                 found += 1
         print(f"{binary}: {found} of {len(counts)} addresses in named functions",
               file=sys.stderr)

@@ -83,9 +83,8 @@ if ! command -v perf >/dev/null; then
     echo "perf not found (apt-get install linux-perf): code that only runs natively stays unordered" >&2
     NATIVE_ROUNDS=0
 fi
-sed -e "/^\[\[collectors\]\]$/,\$d" "$work/metricsd.toml" > "$work/plain.toml"
-printf '[[collectors]]\nname = "system"\nplugin = "system"\n[[sinks]]\nname = "prometheus"\nplugin = "prometheus"\n' \
-    >> "$work/plain.toml"
+source scripts/scrape-bench-lib.sh
+metricsd_toml "$PWD/target/release" "$port" 0 > "$work/plain.toml" # system + Prometheus alone
 for round in $(seq "$NATIVE_ROUNDS"); do
     : > "$work/faults.txt"
     for config in metricsd plain; do
