@@ -492,6 +492,16 @@ pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<LoadedConfig, ConfigEr
     Ok(LoadedConfig { config, source })
 }
 
+/// `METRICSD_*` variables that are not config overrides: the plugin path, the config path, and
+/// the switches of a release build (`METRICSD_CODE_ORDER`, `METRICSD_RELR`, `METRICSD_LINK_MAP`).
+const NOT_CONFIG_KEYS: [&str; 5] = [
+    "METRICSD_PLUGIN_PATH",
+    "METRICSD_CONFIG",
+    "METRICSD_CODE_ORDER",
+    "METRICSD_RELR",
+    "METRICSD_LINK_MAP",
+];
+
 /// Parses TOML text, merges `METRICSD_*` overrides, deserialises with key paths in errors, and
 /// applies the operator environment names.
 pub fn from_toml_with_env(
@@ -509,9 +519,10 @@ pub fn from_toml_with_env(
     let mut builder = config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Toml));
     // METRICSD_HTTP__METRICS_LISTEN=… → http.metrics_listen. METRICSD_PLUGIN_PATH is the plugin
-    // directory list, not a config key.
+    // directory list, not a config key; the build's own switches (metricsd-build-support) may
+    // still be exported in the shell that built the agent.
     for (name, value) in env.vars_with_prefix("METRICSD_") {
-        if name == "METRICSD_PLUGIN_PATH" || name == "METRICSD_CONFIG" {
+        if NOT_CONFIG_KEYS.contains(&name.as_str()) {
             continue;
         }
         let key = name["METRICSD_".len()..].to_lowercase().replace("__", ".");
@@ -1112,6 +1123,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("agent.interval"), "{e}");
+    }
+
+    #[test]
+    fn build_switches_left_in_the_shell_are_not_config() {
+        let c = parse_env(
+            "",
+            &[
+                ("METRICSD_RELR", "off"),
+                ("METRICSD_CODE_ORDER", "off"),
+                ("METRICSD_LINK_MAP", "/tmp/maps"),
+                ("METRICSD_AGENT__INTERVAL", "2s"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.agent.interval, Duration::from_secs(2));
+        let e = parse_env("", &[("METRICSD_INTERVAL", "2s")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("METRICSD_<SECTION>__<KEY>"), "{e}");
     }
 
     #[test]
