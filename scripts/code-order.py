@@ -118,13 +118,11 @@ def check(order_file, binaries):
 MMAP = re.compile(r"PERF_RECORD_MMAP2? .*\[0x([0-9a-f]+)\(0x([0-9a-f]+)\) @ (0x[0-9a-f]+|0)\b.*\]: \S+ (\S+)$")
 
 
-def faulted(perf_script, order_file, binaries):
-    """Prints the functions of `binaries` that page faults hit and `order_file` lacks."""
-    with open(order_file) as lines:
-        ordered = {line.strip() for line in lines if line.strip()}
-    function_at = {os.path.realpath(b): locator(b) for b in binaries}
+def fault_offsets(perf_script, binaries):
+    """Yields (real path, address in the object) for each page fault of `perf script
+    --show-mmap-events -F addr` output that hit one of `binaries`."""
     by_name = {os.path.basename(b): os.path.realpath(b) for b in binaries}
-    maps, bias, new = [], {}, []
+    maps, bias = [], {}
     with open(perf_script) as lines:
         for line in lines:
             match = MMAP.search(line)
@@ -148,11 +146,21 @@ def faulted(perf_script, order_file, binaries):
             for start, end, real in maps:
                 if start <= address < end and real in bias:
                     # The mapping of file offset 0 is where the object's address 0 was loaded.
-                    name = function_at[real](address - bias[real])
-                    if name is not None and name not in ordered:
-                        ordered.add(name)
-                        new.append(name)
+                    yield real, address - bias[real]
                     break
+
+
+def faulted(perf_script, order_file, binaries):
+    """Prints the functions of `binaries` that page faults hit and `order_file` lacks."""
+    with open(order_file) as lines:
+        ordered = {line.strip() for line in lines if line.strip()}
+    function_at = {os.path.realpath(b): locator(b) for b in binaries}
+    new = []
+    for real, offset in fault_offsets(perf_script, binaries):
+        name = function_at[real](offset)
+        if name is not None and name not in ordered:
+            ordered.add(name)
+            new.append(name)
     for name in new:
         print(name)
 

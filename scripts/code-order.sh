@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rewrites build-support/code-order.txt, the functions the agent runs, for lld to lay them out
-# side by side (see build-support/src/lib.rs). Run it after a toolchain or dependency update:
-# the file names functions by mangled symbols, whose hashes change with both.
+# side by side, and build-support/data-order/*.ld, the read-only data they read (see
+# build-support/src/lib.rs). Run it after a toolchain or dependency update: the files name
+# functions and data by mangled symbols and section names, whose hashes change with both.
 #
 #   bash scripts/code-order.sh        # needs valgrind; about 5 minutes on 2 cores
 #
@@ -9,14 +10,18 @@
 # callgrind for SECONDS_RUN (default 40) with the system collector, the NVML collector on the
 # simulator (2 GPUs) and the Prometheus sink at a 1 s interval, scraped each second (text,
 # OpenMetrics with gzip, the health and stats pages), stops it with SIGTERM, writes the file,
-# relinks, and prints how many of the file's functions each object has.
+# relinks, and prints how many of the file's functions each object has. From the code of those
+# functions and the tables it addresses, scripts/data-order.py then writes each object's data
+# script (--static), and the build relinks with it.
 #
 # Then, where `perf` is installed, it runs the relinked agent natively (that config, and the
 # system collector with the Prometheus sink alone) recording every page fault, appends the
 # functions that faulted outside the ordered ones (code valgrind cannot show: CPU-feature
-# paths such as SHA-NI, or the blocking pool retiring an idle thread after 10 s), relinks, and
-# repeats up to NATIVE_ROUNDS (default 3) times. NATIVE_ONLY=1 skips the callgrind profile and
-# only adds to the committed file (a quick refresh, without valgrind).
+# paths such as SHA-NI, or the blocking pool retiring an idle thread after 10 s) and the
+# read-only data that faulted outside the listed sections, relinks, and repeats up to
+# NATIVE_ROUNDS (default 3) times. NATIVE_ONLY=1 skips the callgrind profile and only adds to
+# the committed function list (a quick refresh, without valgrind, about 12 minutes; after an
+# edit of the host's own code this is enough to bring the data scripts up to date).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_RUN=${SECONDS_RUN:-40}
@@ -25,13 +30,18 @@ port=${PORT:-19380}
 NATIVE_ONLY=${NATIVE_ONLY:-}
 [ -n "$NATIVE_ONLY" ] || command -v valgrind >/dev/null \
     || { echo "valgrind is needed: apt-get install valgrind" >&2; exit 1; }
-# The README's build: symbol hashes depend on the features cargo unifies over the packages it
-# builds, so a build of fewer packages would name some functions differently.
-cargo build --workspace --release
-
 work=$(mktemp -d)
 pid=""
 trap '[ -z "$pid" ] || kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+maps="$work/maps"
+mkdir -p "$maps"
+# The README's build: symbol hashes depend on the features cargo unifies over the packages it
+# builds, so a build of fewer packages would name some functions differently. Each link also
+# writes its lld map, named after the package (where every input section went, which
+# data-order.py reads); the map does not change what is linked.
+build() { METRICSD_LINK_MAP="$maps" cargo build --workspace --release; }
+build
+
 sed "s/^count = 8$/count = 2/" tests/nvml-sim/scenarios/h100-sxm-8.toml > "$work/scenario.toml"
 cat > "$work/metricsd.toml" <<CONF
 [agent]
@@ -66,6 +76,9 @@ scrape() { # PORT SECONDS: what Prometheus and an operator ask of the agent, onc
 }
 objects=(target/release/metricsd target/release/libmetricsd_system.so
     target/release/libmetricsd_nvml.so target/release/libmetricsd_prometheus.so)
+packages=(metricsd metricsd-collector-system metricsd-collector-nvml metricsd-sink-prometheus)
+linked=() # OBJECT=MAP, for data-order.py
+for i in "${!objects[@]}"; do linked+=("${objects[$i]}=$maps/${packages[$i]}.map"); done
 if [ -z "$NATIVE_ONLY" ]; then
     NVML_SIM_SCENARIO="$work/scenario.toml" valgrind --tool=callgrind --dump-instr=yes \
         --callgrind-out-file="$work/callgrind.out" target/release/metricsd -c "$work/metricsd.toml" \
@@ -76,8 +89,14 @@ if [ -z "$NATIVE_ONLY" ]; then
     wait "$pid" || true
     python3 scripts/code-order.py "$work/callgrind.out" "${objects[@]}" > "$work/order.txt"
     mv "$work/order.txt" build-support/code-order.txt
-    cargo build --workspace --release
+    build
 fi
+# The data scripts start afresh from the code each time (cheap, and the host crate's own constants
+# are renumbered by any edit of it); the native rounds below add what the code does not show.
+mkdir -p build-support/data-order
+python3 scripts/data-order.py --static build-support/code-order.txt build-support/data-order \
+    "${linked[@]}"
+build
 
 if ! command -v perf >/dev/null; then
     echo "perf not found (apt-get install linux-perf): code that only runs natively stays unordered" >&2
@@ -108,9 +127,13 @@ for f in sys.argv[1:]:
     done
     python3 scripts/code-order.py --faults "$work/faults.txt" build-support/code-order.txt \
         "${objects[@]}" > "$work/new.txt"
-    echo "native round $round: $(wc -l < "$work/new.txt") more functions" >&2
-    [ -s "$work/new.txt" ] || break
+    python3 scripts/data-order.py --faults "$work/faults.txt" build-support/data-order \
+        "${linked[@]}" > "$work/new-data.txt"
+    echo "native round $round: $(wc -l < "$work/new.txt") more functions," \
+        "$(wc -l < "$work/new-data.txt") more data sections" >&2
+    [ -s "$work/new.txt" ] || [ -s "$work/new-data.txt" ] || break
     cat "$work/new.txt" >> build-support/code-order.txt
-    cargo build --workspace --release
+    build
 done
 python3 scripts/code-order.py --check build-support/code-order.txt "${objects[@]}"
+python3 scripts/data-order.py --check build-support/data-order "${linked[@]}"

@@ -12,6 +12,17 @@
 //! stale file only makes the layout less compact, never the build fail. `scripts/code-order.sh`
 //! profiles the agent and rewrites the file; `docs/BENCHMARKS.md` shows its effect.
 //!
+//! Read-only data is spread the same way, and most of it cannot be named in that file: string
+//! constants, format templates and jump tables live in unnamed `.rodata` input sections
+//! (`.rodata..Lanon.<hash>.<n>`). A linker script per package, `data-order/<package>.ld`,
+//! names the sections the ordered functions read and puts them first in `.rodata`, and
+//! `.rodata` (with gdb's script section, which `main` reads) before the exception tables, so
+//! the data the agent reads shares the first pages of the file with the ELF headers. The
+//! script only inserts into lld's default layout (`INSERT BEFORE .gcc_except_table`); a name
+//! it lists that no longer exists matches nothing. The host crate's own constants are
+//! renumbered by edits of its code, so the script loses some precision with each such edit
+//! until `scripts/code-order.sh` rewrites it (`NATIVE_ONLY=1`, no valgrind needed).
+//!
 //! It applies to release builds for `x86_64-unknown-linux-gnu` with rustc 1.90 or newer, whose
 //! default linker there is lld (GNU ld has no ordering option), and stays off when the build
 //! chooses its own linker (`target.<triple>.linker` in cargo's config, or `RUSTFLAGS` naming a
@@ -25,25 +36,45 @@ use std::process::Command;
 /// The ordering file, one mangled symbol per line.
 pub const ORDER_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/code-order.txt");
 
-/// Call from a `build.rs`: links the package's binaries and cdylibs with [`ORDER_FILE`], and
-/// with packed relocations where the system allows them, when the build is one it applies to
+/// The linker scripts that place each package's read-only data, `<package>.ld`.
+pub const DATA_ORDER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data-order");
+
+/// Call from a `build.rs`: links the package's binaries and cdylibs with [`ORDER_FILE`] and
+/// the package's script in [`DATA_ORDER_DIR`], and with packed relocations where the system allows them, when the build is one it applies to
 /// (see the crate's documentation).
 pub fn link_in_run_order() {
     println!("cargo:rerun-if-changed={ORDER_FILE}");
+    println!("cargo:rerun-if-changed={DATA_ORDER_DIR}");
     println!("cargo:rerun-if-env-changed=METRICSD_CODE_ORDER");
     println!("cargo:rerun-if-env-changed=METRICSD_RELR");
     println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
+    println!("cargo:rerun-if-env-changed=METRICSD_LINK_MAP");
     if !links_with_lld() {
         return;
     }
-    if std::env::var("METRICSD_CODE_ORDER").unwrap_or_default() != "off"
-        && std::path::Path::new(ORDER_FILE).is_file()
-    {
-        println!("cargo:rustc-link-arg=-Wl,--symbol-ordering-file={ORDER_FILE}");
-        println!("cargo:rustc-link-arg=-Wl,--no-warn-symbol-ordering");
+    if std::env::var("METRICSD_CODE_ORDER").unwrap_or_default() != "off" {
+        if std::path::Path::new(ORDER_FILE).is_file() {
+            println!("cargo:rustc-link-arg=-Wl,--symbol-ordering-file={ORDER_FILE}");
+            println!("cargo:rustc-link-arg=-Wl,--no-warn-symbol-ordering");
+        }
+        // The script places `.rodata` before `.gcc_except_table`, which lld requires to exist:
+        // it does wherever code can unwind (std's landing pads are enough).
+        let package = std::env::var("CARGO_PKG_NAME").unwrap_or_default();
+        let script = format!("{DATA_ORDER_DIR}/{package}.ld");
+        if std::env::var("CARGO_CFG_PANIC").as_deref() == Ok("unwind")
+            && std::path::Path::new(&script).is_file()
+        {
+            println!("cargo:rustc-link-arg=-Wl,-T,{script}");
+        }
     }
     if packs_relocations() {
         println!("cargo:rustc-link-arg=-Wl,-z,pack-relative-relocs");
+    }
+    // For scripts/code-order.sh: where each input section landed (`-Map` changes nothing in
+    // the output; checked byte for byte).
+    if let Ok(dir) = std::env::var("METRICSD_LINK_MAP") {
+        let name = std::env::var("CARGO_PKG_NAME").unwrap_or_default();
+        println!("cargo:rustc-link-arg=-Wl,-Map={dir}/{name}.map");
     }
 }
 
