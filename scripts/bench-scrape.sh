@@ -55,20 +55,7 @@ start() { # name, command...; sets $started to the pid
 
 wait_http() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "no answer from $1" >&2; cat "$work"/*.log >&2; return 1; }
 
-cat > "$work/collectd.conf" <<EOF
-Interval 1
-FQDNLookup false
-LoadPlugin cpu
-LoadPlugin memory
-LoadPlugin df
-LoadPlugin disk
-LoadPlugin interface
-LoadPlugin load
-LoadPlugin write_prometheus
-<Plugin write_prometheus>
-  Port "19103"
-</Plugin>
-EOF
+collectd_conf 19103 > "$work/collectd.conf"
 
 # The machine's own latency floor, before anything runs (scripts/cpu-stalls.py).
 python3 scripts/cpu-stalls.py 5

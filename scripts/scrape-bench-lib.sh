@@ -23,6 +23,25 @@ TOML
     fi
 }
 
+# collectd_conf PORT: collectd with the plugins that match the system collector's set (cpu,
+# memory, df, disk, interface, load) at a 1 s interval, exposed by write_prometheus on PORT.
+collectd_conf() {
+    cat <<EOF
+Interval 1
+FQDNLookup false
+LoadPlugin cpu
+LoadPlugin memory
+LoadPlugin df
+LoadPlugin disk
+LoadPlugin interface
+LoadPlugin load
+LoadPlugin write_prometheus
+<Plugin write_prometheus>
+  Port "$1"
+</Plugin>
+EOF
+}
+
 # wait_series PORT N: waits (up to 10 s) until /metrics on PORT answers with N testkit_value
 # series.
 wait_series() {
