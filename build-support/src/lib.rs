@@ -21,7 +21,9 @@
 //! script only inserts into lld's default layout (`INSERT BEFORE .gcc_except_table`); a name
 //! it lists that no longer exists matches nothing. The host crate's own constants are
 //! renumbered by edits of its code, so the script loses some precision with each such edit
-//! until `scripts/code-order.sh` rewrites it (`NATIVE_ONLY=1`, no valgrind needed).
+//! until `scripts/code-order.sh` rewrites it (`NATIVE_ONLY=1`, no valgrind needed). The scripts
+//! apply to the same builds as the ordering file, and `METRICSD_CODE_ORDER=off` turns them off
+//! with it.
 //!
 //! It applies to release builds for `x86_64-unknown-linux-gnu` with rustc 1.90 or newer, whose
 //! default linker there is lld (GNU ld has no ordering option), and stays off when the build
@@ -40,8 +42,8 @@ pub const ORDER_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/code-order.tx
 pub const DATA_ORDER_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data-order");
 
 /// Call from a `build.rs`: links the package's binaries and cdylibs with [`ORDER_FILE`] and
-/// the package's script in [`DATA_ORDER_DIR`], and with packed relocations where the system allows them, when the build is one it applies to
-/// (see the crate's documentation).
+/// the package's script in [`DATA_ORDER_DIR`], and with packed relocations where the system
+/// allows them, when the build is one it applies to (see the crate's documentation).
 pub fn link_in_run_order() {
     println!("cargo:rerun-if-changed={ORDER_FILE}");
     println!("cargo:rerun-if-changed={DATA_ORDER_DIR}");
