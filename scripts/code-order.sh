@@ -4,7 +4,7 @@
 # build-support/src/lib.rs). Run it after a toolchain or dependency update: the files name
 # functions and data by mangled symbols and section names, whose hashes change with both.
 #
-#   bash scripts/code-order.sh        # needs valgrind; about 5 minutes on 2 cores
+#   bash scripts/code-order.sh        # needs valgrind and perf; about 25 minutes on 2 cores
 #
 # It builds the workspace in release (the README's build command), runs the agent under
 # callgrind for SECONDS_RUN (default 40) with the system collector, the NVML collector on the
