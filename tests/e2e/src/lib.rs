@@ -358,6 +358,15 @@ impl Agent {
         series_value(&body, series)
     }
 
+    /// Waits (up to `deadline`) until `series` of `/metrics/stats` reaches `at_least`, and
+    /// returns its value; the error carries the agent's log.
+    pub fn wait_stat(&self, series: &str, at_least: f64, deadline: Duration) -> Result<f64> {
+        wait_for(&format!("{series} >= {at_least}"), deadline, || {
+            self.stat(series).filter(|v| *v >= at_least)
+        })
+        .map_err(|e| anyhow!("{e}\n{}", self.stderr()))
+    }
+
     /// Waits until the health listener answers.
     pub fn wait_ready(&mut self) -> Result<()> {
         let deadline = Duration::from_secs(30);

@@ -858,14 +858,12 @@ fn a_spool_in_use_by_another_agent_disables_the_sink_and_the_agent_runs() {
     let health = wait_health(&second, "in use by another metricsd");
     assert!(health.contains("\"disabled\""), "{health}");
     // Its collector goes on.
-    wait_for(
-        "collections in the second agent",
-        Duration::from_secs(10),
-        || {
-            (second.stat("metricsd_collector_collections_total{collector=\"tk\"}")? >= 3.0)
-                .then_some(())
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", second.stderr()));
+    second
+        .wait_stat(
+            "metricsd_collector_collections_total{collector=\"tk\"}",
+            3.0,
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|e| panic!("collections in the second agent: {e}"));
     assert!(first.is_running());
 }

@@ -156,12 +156,13 @@ flush = "buffer"
     )
     .expect("start");
     agent.wait_ready().expect("ready");
-    let written = wait_for("five batches written", Duration::from_secs(10), || {
-        agent
-            .stat("metricsd_sink_samples_written_total{sink=\"out\"}")
-            .filter(|v| *v >= 10.0)
-    })
-    .expect("writes");
+    let written = agent
+        .wait_stat(
+            "metricsd_sink_samples_written_total{sink=\"out\"}",
+            10.0,
+            Duration::from_secs(10),
+        )
+        .expect("five batches written");
     // Buffered: nothing has reached stdout yet.
     assert_eq!(
         agent.stdout(),
@@ -297,16 +298,13 @@ spool = true
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
     assert!(!agent.stderr().contains("in use"), "{}", agent.stderr());
-    wait_for(
-        "the new instance to collect",
-        Duration::from_secs(10),
-        || {
-            agent
-                .stat("metricsd_collector_collections_total{collector=\"tk\"}")
-                .filter(|v| *v >= 1.0)
-        },
-    )
-    .expect("tk collects");
+    agent
+        .wait_stat(
+            "metricsd_collector_collections_total{collector=\"tk\"}",
+            1.0,
+            Duration::from_secs(10),
+        )
+        .expect("the new instance collects");
     let status = agent.terminate().expect("terminate");
     assert_eq!(status.code(), Some(0));
 }
@@ -327,12 +325,13 @@ plugin = "hello"
     let mut agent =
         Agent::start_named(&work, "big", config, &[("TOKIO_WORKER_THREADS", "8")]).expect("start");
     agent.wait_ready().expect("ready");
-    wait_for("a collection", Duration::from_secs(10), || {
-        agent
-            .stat("metricsd_collector_collections_total{collector=\"hi\"}")
-            .filter(|v| *v >= 1.0)
-    })
-    .expect("collects");
+    agent
+        .wait_stat(
+            "metricsd_collector_collections_total{collector=\"hi\"}",
+            1.0,
+            Duration::from_secs(10),
+        )
+        .expect("collects");
     // The main thread runs the runtime, `collect-hi` the collector; blocking-pool threads
     // (`metricsd-blocking`) come and go for scrapes and instance creation. Eight workers would
     // have made it at least ten.
@@ -383,12 +382,13 @@ plugin = "prometheus"
     let mut agent = Agent::start(&work, config, &[]).expect("start");
     agent.wait_ready().expect("ready");
     let written = |n: f64| {
-        wait_for("sink writes", Duration::from_secs(10), || {
-            agent
-                .stat("metricsd_sink_writes_total{sink=\"prom\"}")
-                .filter(|v| *v >= n)
-        })
-        .expect("the sink is written to")
+        agent
+            .wait_stat(
+                "metricsd_sink_writes_total{sink=\"prom\"}",
+                n,
+                Duration::from_secs(10),
+            )
+            .expect("the sink is written to")
     };
     let first = written(2.0);
     let collect = threads_named(agent.pid(), "collect-hi");

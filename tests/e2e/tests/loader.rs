@@ -144,12 +144,13 @@ fn bad_files_are_refused_with_one_line_each_and_the_host_runs_on() {
     )
     .expect("start");
     agent.wait_ready().expect("ready");
-    wait_for("a collection", Duration::from_secs(10), || {
-        agent
-            .stat("metricsd_collector_collections_total{collector=\"hi\"}")
-            .filter(|v| *v >= 1.0)
-    })
-    .expect("hello collects");
+    agent
+        .wait_stat(
+            "metricsd_collector_collections_total{collector=\"hi\"}",
+            1.0,
+            Duration::from_secs(10),
+        )
+        .expect("hello collects");
     let (status, body) = agent.get_health("/plugins").expect("/plugins");
     assert_eq!(status, 200);
     assert!(body.contains("built for plugin API 2.0.0"), "{body}");

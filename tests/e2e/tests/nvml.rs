@@ -322,12 +322,13 @@ fn mig_mode_and_instances() {
 fn not_supported_queries_are_absent_and_asked_once() {
     let work = Workdir::new();
     let (agent, call_log) = agent_logging_calls(&work, "rtx4090.toml", "200ms");
-    wait_for("four collections", Duration::from_secs(15), || {
-        agent
-            .stat("metricsd_collector_collections_total{collector=\"gpu\"}")
-            .filter(|v| *v >= 4.0)
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    agent
+        .wait_stat(
+            "metricsd_collector_collections_total{collector=\"gpu\"}",
+            4.0,
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|e| panic!("four collections: {e}"));
     let calls = std::fs::read_to_string(&call_log).expect("call log");
     let count = |q: &str| calls_to(&calls, q);
     assert_eq!(count("total_energy"), 1, "NOT_SUPPORTED is remembered");
@@ -616,25 +617,23 @@ fn a_hanging_nvml_call_is_timed_out_and_the_next_cycle_recovers() {
     )
     .expect("start");
     agent.wait_ready().expect("ready");
-    wait_for("a timeout", Duration::from_secs(15), || {
-        agent
-            .stat("metricsd_collector_timeouts_total{collector=\"gpu\"}")
-            .filter(|v| *v >= 1.0)
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    agent
+        .wait_stat(
+            "metricsd_collector_timeouts_total{collector=\"gpu\"}",
+            1.0,
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|e| panic!("a timeout: {e}"));
     let before = agent
         .stat("metricsd_collector_collections_total{collector=\"gpu\"}")
         .unwrap_or(0.0);
-    wait_for(
-        "collections after the hang",
-        Duration::from_secs(15),
-        || {
-            agent
-                .stat("metricsd_collector_collections_total{collector=\"gpu\"}")
-                .filter(|v| *v >= before + 3.0)
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    agent
+        .wait_stat(
+            "metricsd_collector_collections_total{collector=\"gpu\"}",
+            before + 3.0,
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|e| panic!("collections after the hang: {e}"));
     assert_eq!(
         agent.stat("metricsd_collector_stale{collector=\"gpu\"}"),
         Some(0.0)
