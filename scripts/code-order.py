@@ -90,22 +90,33 @@ def functions(binary):
     return rows
 
 
+def containing(rows):
+    """For rows sorted by start, each (start, end, ...): a function from an address to the row
+    whose [start, end) holds it, or None."""
+    starts = [row[0] for row in rows]
+
+    def row_at(address):
+        i = bisect.bisect_right(starts, address) - 1
+        return rows[i] if i >= 0 and rows[i][0] <= address < rows[i][1] else None
+
+    return row_at
+
+
 def locator(binary):
     """A function from an address of `binary` to the name of the function holding it (or None)."""
-    table = functions(binary)
-    starts = [row[0] for row in table]
+    row_at = containing(functions(binary))
+    return lambda address: (row_at(address) or (None, None, None))[2]
 
-    def function_at(address):
-        i = bisect.bisect_right(starts, address) - 1
-        return table[i][2] if i >= 0 and table[i][0] <= address < table[i][1] else None
 
-    return function_at
+def read_order(order_file):
+    """The symbols of an ordering file, in order."""
+    with open(order_file) as lines:
+        return [line.strip() for line in lines if line.strip()]
 
 
 def check(order_file, binaries):
     """Prints how much of the ordering file each binary matches."""
-    with open(order_file) as lines:
-        order = [line.strip() for line in lines if line.strip()]
+    order = read_order(order_file)
     for binary in binaries:
         table = {name: (start, end) for start, end, name in functions(binary)}
         ranges = [table[name] for name in order if name in table]
@@ -152,8 +163,7 @@ def fault_offsets(perf_script, binaries):
 
 def faulted(perf_script, order_file, binaries):
     """Prints the functions of `binaries` that page faults hit and `order_file` lacks."""
-    with open(order_file) as lines:
-        ordered = {line.strip() for line in lines if line.strip()}
+    ordered = set(read_order(order_file))
     function_at = {os.path.realpath(b): locator(b) for b in binaries}
     new = []
     for real, offset in fault_offsets(perf_script, binaries):

@@ -29,7 +29,6 @@ hash is of the crate's code unit, stable like symbol hashes for a given toolchai
 dependency set; a name that no longer exists matches nothing and is ignored).
 """
 
-import bisect
 import importlib.util
 import os
 import re
@@ -56,7 +55,7 @@ class Link:
 
     def __init__(self, binary, map_file):
         self.binary = binary
-        self.sections = []  # (address, size, output section, input section name)
+        self.sections = []  # (address, end, output section, input section name)
         output = None
         with open(map_file) as lines:
             for line in lines:
@@ -68,9 +67,10 @@ class Link:
                 if indent == 0:
                     output = text
                 elif indent == 8 and size and address and text.endswith(")") and ":(" in text:
-                    self.sections.append((address, size, output, text[text.rindex(":(") + 2:-1]))
+                    name = text[text.rindex(":(") + 2:-1]
+                    self.sections.append((address, address + size, output, name))
         self.sections.sort()
-        self.starts = [s[0] for s in self.sections]
+        self.section_at = code_order.containing(self.sections)
         with open(binary, "rb") as f:
             self.image = f.read()
         self.loads = []  # (address, file offset, size in the file)
@@ -81,53 +81,41 @@ class Link:
             if fields and fields[0] == "LOAD":
                 self.loads.append((int(fields[2], 16), int(fields[1], 16), int(fields[4], 16)))
 
-    def section_at(self, address):
-        i = bisect.bisect_right(self.starts, address) - 1
-        if i >= 0 and self.sections[i][0] <= address < self.sections[i][0] + self.sections[i][1]:
-            return self.sections[i]
-        return None
-
     def words(self, section):
         """The 8-byte words of a section as the file holds them (with packed or REL-style
         relocations, a pointer's link-time value)."""
-        address, size = section[0], section[1]
+        address, end = section[0], section[1]
         for start, offset, length in self.loads:
-            if start <= address and address + size <= start + length:
+            if start <= address and end <= start + length:
                 at = offset + address - start
-                return [w for (w,) in struct.iter_unpack("<Q", self.image[at:at + size // 8 * 8])]
+                size = (end - address) // 8 * 8
+                return [w for (w,) in struct.iter_unpack("<Q", self.image[at:at + size])]
         return []
 
 
-def ordered_ranges(binary, order_file):
-    with open(order_file) as lines:
-        ordered = {line.strip() for line in lines if line.strip()}
-    return sorted((start, end) for start, end, name in code_order.functions(binary)
-                  if name in ordered)
-
-
-def referenced(link, ranges):
-    """Addresses that instructions inside `ranges` name (RIP-relative operands)."""
+def referenced(binary, order_file):
+    """Addresses that instructions of the functions in `order_file` name (RIP-relative
+    operands), in `binary`."""
+    ordered = set(code_order.read_order(order_file))
+    ranges = [row for row in code_order.functions(binary) if row[2] in ordered]
     if not ranges:
         return set()
-    starts = [r[0] for r in ranges]
+    range_at = code_order.containing(ranges)
     dump = subprocess.run(
         ["objdump", "-d", "--no-show-raw-insn", f"--start-address={ranges[0][0]:#x}",
-         f"--stop-address={max(r[1] for r in ranges):#x}", link.binary],
+         f"--stop-address={max(r[1] for r in ranges):#x}", binary],
         check=True, capture_output=True, text=True).stdout
     found = set()
     for line in dump.splitlines():
         match = REFERENCE.match(line)
-        if match:
-            at = int(match.group(1), 16)
-            i = bisect.bisect_right(starts, at) - 1
-            if i >= 0 and at < ranges[i][1]:
-                found.add(int(match.group(2), 16))
+        if match and range_at(int(match.group(1), 16)):
+            found.add(int(match.group(2), 16))
     return found
 
 
 def hot_rodata(link, order_file):
     """The `.rodata` input sections the ordered functions read, in their present order."""
-    todo = [(address, 0) for address in referenced(link, ordered_ranges(link.binary, order_file))]
+    todo = [(address, 0) for address in referenced(link.binary, order_file)]
     seen = set()
     while todo:
         address, depth = todo.pop()
@@ -204,8 +192,8 @@ def check(out_dir, args):
         link = Link(binary, map_file)
         names = set(listed(script_path(out_dir, map_file)))
         present = [s for s in link.sections if s[2] == ".rodata" and s[3] in names]
-        size = sum(s[1] for s in present)
-        end = max((s[0] + s[1] for s in present), default=0)
+        size = sum(s[1] - s[0] for s in present)
+        end = max((s[1] for s in present), default=0)
         print(f"{binary}: {len({s[3] for s in present})} of the {len(names)} listed sections "
               f"({size // 1024} KiB), ending {end // 1024} KiB into the file")
 
