@@ -492,16 +492,6 @@ pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<LoadedConfig, ConfigEr
     Ok(LoadedConfig { config, source })
 }
 
-/// `METRICSD_*` variables that are not config overrides: the plugin path, the config path, and
-/// the switches of a release build (`METRICSD_CODE_ORDER`, `METRICSD_RELR`, `METRICSD_LINK_MAP`).
-const NOT_CONFIG_KEYS: [&str; 5] = [
-    "METRICSD_PLUGIN_PATH",
-    "METRICSD_CONFIG",
-    "METRICSD_CODE_ORDER",
-    "METRICSD_RELR",
-    "METRICSD_LINK_MAP",
-];
-
 /// Parses TOML text, merges `METRICSD_*` overrides, deserialises with key paths in errors, and
 /// applies the operator environment names.
 pub fn from_toml_with_env(
@@ -518,11 +508,10 @@ pub fn from_toml_with_env(
     };
     let mut builder = config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Toml));
-    // METRICSD_HTTP__METRICS_LISTEN=… → http.metrics_listen. METRICSD_PLUGIN_PATH is the plugin
-    // directory list, not a config key; the build's own switches (metricsd-build-support) may
-    // still be exported in the shell that built the agent.
+    // METRICSD_HTTP__METRICS_LISTEN=… → http.metrics_listen. METRICSD_PLUGIN_PATH (the plugin
+    // directories) and METRICSD_CONFIG (the file) are read by the CLI, not config overrides.
     for (name, value) in env.vars_with_prefix("METRICSD_") {
-        if NOT_CONFIG_KEYS.contains(&name.as_str()) {
+        if name == "METRICSD_PLUGIN_PATH" || name == "METRICSD_CONFIG" {
             continue;
         }
         let key = name["METRICSD_".len()..].to_lowercase().replace("__", ".");
@@ -1126,13 +1115,12 @@ mod tests {
     }
 
     #[test]
-    fn build_switches_left_in_the_shell_are_not_config() {
+    fn cli_variables_are_not_config_and_other_bare_names_are_errors() {
         let c = parse_env(
             "",
             &[
-                ("METRICSD_RELR", "off"),
-                ("METRICSD_CODE_ORDER", "off"),
-                ("METRICSD_LINK_MAP", "/tmp/maps"),
+                ("METRICSD_PLUGIN_PATH", "/opt/plugins"),
+                ("METRICSD_CONFIG", "/etc/metricsd/metricsd.toml"),
                 ("METRICSD_AGENT__INTERVAL", "2s"),
             ],
         )
