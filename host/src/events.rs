@@ -99,11 +99,16 @@ impl Telemetry {
             sink_samples: counter(&r, "metricsd_sink_samples_written_total", "Samples written successfully.", &s),
             sink_last_duration: gauge(&r, "metricsd_sink_last_write_duration_seconds", "Duration of the sink's last write.", &s),
             plugin_files: int_gauge(&r, "metricsd_plugin_files", "Plugin files found, by verdict (loaded, shadowed, refused, unused: not opened, the config does not use it).", &["verdict"]),
-            build_info: int_gauge(&r, "metricsd_build_info", "Always 1; the labels carry the agent and plugin API versions.", &["version", "plugin_api_version"]),
+            build_info: int_gauge(&r, "metricsd_build_info", "Always 1; the labels carry the agent and plugin API versions, the git revision and the target triple.", &["version", "plugin_api_version", "revision", "target"]),
             registry: r,
         };
         t.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), metricsd_plugin_api::API_VERSION])
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                metricsd_plugin_api::API_VERSION,
+                env!("METRICSD_BUILD_REVISION"),
+                env!("METRICSD_BUILD_TARGET"),
+            ])
             .set(1);
         t
     }

@@ -11,9 +11,21 @@ use metricsd::http::plugin_report;
 use metricsd::loader::PluginSet;
 use tracing_subscriber::EnvFilter;
 
+/// `metricsd --version`: the version, then what `build.rs` found out about the build.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("METRICSD_BUILD_REVISION"),
+    ", ",
+    env!("METRICSD_BUILD_TARGET"),
+    ", built ",
+    env!("METRICSD_BUILD_DATE"),
+    ")"
+);
+
 /// Metrics agent for GPU nodes.
 #[derive(Parser)]
-#[command(name = "metricsd", version, about, long_about = None)]
+#[command(name = "metricsd", version = VERSION, about, long_about = None)]
 struct Cli {
     /// Config file (TOML). Without one, the built-in default runs.
     #[arg(short, long, global = true, env = "METRICSD_CONFIG")]
