@@ -30,8 +30,13 @@ pub struct ExitError {
     pub message: String,
 }
 
-/// Exit code for configuration problems and required plugins that cannot load.
+/// Exit code for configuration problems and required plugins that cannot load: restarting
+/// with the same config cannot help (the systemd unit's `RestartPreventExitStatus`).
 pub const EXIT_CONFIG: i32 = 2;
+
+/// Exit code for failures that a later start may not meet: a listen address that another
+/// process holds, or that is not configured on the node yet. systemd restarts on it.
+pub const EXIT_RUNTIME: i32 = 1;
 
 fn exit(code: i32, message: impl Into<String>) -> ExitError {
     ExitError {
@@ -204,31 +209,43 @@ fn reload(path: Option<&Path>) -> Option<StopReason> {
     Some(StopReason::Reload(Box::new(loaded), Box::new(plugins)))
 }
 
+/// SIGTERM, SIGINT and SIGHUP, registered once for the life of the process: a signal that
+/// arrives while one pipeline stops and the next starts waits in its stream, where a stream
+/// registered afterwards would never see it (a `systemctl stop` right after a reload).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn register() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Waits for SIGTERM / Ctrl-C (shutdown) or SIGHUP with a valid config (reload).
-async fn next_stop(path: Option<&Path>) -> StopReason {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut term, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(h)) => (t, h),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!("cannot listen for SIGTERM/SIGHUP ({e}); only Ctrl-C stops the agent");
-            let _ = tokio::signal::ctrl_c().await;
-            return StopReason::Shutdown;
-        }
+async fn next_stop(signals: &mut Option<Signals>, path: Option<&Path>) -> StopReason {
+    let Some(signals) = signals else {
+        let _ = tokio::signal::ctrl_c().await;
+        return StopReason::Shutdown;
     };
     loop {
         tokio::select! {
-            _ = term.recv() => {
+            _ = signals.term.recv() => {
                 tracing::info!("SIGTERM received: shutting down");
                 return StopReason::Shutdown;
             }
-            _ = tokio::signal::ctrl_c() => {
+            _ = signals.interrupt.recv() => {
                 tracing::info!("interrupt received: shutting down");
                 return StopReason::Shutdown;
             }
-            _ = hup.recv() => {
+            _ = signals.hup.recv() => {
                 tracing::info!("SIGHUP received: reloading the configuration");
                 if let Some(reason) = reload(path) {
                     return reason;
@@ -245,8 +262,15 @@ pub async fn run(
     mut plugins: PluginSet,
     path: Option<&Path>,
 ) -> Result<(), ExitError> {
+    let mut signals = match Signals::register() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM/SIGHUP ({e}); only Ctrl-C stops the agent");
+            None
+        }
+    };
     loop {
-        match run_until(loaded, plugins, next_stop(path)).await? {
+        match run_until(loaded, plugins, next_stop(&mut signals, path)).await? {
             StopReason::Shutdown => {
                 tracing::info!("metricsd stopped");
                 return Ok(());
@@ -442,7 +466,7 @@ pub async fn run_until<T>(
         )
         .map_err(|e| {
             exit(
-                EXIT_CONFIG,
+                EXIT_RUNTIME,
                 format!("cannot listen on {addr} (http.health_listen): {e}"),
             )
         })?;
@@ -466,7 +490,7 @@ pub async fn run_until<T>(
             )
             .map_err(|e| {
                 exit(
-                    EXIT_CONFIG,
+                    EXIT_RUNTIME,
                     format!("cannot listen on {addr} (http.metrics_listen): {e}"),
                 )
             })?;
@@ -636,7 +660,7 @@ pub async fn once(
     let sink_config = serde_json::json!({ "format": format }).to_string();
     let sink = create_sink(stdout, "once", &sink_config, config.agent.timeout)
         .await
-        .map_err(|e| exit(1, e))?;
+        .map_err(|e| exit(EXIT_RUNTIME, e))?;
     let telemetry = Arc::new(Telemetry::new());
     let pipeline = Pipeline::new(config, BTreeMap::new(), Arc::clone(&telemetry));
     let mut failed = 0;
@@ -692,7 +716,10 @@ pub async fn once(
         };
         pipeline.prepare(&name, &mut batch);
         if let Err(e) = sink.write(&batch).into_result() {
-            return Err(exit(1, format!("cannot print samples: {}", e.message)));
+            return Err(exit(
+                EXIT_RUNTIME,
+                format!("cannot print samples: {}", e.message),
+            ));
         }
     }
     let _ = sink.flush();
@@ -701,7 +728,7 @@ pub async fn once(
         eprintln!("metricsd once: built-in default: {s} skipped, its plugin is not installed");
     }
     if failed > 0 {
-        return Err(exit(1, format!("{failed} collector(s) failed")));
+        return Err(exit(EXIT_RUNTIME, format!("{failed} collector(s) failed")));
     }
     Ok(plan.collectors.len())
 }

@@ -69,6 +69,65 @@ fn a_bad_config_stops_run_with_exit_code_2() {
 }
 
 #[test]
+fn a_busy_listen_port_is_a_retryable_exit_not_a_config_error() {
+    // The systemd unit does not restart on exit code 2 (a config error); a port that another
+    // process holds at boot is released later, so it must be another code.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = holder.local_addr().expect("addr").port();
+    let work = Workdir::new();
+    let path = work.write(
+        "c.toml",
+        format!(
+            "[http]\nhealth_listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"\"\n\
+             [[collectors]]\nname = \"hi\"\nplugin = \"hello\"\n"
+        ),
+    );
+    let out = work.metricsd(&["-c", path.to_str().expect("path"), "run"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot listen on 127.0.0.1:{port} (http.health_listen)"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn version_names_the_revision_target_and_build_date() {
+    let work = Workdir::new();
+    let out = work.metricsd(&["--version"], &[]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let revision = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(metricsd_e2e::root())
+        .output()
+        .expect("git");
+    let revision = String::from_utf8_lossy(&revision.stdout).trim().to_string();
+    let manifest = std::fs::read_to_string(metricsd_e2e::root().join("host/Cargo.toml"))
+        .expect("host/Cargo.toml");
+    let version = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("version = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .expect("version in host/Cargo.toml");
+    let expected_start = format!("metricsd {version} (git {revision}, ");
+    assert!(text.starts_with(&expected_start), "{text}");
+    let rest = &text[expected_start.len()..];
+    let (target, date) = rest
+        .trim_end_matches(')')
+        .split_once(", built ")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(target.ends_with("-linux-gnu"), "{text}");
+    let date: Vec<&str> = date.split('-').collect();
+    assert!(
+        date.len() == 3 && date[0].len() == 4 && date.iter().all(|p| p.parse::<u32>().is_ok()),
+        "{text}"
+    );
+}
+
+#[test]
 fn health_reports_each_instance() {
     let work = Workdir::new();
     let mut agent = Agent::start(
@@ -217,6 +276,42 @@ fn once_prints_every_collector_and_fails_when_one_fails() {
     let out = work.metricsd(&["-c", path.to_str().expect("path"), "once"], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("panic"));
+}
+
+#[test]
+fn sigterm_right_after_sighup_is_not_lost_in_the_reload() {
+    // `systemctl reload` then `systemctl stop`: the SIGTERM arrives while the old pipeline is
+    // stopping and the new one starting, and must still stop the agent.
+    let work = Workdir::new();
+    let mut agent = Agent::start(
+        &work,
+        r#"
+[agent]
+interval = "200ms"
+[http]
+health_listen = "127.0.0.1:{health}"
+metrics_listen = ""
+[[collectors]]
+name = "hi"
+plugin = "hello"
+[[sinks]]
+name = "out"
+plugin = "stdout"
+"#,
+        &[],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    let pid = nix::unistd::Pid::from_raw(agent.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    wait_for("the reload to start", Duration::from_secs(10), || {
+        agent.stderr().contains("SIGHUP received").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let status = agent
+        .terminate()
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_eq!(status.code(), Some(0), "{}", agent.stderr());
 }
 
 #[test]
