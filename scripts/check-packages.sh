@@ -159,9 +159,10 @@ if [ -n "$rpm_file" ]; then
     say "rpm: $(basename "$rpm_file")"
     rpm -qp --qf '%{NAME} %{VERSION}-%{RELEASE} %{ARCH}\n' "$rpm_file"
     # The same payload as the .deb, but for the distribution's own paths.
-    dpkg-deb -c "$deb" | awk '{print $NF}' | sed 's|^\./|/|; s|/$||' \
+    # Files only (directories start with d), without Debian's copyright file.
+    dpkg-deb -c "$deb" | awk '$1 !~ /^d/ {print $NF}' | sed 's|^\./|/|' \
         | sed 's|^/etc/default/metricsd$|/etc/sysconfig/metricsd|; s|^/lib/systemd/|/usr/lib/systemd/|' \
-        | grep -E '\.(so|toml|service|md)$|/metricsd$' | sort > "$work/deb-files.txt"
+        | grep -v '^/usr/share/doc/metricsd/copyright$' | sort > "$work/deb-files.txt"
     rpm -qpl "$rpm_file" | sort > "$work/rpm-files.txt"
     diff "$work/deb-files.txt" "$work/rpm-files.txt" || fail "the .rpm's files differ from the .deb's"
     rpm -qp --configfiles "$rpm_file" | grep -qx /etc/metricsd/metricsd.toml \
