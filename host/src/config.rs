@@ -180,7 +180,8 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     /// Static labels added to every sample (a sample's own label of the same name wins).
     pub labels: BTreeMap<String, String>,
-    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
+    /// `error`, `warn` (`warning`), `info`, `debug`, `trace`, `off`, or tracing directives
+    /// (normalised by [`log_filter`]).
     pub log_level: String,
     /// `text` or `json`.
     pub log_format: LogFormat,
@@ -532,15 +533,58 @@ pub fn from_toml_with_env(
         let message = err.inner().to_string();
         key_error(key, message)
     })?;
+    config.agent.log_level = log_filter(&config.agent.log_level)
+        .map_err(|message| key_error("agent.log_level", message))?;
     apply_operator_env(&mut config, env)?;
     validate(&config)?;
     Ok(config)
 }
 
+/// The tracing filter for `agent.log_level` / `LOG_LEVEL`: a level (`trace`, `debug`, `info`,
+/// `warn` or `warning`, `error`, `off`, in any case), or directives such as
+/// `info,metricsd=debug`. A bare word that is not a level is refused: tracing would read it as
+/// a target name and silence every other log line, errors included. Empty stays empty (the
+/// command's default level).
+pub fn log_filter(text: &str) -> Result<String, String> {
+    let level = |word: &str| -> Option<&'static str> {
+        match word.trim().to_ascii_lowercase().as_str() {
+            "trace" => Some("trace"),
+            "debug" => Some("debug"),
+            "info" => Some("info"),
+            "warn" | "warning" => Some("warn"),
+            "error" => Some("error"),
+            "off" => Some("off"),
+            _ => None,
+        }
+    };
+    let mut parts = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let normalised = match part.rsplit_once('=') {
+            Some((target, value)) => match level(value) {
+                Some(l) => format!("{target}={l}"),
+                None => part.to_string(),
+            },
+            None => level(part).map(str::to_string).ok_or_else(|| {
+                format!(
+                    "`{part}` is not a log level: use trace, debug, info, warn, error or off, \
+                     or directives such as `info,metricsd=debug`"
+                )
+            })?,
+        };
+        parts.push(normalised);
+    }
+    let filter = parts.join(",");
+    tracing_subscriber::EnvFilter::try_new(&filter).map_err(|e| format!("`{text}`: {e}"))?;
+    Ok(filter)
+}
+
 /// The environment names operators of GPU fleets already use.
 fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigError> {
     if let Some(level) = env.var("LOG_LEVEL") {
-        config.agent.log_level = level;
+        config.agent.log_level = log_filter(&level).map_err(|message| ConfigError::Env {
+            name: "LOG_LEVEL".to_string(),
+            message,
+        })?;
     }
     if let Some(text) = env.var("GPU_COLLECTION_INTERVAL") {
         let interval = parse_env_duration("GPU_COLLECTION_INTERVAL", &text)?;
@@ -1130,6 +1174,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("METRICSD_<SECTION>__<KEY>"), "{e}");
+    }
+
+    #[test]
+    fn log_levels_are_normalised_and_bare_words_that_are_not_levels_refused() {
+        assert_eq!(log_filter("warning").as_deref(), Ok("warn"));
+        assert_eq!(log_filter("INFO").as_deref(), Ok("info"));
+        assert_eq!(log_filter(" Error ").as_deref(), Ok("error"));
+        assert_eq!(log_filter("").as_deref(), Ok(""));
+        assert_eq!(
+            log_filter("warning,metricsd=DEBUG").as_deref(),
+            Ok("warn,metricsd=debug")
+        );
+        for bad in ["loud", "metricsd", "info,verbose"] {
+            let e = log_filter(bad).unwrap_err();
+            assert!(e.contains("is not a log level"), "{bad}: {e}");
+        }
+        assert!(log_filter("metricsd=[").is_err());
+
+        let e = parse_env("", &[("LOG_LEVEL", "loud")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LOG_LEVEL") && e.contains("`loud`"), "{e}");
+        let e = parse_env("[agent]\nlog_level = \"chatty\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("agent.log_level") && e.contains("`chatty`"),
+            "{e}"
+        );
+        let c = parse_env("", &[("LOG_LEVEL", "WARNING")]).unwrap();
+        assert_eq!(c.agent.log_level, "warn");
     }
 
     #[test]

@@ -57,6 +57,61 @@ fn config_errors_name_the_key_or_plugin() {
 }
 
 #[test]
+fn log_level_warning_keeps_warnings_and_a_word_that_is_not_a_level_is_refused() {
+    // tracing reads a bare word as a target name: `warning` or a typo silenced every line.
+    let work = Workdir::new();
+    let path = work.write(
+        "c.toml",
+        "[[collectors]]\nname = \"hi\"\nplugin = \"hello\"\n",
+    );
+    let path = path.to_str().expect("path");
+    let out = work.metricsd(&["-c", path, "check"], &[("LOG_LEVEL", "loud")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("LOG_LEVEL") && stderr.contains("`loud` is not a log level"),
+        "{stderr}"
+    );
+    let out = work.metricsd(&["-c", path, "run"], &[("LOG_LEVEL", "verbose")]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let mut agent = Agent::start(
+        &work,
+        r#"
+[agent]
+interval = "200ms"
+[http]
+health_listen = "127.0.0.1:{health}"
+metrics_listen = ""
+[[collectors]]
+name = "broken"
+plugin = "testkit"
+[collectors.config]
+fail_from = 1
+[[sinks]]
+name = "out"
+plugin = "stdout"
+"#,
+        &[("LOG_LEVEL", "warning")],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for(
+        "the failing collector's warning",
+        Duration::from_secs(10),
+        || {
+            agent
+                .stderr()
+                .lines()
+                .any(|l| l.contains("WARN") && l.contains("collection failed"))
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert!(!agent.stderr().contains(" INFO "), "{}", agent.stderr());
+}
+
+#[test]
 fn a_bad_config_stops_run_with_exit_code_2() {
     let work = Workdir::new();
     let path = work.write("c.toml", "[agent]\ninterval = \"soon\"\n");
