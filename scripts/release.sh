@@ -54,6 +54,11 @@ version=$(sed -n 's/^version = "\(.*\)"$/\1/p' host/Cargo.toml | head -n 1)
 # gives the same bytes (host/build.rs reads it for `metricsd --version`).
 SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 export SOURCE_DATE_EPOCH
+# Nor may the checkout's or cargo's directory show in the artefacts (panic messages, the debug
+# info whose checksum the stripped files carry): the same commit gives the same bytes wherever
+# it is built.
+RUSTFLAGS="${RUSTFLAGS:-} --remap-path-prefix=$PWD=/metricsd --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo"
+export RUSTFLAGS
 
 say() { printf '\n== %s\n' "$*"; }
 fail() { printf 'release: %s\n' "$*" >&2; exit 1; }
@@ -172,6 +177,8 @@ check() {
     done
 }
 
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
 # `metricsd once` must print 8 GPUs, and `metricsd run` serve them on /metrics.
 smoke() {
     local arch=$1
@@ -187,8 +194,8 @@ smoke() {
     # shellcheck disable=SC2064
     trap "rm -rf '$work'" RETURN
     local metrics_port health_port
-    metrics_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    health_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    metrics_port=$(free_port)
+    health_port=$(free_port)
     cat > "$work/gpu.toml" <<EOF
 [agent]
 interval = "1s"
