@@ -54,9 +54,9 @@ version=$(sed -n 's/^version = "\(.*\)"$/\1/p' host/Cargo.toml | head -n 1)
 # gives the same bytes (host/build.rs reads it for `metricsd --version`).
 SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 export SOURCE_DATE_EPOCH
-# Nor may the checkout's or cargo's directory show in the artefacts (panic messages, the debug
-# info whose checksum the stripped files carry): the same commit gives the same bytes wherever
-# it is built.
+# Nor may the checkout's or cargo's directory show in the code (panic messages) or Rust's debug
+# info: the same commit gives the same code bytes wherever it is built. (zig's own libunwind
+# objects still name the build directory in the separate debug files.)
 RUSTFLAGS="${RUSTFLAGS:-} --remap-path-prefix=$PWD=/metricsd --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo"
 export RUSTFLAGS
 
