@@ -2,11 +2,13 @@
 //! until SIGTERM / Ctrl-C.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use metricsd_plugin_api::PluginKind;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -19,6 +21,7 @@ use crate::loader::{scan, search_dirs, Plugin, PluginSet};
 use crate::pipeline::Pipeline;
 use crate::scheduler::CollectorTask;
 use crate::spool::Spool;
+use crate::webconfig::WebSecurity;
 
 /// An error that ends the process with a specific exit code.
 #[derive(Debug, thiserror::Error)]
@@ -185,28 +188,94 @@ fn config_json(table: &serde_json::Map<String, serde_json::Value>) -> String {
 pub enum StopReason {
     /// SIGTERM or Ctrl-C: exit.
     Shutdown,
-    /// SIGHUP with a valid new configuration: run again with it.
-    Reload(Box<LoadedConfig>, Box<PluginSet>),
+    /// SIGHUP with a valid new configuration, its web config loaded and its listeners bound:
+    /// run again with it.
+    Reload(Box<LoadedConfig>, Box<PluginSet>, Arc<WebSecurity>),
 }
 
-/// Reads and checks the configuration again; `None` (with the reason logged) keeps the
-/// running one.
-fn reload(path: Option<&Path>) -> Option<StopReason> {
+/// The listening sockets, kept across reloads while their address stays the same: a reload
+/// never lets go of its ports, and a new address that cannot be bound is found while the
+/// running pipeline still runs.
+#[derive(Default)]
+pub struct Sockets {
+    held: BTreeMap<SocketAddr, Arc<TcpListener>>,
+}
+
+/// The sockets, shared by the running pipeline and the reload that prepares the next one.
+pub type SharedSockets = Arc<std::sync::Mutex<Sockets>>;
+
+fn lock(sockets: &SharedSockets) -> std::sync::MutexGuard<'_, Sockets> {
+    sockets.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Sockets {
+    /// The socket for `addr`: the one held, or a new one.
+    fn get(&mut self, addr: SocketAddr) -> std::io::Result<Arc<TcpListener>> {
+        if let Some(l) = self.held.get(&addr) {
+            return Ok(Arc::clone(l));
+        }
+        let l = crate::http::bind(addr)?;
+        self.held.insert(addr, Arc::clone(&l));
+        Ok(l)
+    }
+
+    /// Binds every listener address of `config` not held yet.
+    fn prepare(&mut self, config: &Config) -> Result<(), String> {
+        for (key, addr) in [
+            ("http.health_listen", config.http.health_addr()),
+            ("http.metrics_listen", config.http.metrics_addr()),
+        ] {
+            if let Some(addr) = addr.map_err(|e| e.to_string())? {
+                self.get(addr)
+                    .map_err(|e| format!("cannot listen on {addr} ({key}): {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the sockets that are not in `used`.
+    fn keep_only(&mut self, used: &BTreeSet<SocketAddr>) {
+        self.held.retain(|addr, _| used.contains(addr));
+    }
+}
+
+/// Loads the web config `config` names (plain HTTP without one).
+pub fn load_security(config: &Config) -> Result<WebSecurity, String> {
+    match &config.http.web_config_file {
+        Some(path) => WebSecurity::load(path).map_err(|e| format!("http.web_config_file: {e}")),
+        None => Ok(WebSecurity::none()),
+    }
+}
+
+/// Reads and checks the configuration again, its plugins, web config and listen addresses;
+/// `None` (with the reason logged) keeps the running pipeline.
+fn reload(path: Option<&Path>, sockets: &SharedSockets) -> Option<StopReason> {
+    let fail = |e: &dyn std::fmt::Display| {
+        tracing::error!(
+            "SIGHUP: config reload failed, keeping the running config and pipeline: {e}"
+        );
+        None
+    };
     let loaded = match crate::config::load(path, &crate::config::ProcessEnv) {
         Ok(l) => l,
-        Err(e) => {
-            tracing::error!("SIGHUP: config reload failed, keeping the running config: {e}");
-            return None;
-        }
+        Err(e) => return fail(&e),
     };
     let plugins = load_plugins(&loaded.config, Some(&plugins_named(&loaded.config)));
     if let Some(problem) = plan(&loaded, &plugins).required_problem() {
-        tracing::error!(
-            "SIGHUP: config reload failed, keeping the running config: required {problem}"
-        );
-        return None;
+        return fail(&format!("required {problem}"));
     }
-    Some(StopReason::Reload(Box::new(loaded), Box::new(plugins)))
+    let security = match load_security(&loaded.config) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    if let Err(e) = lock(sockets).prepare(&loaded.config) {
+        return fail(&e);
+    }
+    Some(StopReason::Reload(
+        Box::new(loaded),
+        Box::new(plugins),
+        Arc::new(security),
+    ))
 }
 
 /// SIGTERM, SIGINT and SIGHUP, registered once for the life of the process: a signal that
@@ -230,7 +299,11 @@ impl Signals {
 }
 
 /// Waits for SIGTERM / Ctrl-C (shutdown) or SIGHUP with a valid config (reload).
-async fn next_stop(signals: &mut Option<Signals>, path: Option<&Path>) -> StopReason {
+async fn next_stop(
+    signals: &mut Option<Signals>,
+    path: Option<&Path>,
+    sockets: &SharedSockets,
+) -> StopReason {
     let Some(signals) = signals else {
         let _ = tokio::signal::ctrl_c().await;
         return StopReason::Shutdown;
@@ -247,7 +320,7 @@ async fn next_stop(signals: &mut Option<Signals>, path: Option<&Path>) -> StopRe
             }
             _ = signals.hup.recv() => {
                 tracing::info!("SIGHUP received: reloading the configuration");
-                if let Some(reason) = reload(path) {
+                if let Some(reason) = reload(path, sockets) {
                     return reason;
                 }
             }
@@ -269,15 +342,20 @@ pub async fn run(
             None
         }
     };
+    crate::http::raise_fd_limit();
+    let mut security = Arc::new(load_security(&loaded.config).map_err(|e| exit(EXIT_CONFIG, e))?);
+    let sockets = SharedSockets::default();
     loop {
-        match run_until(loaded, plugins, next_stop(&mut signals, path)).await? {
+        let stop = next_stop(&mut signals, path, &sockets);
+        match run_until(loaded, plugins, security, &sockets, stop).await? {
             StopReason::Shutdown => {
                 tracing::info!("metricsd stopped");
                 return Ok(());
             }
-            StopReason::Reload(new_config, new_plugins) => {
+            StopReason::Reload(new_config, new_plugins, new_security) => {
                 loaded = *new_config;
                 plugins = *new_plugins;
+                security = new_security;
                 tracing::info!("configuration reloaded: starting the new pipeline");
             }
         }
@@ -289,6 +367,8 @@ pub async fn run(
 pub async fn run_until<T>(
     loaded: LoadedConfig,
     plugins: PluginSet,
+    security: Arc<WebSecurity>,
+    sockets: &SharedSockets,
     stop: impl std::future::Future<Output = T>,
 ) -> Result<T, ExitError> {
     let config = &loaded.config;
@@ -417,6 +497,7 @@ pub async fn run_until<T>(
             calls: crate::call_thread::CallThread::spawn(&format!("write-{name}")),
             telemetry: Arc::clone(&telemetry),
             health: Arc::clone(&health),
+            rendered: crate::http::RenderCache::default(),
         });
         for path in paths {
             if let Some(other) = http_routes.insert(path.clone(), Arc::clone(&runtime)) {
@@ -432,46 +513,42 @@ pub async fn run_until<T>(
     let pipeline = Arc::new(Pipeline::new(config, queues, Arc::clone(&telemetry)));
 
     // Listeners.
-    let security = match &config.http.web_config_file {
-        Some(path) => {
-            let web = crate::webconfig::WebConfig::load(path)
-                .map_err(|e| exit(EXIT_CONFIG, format!("http.web_config_file: {e}")))?;
-            tracing::info!(
-                tls = web.tls_server_config.is_some(),
-                basic_auth_users = web.basic_auth_users.len(),
-                "web config {} loaded",
-                path.display()
-            );
-            crate::http::Security::new(&web)
-        }
-        None => crate::http::Security::default(),
-    };
+    let (tls, users) = security.summary();
+    if config.http.web_config_file.is_some() {
+        tracing::info!(tls, basic_auth_users = users, "web config loaded");
+    }
     let (stop_http_tx, stop_http_rx) = watch::channel(false);
     let stop_http = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
+    let setup = |listener| crate::http::ListenerSetup {
+        listener,
+        security: Arc::clone(&security),
+        limits: config.http.limits(),
+        telemetry: Arc::clone(&telemetry),
+    };
     let mut servers = JoinSet::new();
+    let mut used = BTreeSet::new();
     let health_addr = config
         .http
         .health_addr()
         .map_err(|e| exit(EXIT_CONFIG, e.to_string()))?;
     if let Some(addr) = health_addr {
-        let (bound, server) = crate::http::serve_health(
-            addr,
-            &security,
-            Arc::clone(&health),
-            Arc::clone(&telemetry),
-            Arc::new(plugins.clone()),
-            stop_http(stop_http_rx.clone()),
-        )
-        .map_err(|e| {
+        let listener = lock(sockets).get(addr).map_err(|e| {
             exit(
                 EXIT_RUNTIME,
                 format!("cannot listen on {addr} (http.health_listen): {e}"),
             )
         })?;
+        let bound = listener.local_addr().unwrap_or(addr);
+        used.insert(addr);
+        servers.spawn(crate::http::serve_health(
+            setup(listener),
+            Arc::clone(&health),
+            Arc::new(plugins.clone()),
+            stop_http(stop_http_rx.clone()),
+        ));
         tracing::info!("health listener on {bound} (/health, /metrics/stats, /plugins)");
-        servers.spawn(server);
     }
     let metrics_addr = config
         .http
@@ -481,23 +558,24 @@ pub async fn run_until<T>(
         if http_routes.is_empty() {
             tracing::info!("no pull sink registers a path: the metrics listener is not started");
         } else {
-            let paths: Vec<String> = http_routes.keys().cloned().collect();
-            let (bound, server) = crate::http::serve_metrics(
-                addr,
-                &security,
-                http_routes,
-                stop_http(stop_http_rx.clone()),
-            )
-            .map_err(|e| {
+            let listener = lock(sockets).get(addr).map_err(|e| {
                 exit(
                     EXIT_RUNTIME,
                     format!("cannot listen on {addr} (http.metrics_listen): {e}"),
                 )
             })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            used.insert(addr);
+            let paths: Vec<String> = http_routes.keys().cloned().collect();
+            servers.spawn(crate::http::serve_metrics(
+                setup(listener),
+                http_routes,
+                stop_http(stop_http_rx.clone()),
+            ));
             tracing::info!("metrics listener on {bound} ({})", paths.join(", "));
-            servers.spawn(server);
         }
     }
+    lock(sockets).keep_only(&used);
 
     // Sink workers.
     let mut sink_tasks = JoinSet::new();

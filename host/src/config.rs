@@ -238,6 +238,18 @@ pub struct HttpConfig {
     /// TLS and basic auth for both listeners, in the web-config format of Prometheus
     /// exporters.
     pub web_config_file: Option<PathBuf>,
+    /// Time a client has to send a complete request head (and the TLS handshake before it),
+    /// from the connection's start or from the first byte of its next request.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time a kept-alive connection may wait for its next request.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Open connections per listener; at the cap, the oldest idle connection is closed for a
+    /// new one (a new one is refused only when every connection has a request in flight).
+    pub max_connections: usize,
+    /// Requests answered at once per listener; more are answered 503 at once.
+    pub max_requests: usize,
 }
 
 impl Default for HttpConfig {
@@ -246,11 +258,25 @@ impl Default for HttpConfig {
             metrics_listen: "0.0.0.0:8080".to_string(),
             health_listen: "0.0.0.0:8081".to_string(),
             web_config_file: None,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 512,
+            max_requests: 40,
         }
     }
 }
 
 impl HttpConfig {
+    /// The listeners' limits.
+    pub fn limits(&self) -> crate::http::Limits {
+        crate::http::Limits {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections,
+            max_requests: self.max_requests,
+        }
+    }
+
     /// The parsed metrics address, `None` when disabled.
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         parse_listen("http.metrics_listen", &self.metrics_listen)
@@ -774,6 +800,23 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     }
     config.http.metrics_addr()?;
     config.http.health_addr()?;
+    let http = &config.http;
+    for (key, d) in [
+        ("http.header_read_timeout", http.header_read_timeout),
+        ("http.idle_timeout", http.idle_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(key_error(key, "must be greater than 0"));
+        }
+    }
+    for (key, n) in [
+        ("http.max_connections", http.max_connections),
+        ("http.max_requests", http.max_requests),
+    ] {
+        if n == 0 {
+            return Err(key_error(key, "must be at least 1"));
+        }
+    }
 
     let mut names = BTreeSet::new();
     names.insert(INTERNAL_SOURCE.to_string());

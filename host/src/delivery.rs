@@ -399,6 +399,8 @@ pub struct SinkRuntime {
     pub telemetry: Arc<Telemetry>,
     /// Shared health.
     pub health: Arc<Health>,
+    /// The answers rendered last, for pull sinks.
+    pub rendered: crate::http::RenderCache,
 }
 
 impl SinkRuntime {
@@ -439,6 +441,8 @@ impl SinkRuntime {
                 call.await
             }
         };
+        // Whatever the write did, answers rendered before it may be out of date.
+        self.rendered.invalidate();
         joined.unwrap_or_else(|e| {
             Err(PluginError {
                 kind: ErrorKind::PANIC,

@@ -33,6 +33,12 @@ pub struct Telemetry {
     sink_last_duration: GaugeVec,
     plugin_files: IntGaugeVec,
     build_info: IntGaugeVec,
+    http_connections: IntGaugeVec,
+    http_connections_closed: IntCounterVec,
+    http_requests_rejected: IntCounterVec,
+    http_accept_errors: IntCounterVec,
+    /// Causes that repeat, by `kind/instance`: logged once, then summarised.
+    repeating: std::sync::Mutex<std::collections::HashMap<String, crate::ratelimit::Repeating>>,
 }
 
 /// Registers a metric whose definition is a constant, so neither step can fail at run time.
@@ -100,8 +106,16 @@ impl Telemetry {
             sink_last_duration: gauge(&r, "metricsd_sink_last_write_duration_seconds", "Duration of the sink's last write.", &s),
             plugin_files: int_gauge(&r, "metricsd_plugin_files", "Plugin files found, by verdict (loaded, shadowed, refused, unused: not opened, the config does not use it).", &["verdict"]),
             build_info: int_gauge(&r, "metricsd_build_info", "Always 1; the labels carry the agent and plugin API versions, the git revision and the target triple.", &["version", "plugin_api_version", "revision", "target"]),
+            http_connections: int_gauge(&r, "metricsd_http_connections", "Open connections of the listener.", &["listener"]),
+            http_connections_closed: counter(&r, "metricsd_http_connections_closed_total", "Connections the agent closed or refused, by reason (header_timeout, idle_timeout, evicted: the oldest idle one, closed for a new one at http.max_connections; refused: every one busy; tls_handshake).", &["listener", "reason"]),
+            http_requests_rejected: counter(&r, "metricsd_http_requests_rejected_total", "Requests answered 503 because http.max_requests were in flight.", &["listener"]),
+            http_accept_errors: counter(&r, "metricsd_http_accept_errors_total", "Failed accepts (EMFILE: out of file descriptors).", &["listener"]),
             registry: r,
+            repeating: std::sync::Mutex::default(),
         };
+        t.registry
+            .register(Box::new(crate::process::ProcessMetrics::new()))
+            .expect("process metrics registered once");
         t.build_info
             .with_label_values(&[
                 env!("CARGO_PKG_VERSION"),
@@ -111,6 +125,45 @@ impl Telemetry {
             ])
             .set(1);
         t
+    }
+
+    /// The open connections of a listener.
+    pub fn set_http_connections(&self, listener: &str, open: usize) {
+        self.http_connections
+            .with_label_values(&[listener])
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    /// A request answered 503 at `http.max_requests` (not logged: the counter says it).
+    pub fn http_request_rejected(&self, listener: &str) {
+        self.http_requests_rejected
+            .with_label_values(&[listener])
+            .inc();
+    }
+
+    /// One event of a repeating cause (`kind/instance`): whether and how to log it.
+    fn repeat(&self, kind: &str, instance: &str) -> crate::ratelimit::Log {
+        let mut map = self.repeating.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(format!("{kind}/{instance}")).or_default().event()
+    }
+
+    /// A collection of `collector` without invalid samples: if they had been repeating, the
+    /// end is logged once.
+    pub fn valid_samples(&self, collector: &str) {
+        let mut map = self.repeating.lock().unwrap_or_else(|p| p.into_inner());
+        if map.is_empty() {
+            return;
+        }
+        let ended = map
+            .get_mut(&format!("invalid_samples/{collector}"))
+            .and_then(|r| r.ended());
+        drop(map);
+        if let Some(n) = ended {
+            tracing::info!(
+                collector,
+                "samples are valid again ({n} collections had invalid samples)"
+            );
+        }
     }
 
     /// The registry, for `/metrics/stats`.
@@ -213,6 +266,22 @@ impl Telemetry {
 
 /// A thing worth reporting.
 pub enum Event<'a> {
+    /// A listener could not accept a connection.
+    AcceptFailed {
+        /// `health` or `metrics`.
+        listener: &'a str,
+        /// The error.
+        message: &'a str,
+        /// Whether to log it (it repeats while the cause lasts).
+        log: crate::ratelimit::Log,
+    },
+    /// A listener closed or refused a connection for one of its limits.
+    ConnectionClosed {
+        /// `health` or `metrics`.
+        listener: &'a str,
+        /// `header_timeout`, `idle_timeout`, `evicted`, `refused` or `tls_handshake`.
+        reason: &'static str,
+    },
     /// A collection succeeded.
     Collected {
         /// Instance.
@@ -372,6 +441,23 @@ impl Event<'_> {
     /// Logs the event and updates its metric.
     pub fn emit(&self, t: &Telemetry) {
         match *self {
+            Event::AcceptFailed {
+                listener,
+                message,
+                log,
+            } => {
+                t.http_accept_errors.with_label_values(&[listener]).inc();
+                log.warn(
+                    &format!("{listener} listener cannot accept connections: {message}"),
+                    "metricsd_http_accept_errors_total",
+                );
+            }
+            Event::ConnectionClosed { listener, reason } => {
+                t.http_connections_closed
+                    .with_label_values(&[listener, reason])
+                    .inc();
+                tracing::debug!(listener, reason, "connection closed");
+            }
             Event::Collected {
                 collector,
                 plugin,
@@ -492,7 +578,10 @@ impl Event<'_> {
                 t.collector_invalid
                     .with_label_values(&[collector])
                     .inc_by(count as u64);
-                tracing::warn!(collector, count, "dropped invalid samples: {reason}");
+                t.repeat("invalid_samples", collector).warn(
+                    &format!("collector {collector}: dropped {count} invalid samples: {reason}"),
+                    "metricsd_collector_invalid_samples_total",
+                );
             }
             Event::SpoolFailed { sink, message } => {
                 t.spool_errors.with_label_values(&[sink]).inc();

@@ -47,10 +47,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Ask the running agent's health listener (`http.health_listen`, plain HTTP) for
-    /// `/health`: exit 0 when it answers 200 (ok or degraded), 1 otherwise. For container
-    /// health checks, where no HTTP client is installed.
-    Health,
+    /// Ask the running agent's health listener (`http.health_listen`) for `/health`: exit 0
+    /// when it answers 200 (ok or degraded), 1 otherwise. For container health checks, where
+    /// no HTTP client is installed. It reads the same web config as the agent: over TLS it
+    /// trusts the certificate in `cert_file`.
+    Health {
+        /// Basic-auth user, when the web config has users.
+        #[arg(long)]
+        user: Option<String>,
+        /// File whose first line is that user's password.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Client certificate (PEM), when the listener requires one.
+        #[arg(long)]
+        client_cert: Option<PathBuf>,
+        /// The client certificate's key (PEM).
+        #[arg(long)]
+        client_key: Option<PathBuf>,
+    },
     /// Collect from every collector once and print the samples.
     Once {
         /// Output format.
@@ -157,7 +171,20 @@ fn check(loaded: &LoadedConfig, set: &PluginSet) -> Result<(), ExitError> {
             );
         }
     }
-    let problems = plan.problems();
+    let mut problems = plan.problems();
+    match agent::load_security(&loaded.config) {
+        Ok(security) => {
+            if let Some(path) = &loaded.config.http.web_config_file {
+                let (tls, users) = security.summary();
+                println!(
+                    "ok: web config {} (tls: {}, basic auth users: {users})",
+                    path.display(),
+                    if tls { "on" } else { "off" }
+                );
+            }
+        }
+        Err(e) => problems.push(e),
+    }
     for p in &problems {
         println!("error: {p}");
     }
@@ -173,47 +200,33 @@ fn check(loaded: &LoadedConfig, set: &PluginSet) -> Result<(), ExitError> {
 }
 
 /// `metricsd health`: GET /health on the configured health listener.
-fn health(config: &config::Config) -> Result<(), ExitError> {
-    use std::io::{Read as _, Write as _};
-    let fail = |message: String| ExitError { code: 1, message };
-    let addr = config
-        .http
-        .health_addr()
-        .map_err(|e| fail(e.to_string()))?
-        .ok_or_else(|| fail("the health listener is off (http.health_listen = \"\")".into()))?;
-    // A wildcard listen address is reached on loopback.
-    let target = if addr.ip().is_unspecified() {
-        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
-    } else {
-        addr
-    };
-    let timeout = std::time::Duration::from_secs(5);
-    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)
-        .map_err(|e| fail(format!("cannot reach the health listener at {target}: {e}")))?;
-    let _ = stream.set_read_timeout(Some(timeout));
-    stream
-        .write_all(format!("GET /health HTTP/1.0\r\nHost: {target}\r\n\r\n").as_bytes())
-        .map_err(|e| fail(format!("{target}: {e}")))?;
-    let mut answer = String::new();
-    let _ = stream.take(64 * 1024).read_to_string(&mut answer);
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok());
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    println!("{body}");
-    match status {
-        Some(200) => Ok(()),
-        Some(code) => Err(fail(format!("/health answered {code}"))),
-        None => Err(fail(format!("{target} did not answer HTTP"))),
+fn health(config: &config::Config, login: &metricsd::healthcheck::Login) -> Result<(), ExitError> {
+    match metricsd::healthcheck::check(config, login) {
+        Ok(body) => {
+            println!("{body}");
+            Ok(())
+        }
+        Err(message) => Err(ExitError { code: 1, message }),
     }
 }
 
 fn main_inner(cli: Cli) -> Result<(), ExitError> {
     let loaded = load_config(&cli)?;
     let command = cli.command.unwrap_or(Command::Run);
-    if matches!(command, Command::Health) {
-        return health(&loaded.config);
+    if let Command::Health {
+        user,
+        password_file,
+        client_cert,
+        client_key,
+    } = &command
+    {
+        let login = metricsd::healthcheck::Login {
+            user: user.clone(),
+            password_file: password_file.clone(),
+            cert_file: client_cert.clone(),
+            key_file: client_key.clone(),
+        };
+        return health(&loaded.config, &login);
     }
     let quiet = !matches!(command, Command::Run);
     init_logging(&loaded.config, if quiet { "warn" } else { "info" });
@@ -252,7 +265,8 @@ fn main_inner(cli: Cli) -> Result<(), ExitError> {
     };
     match command {
         Command::Plugins { json } => print_plugins(&plugins, json),
-        Command::Health => health(&loaded.config),
+        // Answered before logging starts, above.
+        Command::Health { .. } => Ok(()),
         Command::Check => check(&loaded, &plugins),
         Command::Once { format } => {
             let format = match format {

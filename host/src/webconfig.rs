@@ -13,10 +13,20 @@
 //!
 //! Relative paths are relative to the web-config file. Passwords and hashes never appear in
 //! logs or error messages.
+//!
+//! Everything is checked when the file is loaded: the certificate and key are parsed and must
+//! match, the CA bundle must hold certificates, every user's hash must be a well-formed bcrypt
+//! hash. The listeners look at the files again (at most once a second, on a new connection or
+//! request) and switch to a changed configuration once it loads, so certificates rotate
+//! without a restart; a changed file that does not load is reported once and the last good
+//! configuration stays in use.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio_rustls::rustls;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -92,23 +102,277 @@ impl WebConfig {
             }
         }
         for (user, hash) in &config.basic_auth_users {
-            if bcrypt_cost(hash).is_none() {
+            if let Err(problem) = bcrypt_cost(hash) {
                 return Err(format!(
-                    "web config {}: the password of user `{user}` is not a bcrypt hash (generate one with `htpasswd -nBC 10 {user}`)",
+                    "web config {}: the password of user `{user}` is not a usable bcrypt hash: {problem} (generate one with `htpasswd -nBC 10 {user}`)",
                     path.display()
                 ));
             }
         }
         Ok(config)
     }
+
+    /// The rustls configuration of `tls_server_config`, checking the material: PEM that
+    /// parses, a key that matches the certificate, a CA bundle with certificates.
+    pub fn tls_acceptor(&self) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+        self.tls_server_config
+            .as_ref()
+            .map(|tls| {
+                tls.acceptor()
+                    .map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)))
+            })
+            .transpose()
+    }
 }
 
-fn bcrypt_cost(hash: &str) -> Option<u32> {
-    let mut parts = hash.split('$');
-    let (_, version, cost) = (parts.next()?, parts.next()?, parts.next()?);
-    matches!(version, "2a" | "2b" | "2y" | "2x")
-        .then(|| cost.parse().ok())
-        .flatten()
+/// The bcrypt cost of a well-formed hash (`$2y$10$` and 53 characters of bcrypt's base64).
+fn bcrypt_cost(hash: &str) -> Result<u32, &'static str> {
+    let rest = ["$2a$", "$2b$", "$2y$", "$2x$"]
+        .iter()
+        .find_map(|p| hash.strip_prefix(p))
+        .ok_or("it does not start with $2a$, $2b$ or $2y$")?;
+    let (cost, digest) = rest
+        .split_once('$')
+        .ok_or("the cost is not followed by `$`")?;
+    let cost: u32 = match cost.as_bytes() {
+        [a, b] if a.is_ascii_digit() && b.is_ascii_digit() => {
+            cost.parse().map_err(|_| "bad cost")?
+        }
+        _ => return Err("the cost is not two digits"),
+    };
+    if !(4..=31).contains(&cost) {
+        return Err("the cost is outside 4..=31");
+    }
+    if digest.len() != 53
+        || !digest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/')
+    {
+        return Err("the salt and digest are not 53 characters of bcrypt's base64");
+    }
+    Ok(cost)
+}
+
+impl TlsConfig {
+    fn files(&self) -> impl Iterator<Item = &PathBuf> {
+        [&self.cert_file, &self.key_file]
+            .into_iter()
+            .chain(self.client_ca_file.as_ref())
+    }
+
+    fn acceptor(&self) -> Result<rustls::ServerConfig, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(&self.cert_file)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("cert_file {}: {e}", self.cert_file.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "cert_file {}: no PEM certificate in it",
+                self.cert_file.display()
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_file(&self.key_file).map_err(|e| {
+            format!(
+                "key_file {}: no usable PEM private key in it ({e})",
+                self.key_file.display()
+            )
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?;
+        let builder = match (&self.client_ca_file, self.client_auth_type) {
+            (
+                Some(ca),
+                ClientAuth::VerifyClientCertIfGiven | ClientAuth::RequireAndVerifyClientCert,
+            ) => {
+                let mut roots = rustls::RootCertStore::empty();
+                let cas = CertificateDer::pem_file_iter(ca)
+                    .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("client_ca_file {}: {e}", ca.display()))?;
+                let (added, _) = roots.add_parsable_certificates(cas);
+                if added == 0 {
+                    return Err(format!(
+                        "client_ca_file {}: no usable CA certificate in it",
+                        ca.display()
+                    ));
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    Arc::clone(&provider),
+                );
+                let verifier = if self.client_auth_type == ClientAuth::VerifyClientCertIfGiven {
+                    verifier.allow_unauthenticated()
+                } else {
+                    verifier
+                };
+                builder.with_client_cert_verifier(
+                    verifier
+                        .build()
+                        .map_err(|e| format!("client_ca_file {}: {e}", ca.display()))?,
+                )
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+            let problem = match e {
+                rustls::Error::InconsistentKeys(_) => {
+                    "the private key does not belong to the certificate".to_string()
+                }
+                other => other.to_string(),
+            };
+            format!(
+                "key_file {} with cert_file {}: {problem}",
+                self.key_file.display(),
+                self.cert_file.display()
+            )
+        })?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+/// What the listeners use now: TLS, users, loaded from the web config.
+#[derive(Default)]
+pub struct Active {
+    /// The TLS acceptor, `None` for plain HTTP.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The users, `None` for no authentication.
+    pub auth: Option<Arc<BasicAuth>>,
+}
+
+impl Active {
+    fn load(path: &Path) -> Result<(Self, Vec<PathBuf>), String> {
+        let web = WebConfig::load(path)?;
+        let tls = web
+            .tls_acceptor()
+            .map_err(|e| format!("web config {}: {e}", path.display()))?;
+        let mut files = vec![path.to_path_buf()];
+        if let Some(t) = &web.tls_server_config {
+            files.extend(t.files().cloned());
+        }
+        Ok((
+            Self {
+                tls,
+                auth: BasicAuth::new(&web.basic_auth_users).map(Arc::new),
+            },
+            files,
+        ))
+    }
+}
+
+/// A file's identity and version: a rotation (a new file renamed over, or rewritten) changes it.
+type Stamp = Option<(SystemTime, u64, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+struct Watch {
+    files: Vec<PathBuf>,
+    stamps: Vec<Stamp>,
+    checked: Instant,
+    /// The stamps of a changed set that failed to load: not tried (or reported) again.
+    failed: Option<Vec<Stamp>>,
+}
+
+/// The listeners' security: the web config in force, looked at again when its files change.
+pub struct WebSecurity {
+    path: Option<PathBuf>,
+    current: RwLock<Arc<Active>>,
+    watch: Mutex<Watch>,
+}
+
+/// How often the files are looked at.
+const RECHECK: Duration = Duration::from_secs(1);
+
+impl WebSecurity {
+    /// Plain HTTP, no users.
+    pub fn none() -> Self {
+        Self {
+            path: None,
+            current: RwLock::new(Arc::new(Active::default())),
+            watch: Mutex::new(Watch {
+                files: Vec::new(),
+                stamps: Vec::new(),
+                checked: Instant::now(),
+                failed: None,
+            }),
+        }
+    }
+
+    /// Loads and checks the web config (every problem is an error naming the file).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let (active, files) = Active::load(path)?;
+        let stamps = files.iter().map(|f| stamp(f)).collect();
+        Ok(Self {
+            path: Some(path.to_path_buf()),
+            current: RwLock::new(Arc::new(active)),
+            watch: Mutex::new(Watch {
+                files,
+                stamps,
+                checked: Instant::now(),
+                failed: None,
+            }),
+        })
+    }
+
+    /// Whether TLS is on and how many users there are, for the start-up line.
+    pub fn summary(&self) -> (bool, usize) {
+        let a = self.active();
+        (
+            a.tls.is_some(),
+            a.auth.as_ref().map_or(0, |auth| auth.users.len()),
+        )
+    }
+
+    fn active(&self) -> Arc<Active> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The configuration in force, after switching to the files' new version if they changed
+    /// and it loads.
+    pub fn current(&self) -> Arc<Active> {
+        if let Some(path) = &self.path {
+            self.recheck(path);
+        }
+        self.active()
+    }
+
+    fn recheck(&self, path: &Path) {
+        let Ok(mut watch) = self.watch.try_lock() else {
+            return; // another connection is looking
+        };
+        if watch.checked.elapsed() < RECHECK {
+            return;
+        }
+        watch.checked = Instant::now();
+        let stamps: Vec<Stamp> = watch.files.iter().map(|f| stamp(f)).collect();
+        if stamps == watch.stamps || watch.failed.as_ref() == Some(&stamps) {
+            return;
+        }
+        match Active::load(path) {
+            Ok((active, files)) => {
+                watch.stamps = files.iter().map(|f| stamp(f)).collect();
+                watch.files = files;
+                watch.failed = None;
+                tracing::info!(
+                    tls = active.tls.is_some(),
+                    basic_auth_users = active.auth.as_ref().map_or(0, |a| a.users.len()),
+                    "web config {} changed: the listeners use the new version",
+                    path.display()
+                );
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(active);
+            }
+            Err(e) => {
+                tracing::error!("{e}; the listeners keep the last good web config");
+                watch.failed = Some(stamps);
+            }
+        }
+    }
 }
 
 /// Checks `Authorization: Basic …` headers against the configured users. bcrypt is slow by
@@ -117,6 +381,10 @@ fn bcrypt_cost(hash: &str) -> Option<u32> {
 pub struct BasicAuth {
     users: BTreeMap<String, String>,
     verified: Mutex<HashSet<[u8; 32]>>,
+    /// A hash of a random password at the users' highest cost: unknown users are checked
+    /// against it, so that they take as long as a wrong password (no user enumeration).
+    dummy: OnceLock<String>,
+    cost: u32,
 }
 
 const VERIFIED_CACHE_LIMIT: usize = 1024;
@@ -127,6 +395,12 @@ impl BasicAuth {
         (!users.is_empty()).then(|| Self {
             users: users.clone(),
             verified: Mutex::new(HashSet::new()),
+            dummy: OnceLock::new(),
+            cost: users
+                .values()
+                .filter_map(|h| bcrypt_cost(h).ok())
+                .max()
+                .unwrap_or(bcrypt::DEFAULT_COST),
         })
     }
 
@@ -136,6 +410,16 @@ impl BasicAuth {
             return false;
         };
         let Some(hash) = self.users.get(&user) else {
+            // As long as a wrong password: hashing the dummy costs what verifying does.
+            let mut fresh = false;
+            let dummy = self.dummy.get_or_init(|| {
+                fresh = true;
+                let password: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+                bcrypt::hash(password, self.cost).unwrap_or_default()
+            });
+            if !fresh {
+                let _ = bcrypt::verify(&password, dummy);
+            }
             return false;
         };
         let key: [u8; 32] = Sha256::new()
@@ -193,6 +477,20 @@ mod tests {
     }
 
     #[test]
+    fn unknown_users_cost_a_bcrypt_verification() {
+        let hash = bcrypt::hash("s3cret", 8).expect("hash");
+        let users = BTreeMap::from([("prom".to_string(), hash)]);
+        let auth = BasicAuth::new(&users).expect("users");
+        assert_eq!(auth.cost, 8);
+        assert!(!auth.check(Some(&header("nobody", "x"))));
+        let dummy = auth
+            .dummy
+            .get()
+            .expect("the dummy hash is made on the first unknown user");
+        assert_eq!(bcrypt_cost(dummy), Ok(8));
+    }
+
+    #[test]
     fn basic_auth_checks_bcrypt_hashes() {
         let hash = bcrypt::hash("s3cret", 4).expect("hash");
         let users = BTreeMap::from([("prom".to_string(), hash)]);
@@ -212,9 +510,20 @@ mod tests {
         std::fs::write(&path, "basic_auth_users:\n  prom: plaintext\n").expect("write");
         let e = WebConfig::load(&path).expect_err("refused");
         assert!(
-            e.contains("not a bcrypt hash") && !e.contains("plaintext"),
+            e.contains("not a usable bcrypt hash") && !e.contains("plaintext"),
             "{e}"
         );
+        // Looks like bcrypt, is not: refused at load, not at the first login.
+        std::fs::write(&path, "basic_auth_users:\n  prom: $2y$10$short\n").expect("write");
+        let e = WebConfig::load(&path).expect_err("refused");
+        assert!(e.contains("53 characters") && !e.contains("short"), "{e}");
+        let good = bcrypt::hash("pw", 4).expect("hash");
+        std::fs::write(&path, format!("basic_auth_users:\n  prom: '{good}'\n")).expect("write");
+        WebConfig::load(&path).expect("a real hash loads");
+        let bad_cost = good.replacen("$04$", "$99$", 1);
+        std::fs::write(&path, format!("basic_auth_users:\n  prom: '{bad_cost}'\n")).expect("write");
+        let e = WebConfig::load(&path).expect_err("refused");
+        assert!(e.contains("4..=31"), "{e}");
         std::fs::write(
             &path,
             "tls_server_config:\n  cert_file: a.crt\n  key_file: a.key\n",

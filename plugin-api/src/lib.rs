@@ -95,6 +95,7 @@ mod batch;
 mod error;
 pub mod exposition;
 pub mod log;
+pub mod ratelimit;
 mod sdk;
 pub mod testing;
 

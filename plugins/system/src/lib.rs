@@ -119,7 +119,10 @@ pub struct SystemCollector {
     ticks_per_second: f64,
     components: Option<sysinfo::Components>,
     uname: [String; 5],
-    warned: std::collections::HashSet<&'static str>,
+    /// Sources that failed in this collection, with the error.
+    failing_now: std::collections::BTreeMap<&'static str, String>,
+    /// Sources that failed in the last collection.
+    failing: std::collections::BTreeSet<&'static str>,
 }
 
 const CPU_MODES: [&str; 8] = [
@@ -127,11 +130,38 @@ const CPU_MODES: [&str; 8] = [
 ];
 
 impl SystemCollector {
-    /// Logs a failing source once, then keeps going with the others.
+    /// Notes a source that cannot be read in this collection; the others go on.
     fn source_failed(&mut self, source: &'static str, err: impl std::fmt::Display) {
-        if self.warned.insert(source) {
-            tracing::warn!("cannot read {source}: {err}; its metrics are left out");
+        self.failing_now.insert(source, err.to_string());
+    }
+
+    /// After a collection: logs each source when it starts failing and when it can be read
+    /// again, and keeps the instance `degraded` in `/health` while any source fails (out of
+    /// file descriptors, for one, every `/proc` read fails while the rest of the agent runs).
+    fn report_sources(&mut self) {
+        for (source, err) in &self.failing_now {
+            if !self.failing.contains(source) {
+                tracing::warn!(
+                    "cannot read {source}: {err}; its metrics are left out until it can be read again"
+                );
+            }
         }
+        for source in &self.failing {
+            if !self.failing_now.contains_key(source) {
+                tracing::info!("{source} can be read again");
+            }
+        }
+        if let Some(err) = self.failing_now.values().next() {
+            let sources: Vec<&str> = self.failing_now.keys().copied().collect();
+            metricsd_plugin_api::log::report_degraded(&format!(
+                "cannot read {} ({err}); their metrics are left out",
+                sources.join(", ")
+            ));
+        } else if !self.failing.is_empty() {
+            metricsd_plugin_api::log::report_recovered();
+        }
+        self.failing = self.failing_now.keys().copied().collect();
+        self.failing_now.clear();
     }
 
     fn cpu_and_stat(&mut self, out: &mut BatchBuilder) {
@@ -545,7 +575,8 @@ impl Collector for SystemCollector {
                 .temperatures
                 .then(sysinfo::Components::new_with_refreshed_list),
             uname,
-            warned: std::collections::HashSet::new(),
+            failing_now: std::collections::BTreeMap::new(),
+            failing: std::collections::BTreeSet::new(),
         })
     }
 
@@ -585,6 +616,7 @@ impl Collector for SystemCollector {
             ],
             1.0,
         );
+        self.report_sources();
         if out.is_empty() {
             return Err(Error::transient("no system source could be read"));
         }

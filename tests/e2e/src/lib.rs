@@ -274,12 +274,34 @@ impl Agent {
         Self::start_binary(&binary(), work, prefix, config, env)
     }
 
+    /// Like [`Agent::start`], run through `wrapper` (a command that execs the rest of its
+    /// arguments, e.g. `prlimit --nofile=1024:4096 --`).
+    pub fn start_wrapped(
+        work: &Workdir,
+        config: &str,
+        env: &[(&str, &str)],
+        wrapper: &[String],
+    ) -> Result<Agent> {
+        Self::start_command(&binary(), work, "", config, env, wrapper)
+    }
+
     fn start_binary(
         binary: &Path,
         work: &Workdir,
         prefix: &str,
         config: &str,
         env: &[(&str, &str)],
+    ) -> Result<Agent> {
+        Self::start_command(binary, work, prefix, config, env, &[])
+    }
+
+    fn start_command(
+        binary: &Path,
+        work: &Workdir,
+        prefix: &str,
+        config: &str,
+        env: &[(&str, &str)],
+        wrapper: &[String],
     ) -> Result<Agent> {
         let health_port = free_port();
         let metrics_port = free_port();
@@ -293,7 +315,14 @@ impl Agent {
         };
         let stdout_path = work.path(&format!("{prefix}stdout.log"));
         let stderr_path = work.path(&format!("{prefix}stderr.log"));
-        let mut cmd = Command::new(binary);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
         cmd.arg("-c")
             .arg(&config_path)
             .arg("run")
