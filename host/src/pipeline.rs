@@ -398,6 +398,8 @@ impl Pipeline {
                 reason: reason.as_deref().unwrap_or("invalid sample"),
             }
             .emit(&self.telemetry);
+        } else {
+            self.telemetry.valid_samples(source);
         }
         if batch.timestamp_ms.is_none() {
             batch.timestamp_ms = ROption::RSome(now_ms());

@@ -128,6 +128,10 @@ struct State {
     last_error: Option<String>,
     /// The first connection attempt has ended (until then nothing is reported as degraded).
     attempted: bool,
+    /// Entries of the service's answers and events left out (`gpu_discovery_problems_total`).
+    problems_total: u64,
+    /// Logging of those problems (once, then summarised).
+    problems_log: metricsd_plugin_api::ratelimit::Repeating,
 }
 
 /// Whether `name` is a valid Prometheus label name.
@@ -242,17 +246,31 @@ fn check_inventory(config: &Config, gpus: &[Gpu]) -> (BTreeMap<String, GpuInfo>,
     (kept, problems)
 }
 
-/// Logs what was left out of an answer: the count and the first few.
-fn log_problems(what: &str, problems: &[String]) {
+/// Counts what was left out of an answer and logs it: the count and the first few, once when
+/// the problems start, then summarised once a minute while they go on (a service streaming bad
+/// events cannot flood the log), and once when a full inventory (`ListGpus`) is clean again.
+fn note_problems(state: &Mutex<State>, what: &str, problems: &[String]) {
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     if problems.is_empty() {
+        if what == "ListGpus" {
+            if let Some(n) = s.problems_log.ended() {
+                tracing::info!(
+                    "the discovery service's inventory is valid again ({n} answers or events with problems in all)"
+                );
+            }
+        }
         return;
     }
+    s.problems_total += problems.len() as u64;
     let first: Vec<&str> = problems.iter().take(5).map(String::as_str).collect();
-    tracing::error!(
-        "{what}: {} problem(s) in the discovery service's answer, left out: {}{}",
-        problems.len(),
-        first.join("; "),
-        if problems.len() > 5 { "; …" } else { "" }
+    s.problems_log.event().error(
+        &format!(
+            "{what}: {} problem(s) in the discovery service's answer, left out: {}{}",
+            problems.len(),
+            first.join("; "),
+            if problems.len() > 5 { "; …" } else { "" }
+        ),
+        "gpu_discovery_problems_total",
     );
 }
 
@@ -324,7 +342,7 @@ async fn session(
     .map_err(|s| format!("ListGpus at {url} failed: {}", status_text(&s)))?
     .into_inner();
     let (gpus, problems) = check_inventory(config, &listed.gpus);
-    log_problems("ListGpus", &problems);
+    note_problems(state, "ListGpus", &problems);
     let count = gpus.len();
     {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
@@ -383,7 +401,7 @@ fn apply_event(config: &Config, state: &Mutex<State>, event: &metricsd_discovery
                 }
             }
             drop(s);
-            log_problems("WatchGpus", &problems);
+            note_problems(state, "WatchGpus", &problems);
         }
         Kind::Unspecified => {
             tracing::error!("a WatchGpus event of unknown kind {} (ignored)", event.kind);
@@ -524,8 +542,14 @@ impl Collector for DiscoveryCollector {
             "Seconds since the inventory was last known current (0 while the watch stream is open).",
             "seconds",
         );
+        let problems = out.counter(
+            "gpu_discovery_problems_total",
+            "Entries of the discovery service's answers and events left out as invalid (bad uuid or labels, duplicates, beyond max_gpus).",
+            "",
+        );
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         out.sample(up, &[], if s.connected { 1.0 } else { 0.0 });
+        out.sample(problems, &[], s.problems_total as f64);
         if let Some(at) = s.confirmed_at {
             let seconds = if s.connected {
                 0.0

@@ -596,6 +596,9 @@ pub struct NvmlCollector {
     /// Per GPU, its [`Constants`] and when they were read.
     constants: HashMap<u32, (Instant, Constants)>,
     unsupported: HashSet<(u32, Query)>,
+    /// GPUs lost from the bus, logged when they go, summarised while they stay lost and
+    /// logged when they answer again.
+    lost: BTreeMap<u32, metricsd_plugin_api::ratelimit::Repeating>,
     /// Per GPU, the newest process-utilization sample seen (µs), asked for what came after.
     process_util_seen: HashMap<u32, u64>,
     /// `Hostname` label of the dcgm profile: `NODE_NAME` (Kubernetes) or the kernel hostname.
@@ -1438,6 +1441,7 @@ impl Collector for NvmlCollector {
             identities: BTreeMap::new(),
             constants: HashMap::new(),
             unsupported: HashSet::new(),
+            lost: BTreeMap::new(),
             process_util_seen: HashMap::new(),
             plain_sizes: (0, 0, 0),
             hostname: std::env::var("NODE_NAME")
@@ -1580,6 +1584,12 @@ impl NvmlCollector {
             };
             match result {
                 Ok(()) => {
+                    if let Some(n) = self.lost.remove(&index).and_then(|mut r| r.ended()) {
+                        tracing::info!(
+                            gpu = index,
+                            "GPU answers NVML again (it was reported lost by {n} collections)"
+                        );
+                    }
                     out.sample_in(families.up, set, 1.0);
                     gpm_sets.push((index, set));
                     if let Some(id) = &identity {
@@ -1598,10 +1608,16 @@ impl NvmlCollector {
                 Err(Stop::Lost) => {
                     // Read again when it is back: a reset may have changed them.
                     self.constants.remove(&index);
-                    tracing::warn!(
-                        gpu = index,
-                        "GPU has fallen off the bus (NVML: GPU is lost); reported as gpu_up 0"
-                    );
+                    self.lost
+                        .entry(index)
+                        .or_default()
+                        .event()
+                        .warn(
+                            &format!(
+                                "GPU {index} has fallen off the bus (NVML: GPU is lost); reported as gpu_up 0"
+                            ),
+                            "gpu_up",
+                        );
                     out.sample_in(families.up, set, 0.0);
                 }
                 Err(Stop::Nvml(e)) => {

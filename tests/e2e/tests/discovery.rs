@@ -376,6 +376,8 @@ fn discovery_over_tls_with_a_private_ca() {
 /// A discovery service that answers with what a test sets.
 struct Hostile {
     gpus: Vec<Gpu>,
+    /// Stream new GPUs on WatchGpus as fast as the connection takes them.
+    flood: bool,
 }
 
 type EventStream =
@@ -399,12 +401,29 @@ impl GpuDiscovery for Hostile {
         &self,
         _: tonic::Request<WatchGpusRequest>,
     ) -> Result<tonic::Response<EventStream>, tonic::Status> {
-        Ok(tonic::Response::new(Box::pin(tokio_stream::pending())))
+        if !self.flood {
+            return Ok(tonic::Response::new(Box::pin(tokio_stream::pending())));
+        }
+        let events = tokio_stream::iter((0u64..).map(|i| {
+            Ok(GpuEvent {
+                kind: 1, // KIND_ADDED
+                gpu: Some(Gpu {
+                    uuid: format!("GPU-FLOOD-{i}"),
+                    ..Gpu::default()
+                }),
+                revision: i + 2,
+            })
+        }));
+        Ok(tonic::Response::new(Box::pin(events)))
     }
 }
 
 /// Serves `gpus` on a loopback port from a thread of the test; returns the port.
 fn serve_hostile(gpus: Vec<Gpu>) -> u16 {
+    serve_hostile_with(gpus, false)
+}
+
+fn serve_hostile_with(gpus: Vec<Gpu>, flood: bool) -> u16 {
     let port = free_port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     std::thread::spawn(move || {
@@ -415,7 +434,8 @@ fn serve_hostile(gpus: Vec<Gpu>) -> u16 {
         runtime.block_on(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(
-                    GpuDiscoveryServer::new(Hostile { gpus }).max_encoding_message_size(usize::MAX),
+                    GpuDiscoveryServer::new(Hostile { gpus, flood })
+                        .max_encoding_message_size(usize::MAX),
                 )
                 .serve(addr)
                 .await;
@@ -508,4 +528,48 @@ fn a_hostile_inventory_is_bounded_logged_and_survived() {
         "{} KiB",
         rss_kib(agent.pid())
     );
+}
+
+#[test]
+fn a_stream_of_bad_events_is_counted_and_logged_once_not_per_event() {
+    build();
+    let work = Workdir::new();
+    let gpus = (0..2)
+        .map(|i| Gpu {
+            uuid: format!("GPU-{i:04}"),
+            ..Gpu::default()
+        })
+        .collect();
+    // Two GPUs listed (max_gpus = 2), then an endless stream of new ones, each one too many.
+    let port = serve_hostile_with(gpus, true);
+    let config = format!(
+        "[agent]\ninterval = \"300ms\"\ninternal_metrics = false\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"127.0.0.1:{{metrics}}\"\n[[collectors]]\nname = \"discovery\"\nplugin = \"discovery\"\n[collectors.config]\nendpoint = \"127.0.0.1:{port}\"\nmax_gpus = 2\n[[sinks]]\nname = \"prom\"\nplugin = \"prometheus\"\n"
+    );
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    // Every event is counted …
+    let body = wait_for(
+        "thousands of refused events",
+        Duration::from_secs(30),
+        || {
+            let body = scrape(&agent);
+            (series_value(&body, "gpu_discovery_problems_total")? >= 5000.0).then_some(body)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_eq!(series_value(&body, "gpu_discovery_gpus"), Some(2.0));
+    // … and logged once (a summary follows a minute later, not one line per event).
+    let log = agent.stderr();
+    let lines = log
+        .matches("problem(s) in the discovery service's answer")
+        .count();
+    assert_eq!(lines, 1, "{}", &log[..log.len().min(4000)]);
+    assert!(
+        log.contains("gpu_discovery_problems_total counts every one"),
+        "{log}"
+    );
+    assert!(log.len() < 64 * 1024, "{} bytes of log", log.len());
+    assert!(agent.is_running());
+    let status = agent.terminate().expect("terminate");
+    assert!(status.success());
 }

@@ -537,7 +537,7 @@ fn a_lost_gpu_reports_up_0_while_the_others_continue_and_comes_back() {
         "GPU-5f7c0002-1d2e-4c3b-9a8f-0e1d2c3b0002"
     );
     assert_eq!(lost["labels"]["name"], "NVIDIA H100 80GB HBM3");
-    assert!(agent.stderr().contains("GPU has fallen off the bus"));
+    assert!(agent.stderr().contains("GPU 2 has fallen off the bus"));
     // While it is lost, its other metrics are not served, and the others carry on.
     let lost_ts = lost["timestamp_ms"].as_i64().expect("ts");
     let all = json_lines(&agent.stdout());
@@ -566,6 +566,12 @@ fn a_lost_gpu_reports_up_0_while_the_others_continue_and_comes_back() {
     )
     .iter()
     .any(|r| r["timestamp_ms"].as_i64() == back_ts));
+    // Lost for 5 s at 250 ms: one line when it went and one when it came back, not one per
+    // collection.
+    let logs = agent.stderr();
+    let went = logs.matches("has fallen off the bus").count();
+    assert_eq!(went, 1, "{logs}");
+    assert!(logs.contains("GPU answers NVML again"), "{logs}");
     let status = agent.terminate().expect("terminate");
     assert!(status.success());
 }

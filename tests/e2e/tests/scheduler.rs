@@ -193,3 +193,39 @@ fn a_failing_collector_backs_off_and_a_required_one_fails_health() {
         ) >= 2.0
     );
 }
+
+#[test]
+fn invalid_samples_are_counted_every_time_and_logged_when_they_start_and_end() {
+    let work = Workdir::new();
+    let config = format!(
+        "{HELLO_EVERY_200MS}\n[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\ninterval = \"50ms\"\n[collectors.config]\ninvalid_sample = true\ninvalid_until = 60\n"
+    );
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let invalid = "metricsd_collector_invalid_samples_total{collector=\"tk\"}";
+    agent
+        .wait_stat(invalid, 60.0, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    wait_for(
+        "the end of the invalid samples",
+        Duration::from_secs(15),
+        || {
+            agent
+                .stderr()
+                .contains("samples are valid again (60 collections had invalid samples)")
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    // 60 collections with an invalid sample in 3 s: one line when it started (the summary
+    // would come after a minute), one when it ended; the counter has every one.
+    let logs = agent.stderr();
+    assert_eq!(logs.matches("invalid samples:").count(), 1, "{logs}");
+    assert!(
+        logs.contains("metricsd_collector_invalid_samples_total counts every one"),
+        "{logs}"
+    );
+    assert_eq!(stat(&agent, invalid), 60.0);
+    let status = agent.terminate().expect("terminate");
+    assert!(status.success(), "{status:?}");
+}

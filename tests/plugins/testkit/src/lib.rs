@@ -37,6 +37,8 @@ pub struct Config {
     /// Emit a sample that refers to a family that does not exist (an invalid batch).
     #[serde(default)]
     pub invalid_sample: bool,
+    /// Emit the invalid sample only up to this call.
+    pub invalid_until: Option<u64>,
     /// Also emit `testkit_nan` (NaN) and `testkit_inf` (+Inf), for sinks whose protocol has
     /// no such values.
     #[serde(default)]
@@ -165,7 +167,7 @@ impl Testkit {
                 .collect();
             out.sample(value, &labels, f64::from(n) + call as f64);
         }
-        if self.config.invalid_sample {
+        if self.config.invalid_sample && self.config.invalid_until.is_none_or(|last| call <= last) {
             out.sample(value, &[("bad label", "x")], 1.0);
         }
         if self.config.non_finite {
