@@ -112,19 +112,33 @@ fn lookup(
 /// not installed are skipped rather than reported.
 pub fn plan(loaded: &LoadedConfig, plugins: &PluginSet) -> Plan {
     let builtin = loaded.is_builtin_default();
+    let set_by_env = &loaded.config.set_by_env;
+    // What an operator variable asked for is never skipped, and its errors name the variable.
+    let skippable = |name: &str| {
+        builtin && !matches!(set_by_env.get(name), Some(var) if *var != "GPU_COLLECTION_INTERVAL")
+    };
+    let named = |name: &str, result: Result<Plugin, String>| {
+        result.map_err(|e| match set_by_env.get(name) {
+            Some(var) => format!("{e} (set by the environment variable {var})"),
+            None => e,
+        })
+    };
     let mut skipped = Vec::new();
     let mut collectors = Vec::new();
     for c in &loaded.config.collectors {
-        if builtin && plugins.get(&c.plugin).is_none() {
+        if skippable(&c.name) && plugins.get(&c.plugin).is_none() {
             skipped.push(format!("collector `{}` (plugin `{}`)", c.name, c.plugin));
             continue;
         }
-        let plugin = lookup(
-            plugins,
+        let plugin = named(
             &c.name,
-            &c.plugin,
-            PluginKind::COLLECTOR,
-            &c.config,
+            lookup(
+                plugins,
+                &c.name,
+                &c.plugin,
+                PluginKind::COLLECTOR,
+                &c.config,
+            ),
         );
         collectors.push(Resolved {
             config: c.clone(),
@@ -133,11 +147,14 @@ pub fn plan(loaded: &LoadedConfig, plugins: &PluginSet) -> Plan {
     }
     let mut sinks = Vec::new();
     for s in &loaded.config.sinks {
-        if builtin && plugins.get(&s.plugin).is_none() {
+        if skippable(&s.name) && plugins.get(&s.plugin).is_none() {
             skipped.push(format!("sink `{}` (plugin `{}`)", s.name, s.plugin));
             continue;
         }
-        let plugin = lookup(plugins, &s.name, &s.plugin, PluginKind::SINK, &s.config);
+        let plugin = named(
+            &s.name,
+            lookup(plugins, &s.name, &s.plugin, PluginKind::SINK, &s.config),
+        );
         sinks.push(Resolved {
             config: s.clone(),
             plugin,
@@ -375,6 +392,9 @@ pub async fn run_until<T>(
     let plan = plan(&loaded, &plugins);
     for s in &plan.skipped {
         tracing::info!("built-in default: {s} skipped, its plugin is not installed");
+    }
+    for w in crate::config::warnings(config) {
+        tracing::warn!("{w}");
     }
     if let Some(problem) = plan.required_problem() {
         return Err(exit(EXIT_CONFIG, format!("required {problem}")));

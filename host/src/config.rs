@@ -75,7 +75,19 @@ pub struct Config {
     /// Label joins: series of some collectors get the labels of another's info series.
     #[serde(default)]
     pub enrich: Vec<EnrichConfig>,
+    /// Instances that an operator environment variable added or changed, with the variable:
+    /// errors about them name it.
+    #[serde(skip)]
+    pub set_by_env: BTreeMap<String, &'static str>,
 }
+
+/// The shortest collection interval accepted (`agent.interval`, `collectors[].interval`,
+/// `GPU_COLLECTION_INTERVAL`). Shorter ones cost a CPU core in scheduling alone and sample
+/// faster than any counter they read changes.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The discovery service's port when `GPU_DISCOVERY_HOST` names only a host.
+const DISCOVERY_DEFAULT_PORT: u16 = 50051;
 
 /// One `[[enrich]]` entry: the series of the `from` collectors whose `on` label matches an
 /// info series of the `info` collector get that info series' labels.
@@ -102,7 +114,10 @@ pub struct EnrichConfig {
     #[serde(default)]
     pub overwrite: bool,
     /// Info older than this is not applied (its collector stopped reporting).
-    #[serde(default = "default_enrich_max_age", with = "humantime_serde")]
+    #[serde(
+        default = "default_enrich_max_age",
+        with = "metricsd_plugin_api::duration"
+    )]
     pub max_age: Duration,
 }
 
@@ -130,7 +145,7 @@ pub struct AggregateConfig {
     #[serde(default)]
     pub metrics: Vec<String>,
     /// The window, aligned to the clock.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "metricsd_plugin_api::duration")]
     pub window: Duration,
     /// Statistics of gauges (counters always give their increase).
     #[serde(default = "Stat::all")]
@@ -170,13 +185,13 @@ pub struct AgentConfig {
     /// If not empty, only plugin files whose SHA-256 (hex) is listed may load.
     pub plugin_sha256: Vec<String>,
     /// Default collection interval.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "metricsd_plugin_api::duration")]
     pub interval: Duration,
     /// Default timeout of one plugin call.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "metricsd_plugin_api::duration")]
     pub timeout: Duration,
     /// Longest back-off after repeated failures of an instance.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "metricsd_plugin_api::duration")]
     pub max_backoff: Duration,
     /// Static labels added to every sample (a sample's own label of the same name wins).
     pub labels: BTreeMap<String, String>,
@@ -188,7 +203,7 @@ pub struct AgentConfig {
     /// Default capacity of each sink's queue, in samples.
     pub queue_capacity: usize,
     /// How long shutdown may take to flush the sinks.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "metricsd_plugin_api::duration")]
     pub shutdown_timeout: Duration,
     /// Emit the agent's own `metricsd_*` metrics through the pipeline.
     pub internal_metrics: bool,
@@ -240,10 +255,10 @@ pub struct HttpConfig {
     pub web_config_file: Option<PathBuf>,
     /// Time a client has to send a complete request head (and the TLS handshake before it),
     /// from the connection's start or from the first byte of its next request.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "metricsd_plugin_api::duration")]
     pub header_read_timeout: Duration,
     /// Time a kept-alive connection may wait for its next request.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "metricsd_plugin_api::duration")]
     pub idle_timeout: Duration,
     /// Open connections per listener; at the cap, the oldest idle connection is closed for a
     /// new one (a new one is refused only when every connection has a request in flight).
@@ -316,10 +331,10 @@ pub struct CollectorConfig {
     /// The plugin name the `.so` declares.
     pub plugin: String,
     /// Collection interval (default: `agent.interval`).
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "metricsd_plugin_api::duration::option")]
     pub interval: Option<Duration>,
     /// Call timeout (default: `agent.timeout`).
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "metricsd_plugin_api::duration::option")]
     pub timeout: Option<Duration>,
     /// Start-up fails if the plugin cannot load, and `/health` answers 503 while it fails.
     #[serde(default)]
@@ -338,7 +353,7 @@ pub struct SinkConfig {
     /// The plugin name the `.so` declares.
     pub plugin: String,
     /// Timeout of one write (default: `agent.timeout`).
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "metricsd_plugin_api::duration::option")]
     pub timeout: Option<Duration>,
     /// Start-up fails if the plugin cannot load, and `/health` answers 503 while it fails.
     #[serde(default)]
@@ -356,7 +371,7 @@ pub struct SinkConfig {
     #[serde(default = "default_batch_max_samples")]
     pub batch_max_samples: usize,
     /// How long a write waits for more batches to join it (0: write what is queued).
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "metricsd_plugin_api::duration")]
     pub batch_wait: Duration,
     /// Handed to the plugin as JSON; the plugin validates it.
     #[serde(default)]
@@ -613,13 +628,16 @@ fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigEr
         })?;
     }
     if let Some(text) = env.var("GPU_COLLECTION_INTERVAL") {
-        let interval = parse_env_duration("GPU_COLLECTION_INTERVAL", &text)?;
+        let interval = parse_env_interval("GPU_COLLECTION_INTERVAL", &text)?;
         for c in config.collectors.iter_mut().filter(|c| c.plugin == "nvml") {
             c.interval = Some(interval);
+            config
+                .set_by_env
+                .insert(c.name.clone(), "GPU_COLLECTION_INTERVAL");
         }
     }
     if let Some(host) = env.var("GPU_DISCOVERY_HOST") {
-        let endpoint = serde_json::Value::String(host);
+        let endpoint = serde_json::Value::String(parse_discovery_host(&host)?);
         let mut found = false;
         for c in config
             .collectors
@@ -627,6 +645,9 @@ fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigEr
             .filter(|c| c.plugin == "discovery")
         {
             c.config.insert("endpoint".to_string(), endpoint.clone());
+            config
+                .set_by_env
+                .insert(c.name.clone(), "GPU_DISCOVERY_HOST");
             found = true;
         }
         if !found {
@@ -640,6 +661,9 @@ fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigEr
                 required: false,
                 config: table,
             });
+            config
+                .set_by_env
+                .insert("discovery".to_string(), "GPU_DISCOVERY_HOST");
         }
         // With no join configured, the discovery labels go onto the NVML collectors' series.
         if config.enrich.is_empty() {
@@ -681,21 +705,22 @@ fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigEr
                 message: "expected a sink plugin name, e.g. prometheus or influxdb".into(),
             });
         }
+        if let Some(bad) = wanted.iter().find(|w| !is_plugin_name(w)) {
+            return Err(ConfigError::Env {
+                name: "TIMESERIES_BACKEND".into(),
+                message: format!(
+                    "`{bad}` is not a sink plugin name; list names separated by commas, e.g. prometheus,influxdb"
+                ),
+            });
+        }
         config.sinks.retain(|s| wanted.contains(&s.plugin));
         for plugin in wanted {
             if !config.sinks.iter().any(|s| s.plugin == plugin) {
-                config.sinks.push(SinkConfig {
-                    name: plugin.clone(),
-                    plugin,
-                    timeout: None,
-                    required: false,
-                    queue_capacity: None,
-                    spool: false,
-                    spool_max_bytes: default_spool_max_bytes(),
-                    batch_max_samples: default_batch_max_samples(),
-                    batch_wait: Duration::ZERO,
-                    config: serde_json::Map::new(),
-                });
+                config
+                    .set_by_env
+                    .insert(plugin.clone(), "TIMESERIES_BACKEND");
+                let table = backend_defaults(&plugin, env);
+                config.sinks.push(env_sink(&plugin, table));
             }
         }
     }
@@ -705,34 +730,154 @@ fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigEr
         if !enabled {
             config.sinks.retain(|s| s.plugin != "prometheus");
         } else if !has {
-            config.sinks.push(SinkConfig {
-                name: "prometheus".to_string(),
-                plugin: "prometheus".to_string(),
-                timeout: None,
-                required: false,
-                queue_capacity: None,
-                spool: false,
-                spool_max_bytes: default_spool_max_bytes(),
-                batch_max_samples: default_batch_max_samples(),
-                batch_wait: Duration::ZERO,
-                config: serde_json::Map::new(),
-            });
+            config
+                .sinks
+                .push(env_sink("prometheus", serde_json::Map::new()));
+            config
+                .set_by_env
+                .insert("prometheus".to_string(), "PROMETHEUS_ENABLED");
         }
     }
     Ok(())
 }
 
-fn parse_env_duration(name: &str, text: &str) -> Result<Duration, ConfigError> {
-    // A bare number means seconds, as these variables are commonly set.
-    if let Ok(secs) = text.trim().parse::<f64>() {
-        if secs > 0.0 && secs.is_finite() {
-            return Ok(Duration::from_secs_f64(secs));
+/// A sink an environment variable adds, named after its plugin, with the default settings.
+fn env_sink(plugin: &str, table: serde_json::Map<String, serde_json::Value>) -> SinkConfig {
+    SinkConfig {
+        name: plugin.to_string(),
+        plugin: plugin.to_string(),
+        timeout: None,
+        required: false,
+        queue_capacity: None,
+        spool: false,
+        spool_max_bytes: default_spool_max_bytes(),
+        batch_max_samples: default_batch_max_samples(),
+        batch_wait: Duration::ZERO,
+        config: table,
+    }
+}
+
+/// A collection interval from an environment variable: a bare number is seconds, as these
+/// variables are commonly set, or a duration like `500ms`; at least [`MIN_INTERVAL`].
+fn parse_env_interval(name: &str, text: &str) -> Result<Duration, ConfigError> {
+    let env_error = |message: String| ConfigError::Env {
+        name: name.to_string(),
+        message,
+    };
+    let d = match text.trim().parse::<f64>() {
+        Ok(secs) => Duration::try_from_secs_f64(secs)
+            .ok()
+            .filter(|d| *d <= metricsd_plugin_api::duration::MAX)
+            .ok_or_else(|| env_error(format!("`{text}` is not a number of seconds we can use")))?,
+        Err(_) => metricsd_plugin_api::duration::parse(text).map_err(env_error)?,
+    };
+    if d < MIN_INTERVAL {
+        return Err(env_error(format!(
+            "`{text}` is shorter than the shortest interval, {}",
+            humantime::format_duration(MIN_INTERVAL)
+        )));
+    }
+    Ok(d)
+}
+
+/// `GPU_DISCOVERY_HOST`: `host`, `host:port` or `http(s)://host[:port]`; the port defaults to
+/// the discovery service's 50051.
+fn parse_discovery_host(text: &str) -> Result<String, ConfigError> {
+    let env_error = |message: String| ConfigError::Env {
+        name: "GPU_DISCOVERY_HOST".to_string(),
+        message,
+    };
+    let text = text.trim();
+    let (scheme, rest) = match text.split_once("://") {
+        Some((scheme @ ("http" | "https"), rest)) => (Some(scheme), rest),
+        Some((scheme, _)) => {
+            return Err(env_error(format!(
+                "`{text}`: the scheme `{scheme}` is not http or https"
+            )))
+        }
+        None => (None, text),
+    };
+    let rest = rest.trim_end_matches('/');
+    // `[v6]:port`, `host:port`, or a bare host (an IPv6 address needs brackets with a port).
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') || host.ends_with(']') => (host, Some(port)),
+        _ => (rest, None),
+    };
+    if host.is_empty()
+        || host.contains(['/', '?', '#', '@'])
+        || host.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(env_error(format!(
+            "`{text}` is not a host or host:port, e.g. gpu-discovery or gpu-discovery:50051"
+        )));
+    }
+    let port = match port {
+        None => DISCOVERY_DEFAULT_PORT,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(env_error(format!(
+                    "`{text}`: `{p}` is not a port (1 to 65535)"
+                )))
+            }
+        },
+    };
+    Ok(match scheme {
+        Some(scheme) => format!("{scheme}://{host}:{port}"),
+        None => format!("{host}:{port}"),
+    })
+}
+
+/// Whether `name` can be a plugin name (what `TIMESERIES_BACKEND` lists).
+fn is_plugin_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// The `[sinks.config]` of a sink that `TIMESERIES_BACKEND` adds: working defaults, and the
+/// connection from the environment where the plugin has one (InfluxDB).
+fn backend_defaults(plugin: &str, env: &dyn Env) -> serde_json::Map<String, serde_json::Value> {
+    let mut table = serde_json::Map::new();
+    if plugin == "influxdb" {
+        table.insert("url".into(), "http://localhost:8086".into());
+        table.insert("database".into(), "metricsd".into());
+        table.insert("create_database".into(), true.into());
+        apply_influxdb_env(&mut table, env);
+    }
+    table
+}
+
+/// `INFLUXDB_*` variables into an InfluxDB sink's table: `INFLUXDB_URL`, v1
+/// `INFLUXDB_DATABASE`, `INFLUXDB_USERNAME`, `INFLUXDB_PASSWORD`, v2 `INFLUXDB_ORG`,
+/// `INFLUXDB_BUCKET`, `INFLUXDB_TOKEN`. Secrets are referenced by variable name (`*_env`) so
+/// they never enter the config. Any v2 variable selects the v2 API.
+fn apply_influxdb_env(table: &mut serde_json::Map<String, serde_json::Value>, env: &dyn Env) {
+    let mut set = |key: &str, var: &str| {
+        if let Some(v) = env.var(var) {
+            table.insert(key.to_string(), v.into());
+        }
+    };
+    set("url", "INFLUXDB_URL");
+    set("database", "INFLUXDB_DATABASE");
+    set("username", "INFLUXDB_USERNAME");
+    set("org", "INFLUXDB_ORG");
+    set("bucket", "INFLUXDB_BUCKET");
+    if env.var("INFLUXDB_PASSWORD").is_some() {
+        table.insert("password_env".into(), "INFLUXDB_PASSWORD".into());
+    }
+    if env.var("INFLUXDB_TOKEN").is_some() {
+        table.insert("token_env".into(), "INFLUXDB_TOKEN".into());
+    }
+    let v2 = ["INFLUXDB_ORG", "INFLUXDB_BUCKET", "INFLUXDB_TOKEN"]
+        .iter()
+        .any(|v| env.var(v).is_some());
+    if v2 {
+        table.insert("api".into(), "v2".into());
+        for v1_key in ["database", "create_database", "username", "password_env"] {
+            table.remove(v1_key);
         }
     }
-    humantime::parse_duration(text.trim()).map_err(|e| ConfigError::Env {
-        name: name.to_string(),
-        message: format!("`{text}` is not a duration like 5s or 500ms ({e})"),
-    })
 }
 
 fn parse_env_bool(name: &str, text: &str) -> Result<bool, ConfigError> {
@@ -771,11 +916,58 @@ fn check_glob(key: String, pattern: &str) -> Result<(), ConfigError> {
 }
 
 /// Checks what can be checked without plugins: names, durations, references, globs.
+/// What is valid but almost certainly not what the operator meant, one line each (logged at
+/// start and printed by `check`).
+pub fn warnings(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if !config.routes.is_empty() {
+        for s in &config.sinks {
+            if !config.routes.iter().any(|r| r.to.contains(&s.name)) {
+                out.push(format!(
+                    "sink `{}` is in no [[routes]] `to` list: no collector reaches it, it receives nothing",
+                    s.name
+                ));
+            }
+        }
+    }
+    // Pull sinks answer on the metrics listener under their `path`; the prometheus plugin's
+    // default is /metrics. (Other plugins' paths are known once they run, and checked then.)
+    let mut paths: BTreeMap<String, &str> = BTreeMap::new();
+    for s in config.sinks.iter().filter(|s| s.plugin == "prometheus") {
+        let path = s
+            .config
+            .get("path")
+            .and_then(|p| p.as_str())
+            .unwrap_or("/metrics")
+            .to_string();
+        if let Some(first) = paths.insert(path.clone(), &s.name) {
+            out.push(format!(
+                "sinks `{first}` and `{}` both serve {path} on the metrics listener: only `{}` is reachable; give one a different `path`",
+                s.name, s.name
+            ));
+        }
+    }
+    out
+}
+
+/// A collection interval of at least [`MIN_INTERVAL`].
+fn check_interval(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d < MIN_INTERVAL {
+        return Err(key_error(
+            key,
+            format!(
+                "{} is shorter than the shortest interval, {} (shorter ones cost a CPU core in scheduling alone)",
+                humantime::format_duration(d),
+                humantime::format_duration(MIN_INTERVAL)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn validate(config: &Config) -> Result<(), ConfigError> {
     let agent = &config.agent;
-    if agent.interval.is_zero() {
-        return Err(key_error("agent.interval", "must be greater than 0"));
-    }
+    check_interval("agent.interval", agent.interval)?;
     if agent.timeout.is_zero() {
         return Err(key_error("agent.timeout", "must be greater than 0"));
     }
@@ -828,11 +1020,8 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
                 "must not be empty",
             ));
         }
-        if c.interval.is_some_and(|d| d.is_zero()) {
-            return Err(key_error(
-                format!("collectors[{i}].interval"),
-                "must be greater than 0",
-            ));
+        if let Some(d) = c.interval {
+            check_interval(&format!("collectors[{i}].interval"), d)?;
         }
         if c.timeout.is_some_and(|d| d.is_zero()) {
             return Err(key_error(
@@ -1129,6 +1318,134 @@ mod tests {
 
     fn err(text: &str) -> String {
         parse(text).expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn intervals_have_a_floor_and_durations_a_ceiling() {
+        let e = err("[agent]\ninterval = \"1ns\"\n");
+        assert!(
+            e.contains("agent.interval") && e.contains("shortest interval, 100ms"),
+            "{e}"
+        );
+        let e = err("[[collectors]]\nname = \"a\"\nplugin = \"hello\"\ninterval = \"10ms\"\n");
+        assert!(e.contains("collectors[0].interval"), "{e}");
+        assert!(parse("[agent]\ninterval = \"100ms\"\n").is_ok());
+        for key in ["timeout", "max_backoff", "shutdown_timeout"] {
+            let e = err(&format!("[agent]\n{key} = \"300000000000years\"\n"));
+            assert!(e.contains(&format!("agent.{key}")), "{e}");
+            assert!(
+                e.contains("longer than the longest duration accepted"),
+                "{e}"
+            );
+        }
+        let e = parse_env("", &[("METRICSD_AGENT__TIMEOUT", "300000000000years")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agent.timeout"), "{e}");
+    }
+
+    #[test]
+    fn errors_from_operator_variables_name_the_variable() {
+        for (var, value) in [
+            ("GPU_COLLECTION_INTERVAL", "0"),
+            ("GPU_COLLECTION_INTERVAL", "0.01"),
+            ("GPU_COLLECTION_INTERVAL", "1e30"),
+            ("GPU_COLLECTION_INTERVAL", "-5"),
+            ("TIMESERIES_BACKEND", "a;b"),
+            ("TIMESERIES_BACKEND", "influxdb prometheus"),
+            ("GPU_DISCOVERY_HOST", "host:99999"),
+            ("GPU_DISCOVERY_HOST", "host:0"),
+            ("GPU_DISCOVERY_HOST", "ftp://host"),
+            ("GPU_DISCOVERY_HOST", "http://"),
+        ] {
+            let e = parse_env(BUILTIN_DEFAULT, &[(var, value)])
+                .expect_err(value)
+                .to_string();
+            assert!(e.contains(var) && e.contains(value), "{var}={value}: {e}");
+            assert!(!e.contains("collectors["), "{var}={value}: {e}");
+        }
+        let endpoint = |host: &str| {
+            let c = parse_env(BUILTIN_DEFAULT, &[("GPU_DISCOVERY_HOST", host)]).unwrap();
+            let d = c
+                .collectors
+                .iter()
+                .find(|c| c.plugin == "discovery")
+                .unwrap();
+            assert_eq!(c.set_by_env.get(&d.name), Some(&"GPU_DISCOVERY_HOST"));
+            d.config["endpoint"].as_str().unwrap().to_string()
+        };
+        assert_eq!(endpoint("gpu-discovery"), "gpu-discovery:50051");
+        assert_eq!(endpoint("gpu-discovery:7000"), "gpu-discovery:7000");
+        assert_eq!(
+            endpoint("https://gpu-discovery/"),
+            "https://gpu-discovery:50051"
+        );
+        assert_eq!(endpoint("[fd00::1]:7000"), "[fd00::1]:7000");
+    }
+
+    #[test]
+    fn the_seed_production_environment_gets_a_working_influxdb_sink() {
+        let seed = [
+            ("PROMETHEUS_ENABLED", "true"),
+            ("GPU_COLLECTION_INTERVAL", "5"),
+            ("TIMESERIES_BACKEND", "influxdb"),
+            ("GPU_DISCOVERY_HOST", "gpu-discovery"),
+            ("LOG_LEVEL", "INFO"),
+        ];
+        let c = parse_env(BUILTIN_DEFAULT, &seed).unwrap();
+        let plugins: Vec<_> = c.sinks.iter().map(|s| s.plugin.as_str()).collect();
+        assert_eq!(plugins, ["influxdb", "prometheus"]);
+        let influx = &c.sinks[0].config;
+        assert_eq!(influx["url"], "http://localhost:8086");
+        assert_eq!(influx["database"], "metricsd");
+        assert_eq!(influx["create_database"], true);
+        assert_eq!(c.set_by_env.get("influxdb"), Some(&"TIMESERIES_BACKEND"));
+
+        let mut env = seed.to_vec();
+        env.extend([
+            ("INFLUXDB_URL", "http://influx:8086"),
+            ("INFLUXDB_DATABASE", "gpus"),
+            ("INFLUXDB_USERNAME", "writer"),
+            ("INFLUXDB_PASSWORD", "secret"),
+        ]);
+        let c = parse_env(BUILTIN_DEFAULT, &env).unwrap();
+        let influx = &c.sinks[0].config;
+        assert_eq!(influx["url"], "http://influx:8086");
+        assert_eq!(influx["database"], "gpus");
+        assert_eq!(influx["username"], "writer");
+        assert_eq!(
+            influx["password_env"], "INFLUXDB_PASSWORD",
+            "the secret stays in the environment"
+        );
+        assert!(!influx.values().any(|v| v == "secret"));
+
+        let mut env = seed.to_vec();
+        env.extend([
+            ("INFLUXDB_ORG", "fleet"),
+            ("INFLUXDB_BUCKET", "gpus"),
+            ("INFLUXDB_TOKEN", "t0ken"),
+        ]);
+        let c = parse_env(BUILTIN_DEFAULT, &env).unwrap();
+        let influx = &c.sinks[0].config;
+        assert_eq!(influx["api"], "v2");
+        assert_eq!(influx["org"], "fleet");
+        assert_eq!(influx["bucket"], "gpus");
+        assert_eq!(influx["token_env"], "INFLUXDB_TOKEN");
+        assert!(!influx.contains_key("database") && !influx.contains_key("create_database"));
+    }
+
+    #[test]
+    fn unreachable_sinks_and_shared_paths_are_warned_about() {
+        let c = parse("[[collectors]]\nname = \"a\"\nplugin = \"hello\"\n[[sinks]]\nname = \"p1\"\nplugin = \"prometheus\"\n[[sinks]]\nname = \"p2\"\nplugin = \"prometheus\"\n[[sinks]]\nname = \"out\"\nplugin = \"stdout\"\n[[routes]]\nfrom = [\"a\"]\nto = [\"p1\", \"p2\"]\n").unwrap();
+        let w = warnings(&c);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("sink `out`") && w[0].contains("receives nothing"),
+            "{w:?}"
+        );
+        assert!(w[1].contains("`p1` and `p2` both serve /metrics"), "{w:?}");
+        let c = parse("[[sinks]]\nname = \"p1\"\nplugin = \"prometheus\"\n[[sinks]]\nname = \"p2\"\nplugin = \"prometheus\"\n[sinks.config]\npath = \"/gpu\"\n").unwrap();
+        assert!(warnings(&c).is_empty());
     }
 
     #[test]

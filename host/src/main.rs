@@ -151,6 +151,9 @@ fn check(loaded: &LoadedConfig, set: &PluginSet) -> Result<(), ExitError> {
     for s in &plan.skipped {
         println!("skipped: built-in default {s}: its plugin is not installed");
     }
+    for w in metricsd::config::warnings(&loaded.config) {
+        println!("warning: {w}");
+    }
     for c in &plan.collectors {
         if let Ok(p) = &c.plugin {
             println!(

@@ -92,6 +92,7 @@
 #[allow(non_local_definitions)]
 pub mod abi;
 mod batch;
+pub mod duration;
 mod error;
 pub mod exposition;
 pub mod log;

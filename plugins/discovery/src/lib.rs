@@ -42,13 +42,22 @@ pub struct Config {
     /// A PEM file of CA certificates for an https endpoint (default: the bundled web roots).
     pub tls_ca_file: Option<PathBuf>,
     /// Timeout of connecting.
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_connect_timeout",
+        with = "metricsd_plugin_api::duration"
+    )]
     pub connect_timeout: Duration,
     /// Timeout of `ListGpus`.
-    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_request_timeout",
+        with = "metricsd_plugin_api::duration"
+    )]
     pub request_timeout: Duration,
     /// Longest wait between reconnection attempts.
-    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    #[serde(
+        default = "default_max_backoff",
+        with = "metricsd_plugin_api::duration"
+    )]
     pub max_backoff: Duration,
     /// Most GPUs kept from the service.
     #[serde(default = "default_max_gpus")]

@@ -84,16 +84,19 @@ pub struct Config {
     #[serde(default = "default_max_lines")]
     pub max_lines_per_request: usize,
     /// Timeout of one HTTP request.
-    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_request_timeout",
+        with = "metricsd_plugin_api::duration"
+    )]
     pub request_timeout: Duration,
     /// v1: create the database and the retention policy on start-up (and again after a 404).
     #[serde(default)]
     pub create_database: bool,
     /// v1: how long the created retention policy keeps data (`0s`: forever).
-    #[serde(default = "default_retention", with = "humantime_serde")]
+    #[serde(default = "default_retention", with = "metricsd_plugin_api::duration")]
     pub retention_duration: Duration,
     /// How long to wait before retrying after 401, 403 or 404 (a configuration problem).
-    #[serde(default = "default_auth_retry", with = "humantime_serde")]
+    #[serde(default = "default_auth_retry", with = "metricsd_plugin_api::duration")]
     pub config_error_retry: Duration,
     /// A PEM file of CA certificates to trust instead of the bundled web roots (https).
     pub tls_ca_file: Option<PathBuf>,

@@ -38,7 +38,10 @@ pub struct Config {
     #[serde(default = "default_path")]
     pub path: String,
     /// A series not updated for this long is removed.
-    #[serde(default = "default_stale_after", with = "humantime_serde")]
+    #[serde(
+        default = "default_stale_after",
+        with = "metricsd_plugin_api::duration"
+    )]
     pub stale_after: Duration,
     /// Answer with OpenMetrics when the scraper's `Accept` asks for it.
     #[serde(default = "yes")]

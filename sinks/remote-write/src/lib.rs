@@ -56,20 +56,26 @@ pub struct Config {
     #[serde(default = "default_max_samples")]
     pub max_samples_per_request: usize,
     /// Timeout of one HTTP request.
-    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_request_timeout",
+        with = "metricsd_plugin_api::duration"
+    )]
     pub request_timeout: Duration,
     /// Send metric metadata (type, help, unit) with the series.
     #[serde(default = "yes")]
     pub send_metadata: bool,
     /// How often a family's metadata is sent again.
-    #[serde(default = "default_metadata_interval", with = "humantime_serde")]
+    #[serde(
+        default = "default_metadata_interval",
+        with = "metricsd_plugin_api::duration"
+    )]
     pub metadata_interval: Duration,
     /// Keep the points and retry after 401 and 403 (refused credentials) instead of dropping
     /// them as the specification says for every 4xx.
     #[serde(default = "yes")]
     pub retry_on_auth_error: bool,
     /// How long to wait before retrying after 401 or 403.
-    #[serde(default = "default_auth_retry", with = "humantime_serde")]
+    #[serde(default = "default_auth_retry", with = "metricsd_plugin_api::duration")]
     pub auth_error_retry: Duration,
     /// A PEM file of CA certificates to trust instead of the bundled web roots (https).
     pub tls_ca_file: Option<PathBuf>,

@@ -208,6 +208,13 @@ fn clean_env(cmd: &mut Command) {
                 "GPU_COLLECTION_INTERVAL",
                 "TIMESERIES_BACKEND",
                 "GPU_DISCOVERY_HOST",
+                "INFLUXDB_URL",
+                "INFLUXDB_DATABASE",
+                "INFLUXDB_USERNAME",
+                "INFLUXDB_PASSWORD",
+                "INFLUXDB_ORG",
+                "INFLUXDB_BUCKET",
+                "INFLUXDB_TOKEN",
             ]
             .contains(&k.as_str())
         {
@@ -295,6 +302,12 @@ impl Agent {
         Self::start_command(binary, work, prefix, config, env, &[])
     }
 
+    /// Starts `metricsd run` without a config file (the built-in default and the environment);
+    /// the listeners go to loopback ports through `METRICSD_HTTP__*`.
+    pub fn start_without_config(work: &Workdir, env: &[(&str, &str)]) -> Result<Agent> {
+        Self::start_with(&binary(), work, "", None, env, &[])
+    }
+
     fn start_command(
         binary: &Path,
         work: &Workdir,
@@ -303,16 +316,29 @@ impl Agent {
         env: &[(&str, &str)],
         wrapper: &[String],
     ) -> Result<Agent> {
+        Self::start_with(binary, work, prefix, Some(config), env, wrapper)
+    }
+
+    fn start_with(
+        binary: &Path,
+        work: &Workdir,
+        prefix: &str,
+        config: Option<&str>,
+        env: &[(&str, &str)],
+        wrapper: &[String],
+    ) -> Result<Agent> {
         let health_port = free_port();
         let metrics_port = free_port();
-        let text = config
-            .replace("{health}", &health_port.to_string())
-            .replace("{metrics}", &metrics_port.to_string());
-        let config_path = if prefix.is_empty() {
-            work.write("metricsd.toml", text)
-        } else {
-            work.write(&format!("{prefix}toml"), text)
-        };
+        let config_path = config.map(|config| {
+            let text = config
+                .replace("{health}", &health_port.to_string())
+                .replace("{metrics}", &metrics_port.to_string());
+            if prefix.is_empty() {
+                work.write("metricsd.toml", text)
+            } else {
+                work.write(&format!("{prefix}toml"), text)
+            }
+        });
         let stdout_path = work.path(&format!("{prefix}stdout.log"));
         let stderr_path = work.path(&format!("{prefix}stderr.log"));
         let mut cmd = match wrapper.split_first() {
@@ -323,15 +349,26 @@ impl Agent {
             }
             None => Command::new(binary),
         };
-        cmd.arg("-c")
-            .arg(&config_path)
-            .arg("run")
+        if let Some(path) = &config_path {
+            cmd.arg("-c").arg(path);
+        }
+        cmd.arg("run")
             .current_dir(work.dir.path())
             .stdin(Stdio::null())
             .stdout(fs::File::create(&stdout_path)?)
             .stderr(fs::File::create(&stderr_path)?);
         clean_env(&mut cmd);
         cmd.env("NO_COLOR", "1");
+        if config_path.is_none() {
+            cmd.env(
+                "METRICSD_HTTP__HEALTH_LISTEN",
+                format!("127.0.0.1:{health_port}"),
+            )
+            .env(
+                "METRICSD_HTTP__METRICS_LISTEN",
+                format!("127.0.0.1:{metrics_port}"),
+            );
+        }
         cmd.envs(env.iter().copied());
         let child = cmd.spawn().context("spawn metricsd")?;
         Ok(Agent {

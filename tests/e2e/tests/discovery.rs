@@ -13,6 +13,7 @@ use metricsd_discovery_proto::{
     Gpu, GpuDiscovery, GpuDiscoveryServer, GpuEvent, ListGpusRequest, ListGpusResponse,
     WatchGpusRequest,
 };
+use metricsd_e2e::servers::InfluxServer;
 use metricsd_e2e::{
     build, free_port, http_get, root, rss_kib, series_value, wait_for, Agent, Workdir,
 };
@@ -570,6 +571,85 @@ fn a_stream_of_bad_events_is_counted_and_logged_once_not_per_event() {
     );
     assert!(log.len() < 64 * 1024, "{} bytes of log", log.len());
     assert!(agent.is_running());
+    let status = agent.terminate().expect("terminate");
+    assert!(status.success());
+}
+
+/// The environment the agent this one replaces ran with in production, and no config file:
+/// the built-in default (system, NVML, Prometheus) changed by the operator variables, against
+/// a real InfluxDB and a real discovery server. Only the addresses differ (loopback ports).
+#[test]
+fn the_seed_production_environment_runs_without_a_config_file() {
+    let dir = build();
+    let work = Workdir::new();
+    let influx = InfluxServer::start(&work, false).expect("influxd");
+    let port = free_port();
+    let inventory = work.write("inventory.toml", inventory_text("idle"));
+    let _server = DiscoveryServer::start(&work, port, &inventory);
+    // The simulator where the driver's NVML library would be.
+    let lib = work.path("nvidia");
+    std::fs::create_dir_all(&lib).expect("dir");
+    std::os::unix::fs::symlink(dir.join("libnvml_sim.so"), lib.join("libnvidia-ml.so.1"))
+        .expect("symlink");
+    let influx_url = format!("http://127.0.0.1:{}", influx.port);
+    let discovery = format!("127.0.0.1:{port}");
+    let scenario = scenario();
+    let lib = lib.display().to_string();
+    let mut agent = Agent::start_without_config(
+        &work,
+        &[
+            ("PROMETHEUS_ENABLED", "true"),
+            ("GPU_COLLECTION_INTERVAL", "5"),
+            ("TIMESERIES_BACKEND", "influxdb"),
+            ("GPU_DISCOVERY_HOST", &discovery),
+            ("LOG_LEVEL", "INFO"),
+            ("INFLUXDB_URL", &influx_url),
+            ("LD_LIBRARY_PATH", &lib),
+            ("NVML_SIM_SCENARIO", &scenario),
+        ],
+    )
+    .expect("start");
+    agent
+        .wait_ready()
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    // Prometheus: the GPUs, with the discovery service's labels joined on.
+    let line = wait_for("an enriched GPU series", Duration::from_secs(30), || {
+        // (The first NVML collection may precede the service's first answer: its unlabelled
+        // series stay until the sink's stale_after.)
+        scrape(&agent)
+            .lines()
+            .find(|l| l.starts_with("gpu_up{") && l.contains("gpu_id=\"net-gpu-0\""))
+            .map(str::to_string)
+    })
+    .unwrap_or_else(|e| {
+        let body = scrape(&agent);
+        let gpu: Vec<&str> = body.lines().filter(|l| l.starts_with("gpu_")).collect();
+        panic!("{e}\n{}\n{}", gpu.join("\n"), agent.stderr())
+    });
+    assert!(line.contains("rental=\"idle\""), "{line}");
+    // InfluxDB: the default database, created with the 30-day retention policy, holds them.
+    let rows = wait_for("GPU points in InfluxDB", Duration::from_secs(30), || {
+        influx
+            .rows(
+                "metricsd",
+                "SELECT * FROM \"metricsd\".\"metricsd\".\"gpu\" WHERE \"gpu_id\" = 'net-gpu-0'",
+            )
+            .ok()
+            .filter(|rows| rows.iter().any(|r| r["up"] == 1.0))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert!(rows.iter().all(|r| r["rental"] == "idle"), "{rows:?}");
+    let policies = influx
+        .rows("", "SHOW RETENTION POLICIES ON \"metricsd\"")
+        .expect("policies");
+    assert!(
+        policies
+            .iter()
+            .any(|p| p["name"] == "metricsd" && p["duration"] == "720h0m0s"),
+        "{policies:?}"
+    );
+    let logs = agent.stderr();
+    assert!(!logs.contains("ERROR"), "{logs}");
     let status = agent.terminate().expect("terminate");
     assert!(status.success());
 }

@@ -1022,3 +1022,66 @@ fn running_out_of_descriptors_shows_in_process_metrics_and_health() {
     let status = agent.terminate().expect("terminate");
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn careless_intervals_durations_and_variables_are_refused_and_named() {
+    let work = Workdir::new();
+    let base = "[http]\nhealth_listen = \"127.0.0.1:0\"\nmetrics_listen = \"\"\n[[collectors]]\nname = \"hi\"\nplugin = \"hello\"\n[[sinks]]\nname = \"out\"\nplugin = \"stdout\"\n";
+    let text = |out: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    // In the file: refused by check and by run, naming the key.
+    for (i, (agent_keys, expected)) in [
+        (
+            "interval = \"1ns\"",
+            ["agent.interval", "shortest interval, 100ms"],
+        ),
+        (
+            "timeout = \"300000000000years\"",
+            ["agent.timeout", "longer than the longest duration"],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cfg = work.write(
+            &format!("c{i}.toml"),
+            format!("[agent]\n{agent_keys}\n{base}"),
+        );
+        let cfg = cfg.to_str().expect("path");
+        for command in ["check", "run"] {
+            let out = work.metricsd(&["-c", cfg, command], &[]);
+            let t = text(&out);
+            assert_eq!(out.status.code(), Some(2), "{agent_keys} {command}: {t}");
+            for e in expected {
+                assert!(t.contains(e), "{agent_keys} {command}: `{e}` not in {t}");
+            }
+            assert!(!t.contains("panicked"), "{t}");
+        }
+    }
+    // With no file: the operator variables are named, not the keys they set.
+    for (var, value) in [
+        ("GPU_COLLECTION_INTERVAL", "0"),
+        ("TIMESERIES_BACKEND", "a;b"),
+        ("GPU_DISCOVERY_HOST", "host:99999"),
+        ("TIMESERIES_BACKEND", "influx"),
+    ] {
+        let out = work.metricsd(&["check"], &[(var, value)]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {t}");
+        assert!(t.contains(var), "{var}={value}: {t}");
+    }
+    // Valid but useless: a sink that no route reaches, two sinks on one path.
+    let cfg = work.write(
+        "routes.toml",
+        format!("{base}[[sinks]]\nname = \"p1\"\nplugin = \"prometheus\"\n[[sinks]]\nname = \"p2\"\nplugin = \"prometheus\"\n[[routes]]\nfrom = [\"hi\"]\nto = [\"p1\", \"p2\"]\n"),
+    );
+    let out = work.metricsd(&["-c", cfg.to_str().expect("path"), "check"], &[]);
+    let t = text(&out);
+    assert!(t.contains("warning: sink `out` is in no [[routes]]"), "{t}");
+    assert!(t.contains("`p1` and `p2` both serve /metrics"), "{t}");
+}

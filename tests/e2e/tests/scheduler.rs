@@ -198,7 +198,7 @@ fn a_failing_collector_backs_off_and_a_required_one_fails_health() {
 fn invalid_samples_are_counted_every_time_and_logged_when_they_start_and_end() {
     let work = Workdir::new();
     let config = format!(
-        "{HELLO_EVERY_200MS}\n[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\ninterval = \"50ms\"\n[collectors.config]\ninvalid_sample = true\ninvalid_until = 60\n"
+        "{HELLO_EVERY_200MS}\n[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\ninterval = \"100ms\"\n[collectors.config]\ninvalid_sample = true\ninvalid_until = 60\n"
     );
     let mut agent = Agent::start(&work, &config, &[]).expect("start");
     agent.wait_ready().expect("ready");
@@ -217,7 +217,7 @@ fn invalid_samples_are_counted_every_time_and_logged_when_they_start_and_end() {
         },
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
-    // 60 collections with an invalid sample in 3 s: one line when it started (the summary
+    // 60 collections with an invalid sample in 6 s: one line when it started (the summary
     // would come after a minute), one when it ended; the counter has every one.
     let logs = agent.stderr();
     assert_eq!(logs.matches("invalid samples:").count(), 1, "{logs}");
