@@ -67,50 +67,50 @@ fn reread(file: &mut Option<File>) -> Option<Vec<u8>> {
     Some(text)
 }
 
-fn opts(name: &str, help: &str) -> Opts {
-    Opts::new(name, help)
+/// A metric whose definition is a constant, so creating it cannot fail.
+fn metric<M>(new: fn(Opts) -> prometheus::Result<M>, name: &str, help: &str) -> M {
+    new(Opts::new(name, help)).expect("valid metric definition")
 }
 
 impl ProcessMetrics {
     /// The metrics, with the start time read once.
     pub fn new() -> Self {
-        // The definitions are constants: creating them cannot fail.
         let m = Self {
-            cpu: Counter::with_opts(opts(
+            cpu: metric(
+                Counter::with_opts,
                 "process_cpu_seconds_total",
                 "Total user and system CPU time spent in seconds.",
-            ))
-            .expect("valid metric definition"),
-            resident: IntGauge::with_opts(opts(
+            ),
+            resident: metric(
+                IntGauge::with_opts,
                 "process_resident_memory_bytes",
                 "Resident memory size in bytes.",
-            ))
-            .expect("valid metric definition"),
-            virtual_memory: IntGauge::with_opts(opts(
+            ),
+            virtual_memory: metric(
+                IntGauge::with_opts,
                 "process_virtual_memory_bytes",
                 "Virtual memory size in bytes.",
-            ))
-            .expect("valid metric definition"),
-            open_fds: IntGauge::with_opts(opts(
+            ),
+            open_fds: metric(
+                IntGauge::with_opts,
                 "process_open_fds",
                 "Number of open file descriptors.",
-            ))
-            .expect("valid metric definition"),
-            max_fds: IntGauge::with_opts(opts(
+            ),
+            max_fds: metric(
+                IntGauge::with_opts,
                 "process_max_fds",
                 "Maximum number of open file descriptors (the soft limit).",
-            ))
-            .expect("valid metric definition"),
-            start_time: Gauge::with_opts(opts(
+            ),
+            start_time: metric(
+                Gauge::with_opts,
                 "process_start_time_seconds",
                 "Start time of the process since unix epoch in seconds.",
-            ))
-            .expect("valid metric definition"),
-            threads: IntGauge::with_opts(opts(
+            ),
+            threads: metric(
+                IntGauge::with_opts,
                 "process_threads",
                 "Number of OS threads in the process.",
-            ))
-            .expect("valid metric definition"),
+            ),
             files: Mutex::new(Files::open()),
         };
         if let (Ok(me), Ok(boot)) = (procfs::process::Process::myself(), procfs::boot_time_secs()) {
