@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use abi_stable::std_types::{ROption, RString, RVec};
 use globset::{Glob, GlobSet, GlobSetBuilder};
-use metricsd_plugin_api::{Batch, Label};
+use metricsd_plugin_api::{Batch, Label, MetricKind};
 
 use crate::aggregate::Aggregator;
 use crate::config::{
@@ -224,6 +224,47 @@ pub struct Pipeline {
     telemetry: Arc<Telemetry>,
     enrichers: Vec<Enricher>,
     aggregators: Vec<Aggregator>,
+    /// Every family seen, by its exposition name (see [`exposition_name`]): the first
+    /// declaration of a name wins, a later one that clashes with it is refused.
+    families: std::sync::Mutex<HashMap<String, (String, MetricKind)>>,
+}
+
+/// The names a family takes in the expositions, which Prometheus's formats must agree on: its
+/// OpenMetrics family name (counters without `_total`, info families without `_info`) and its
+/// sample name (with them). Two families that share one of these names (a counter `hx_total`
+/// and a gauge `hx` or `hx_total`) cannot both be served.
+fn exposition_names(name: &str, kind: MetricKind) -> [String; 2] {
+    let with = |suffix: &str| match name.strip_suffix(suffix) {
+        Some(base) => [base.to_string(), name.to_string()],
+        None => [name.to_string(), format!("{name}{suffix}")],
+    };
+    match kind {
+        MetricKind::COUNTER => with("_total"),
+        MetricKind::INFO => with("_info"),
+        _ => [name.to_string(), name.to_string()],
+    }
+}
+
+/// Own labels that repeat an agent-wide (common) label name win over it, in every sink: the
+/// common label moves into the label sets that do not have their own.
+fn resolve_common_clashes(batch: &mut Batch) {
+    let clashing: Vec<usize> = (0..batch.common_labels.len())
+        .filter(|&i| {
+            let name = &batch.common_labels[i].name;
+            batch
+                .label_sets
+                .iter()
+                .any(|set| set.iter().any(|l| &l.name == name))
+        })
+        .collect();
+    for &i in clashing.iter().rev() {
+        let common = batch.common_labels.remove(i);
+        for set in batch.label_sets.iter_mut() {
+            if !set.iter().any(|l| l.name == common.name) {
+                set.push(common.clone());
+            }
+        }
+    }
 }
 
 /// Keeps only the families whose `keep` entry is true, re-indexing the samples.
@@ -253,6 +294,27 @@ fn retain_families(batch: &mut Batch, keep: &[bool]) {
 
 /// Removes invalid samples; returns how many and the first reason. Names are checked once
 /// per family and once per label set, not per sample.
+/// What makes a label set unusable in every sink: a name that is not a label name, a name
+/// beginning with `__` (reserved: Prometheus refuses a whole scrape with `__name__` in it), or a
+/// name given twice.
+fn label_problem(set: &[Label]) -> Option<String> {
+    for (i, l) in set.iter().enumerate() {
+        if !is_label_name(&l.name) {
+            return Some(format!("invalid label name `{}`", l.name));
+        }
+        if l.name.starts_with("__") {
+            return Some(format!(
+                "reserved label name `{}` (names beginning with __ are Prometheus's own)",
+                l.name
+            ));
+        }
+        if set[..i].iter().any(|other| other.name == l.name) {
+            return Some(format!("label `{}` given twice in one series", l.name));
+        }
+    }
+    None
+}
+
 fn validate(batch: &mut Batch) -> (usize, Option<String>) {
     let mut first_reason: Option<String> = None;
     let mut note = |reason: String| {
@@ -274,16 +336,19 @@ fn validate(batch: &mut Batch) -> (usize, Option<String>) {
     let set_ok: Vec<bool> = batch
         .label_sets
         .iter()
-        .map(|set| match set.iter().find(|l| !is_label_name(&l.name)) {
-            Some(bad) => {
-                note(format!("invalid label name `{}`", bad.name));
+        .map(|set| match label_problem(set) {
+            Some(problem) => {
+                note(problem);
                 false
             }
             None => true,
         })
         .collect();
     let common_len = batch.common_labels.len();
-    batch.common_labels.retain(|l| is_label_name(&l.name));
+    let mut seen = std::collections::HashSet::new();
+    batch.common_labels.retain(|l| {
+        is_label_name(&l.name) && !l.name.starts_with("__") && seen.insert(l.name.clone())
+    });
     let mut dropped = common_len - batch.common_labels.len();
     if dropped > 0 {
         note("invalid common label name".to_string());
@@ -362,7 +427,63 @@ impl Pipeline {
                 .iter()
                 .map(|a| Aggregator::new(a, config.agent.labels.keys().cloned().collect()))
                 .collect(),
+            families: std::sync::Mutex::default(),
         }
+    }
+
+    /// Refuses the families of `batch` whose exposition name another family already has
+    /// with another name or kind (in this batch or an earlier one of any source); returns the
+    /// samples dropped and why.
+    fn refuse_clashes(&self, batch: &mut Batch) -> (usize, Option<String>) {
+        let mut known = self.families.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reason = None;
+        let keep: Vec<bool> = batch
+            .families
+            .iter()
+            .map(|f| {
+                let names = exposition_names(&f.name, f.kind);
+                let owner = names.iter().find_map(|n| {
+                    known
+                        .get(n)
+                        .filter(|(name, kind)| name.as_str() != f.name.as_str() || *kind != f.kind)
+                        .map(|owner| (n, owner))
+                });
+                if let Some((shared, (name, kind))) = owner {
+                    reason.get_or_insert_with(|| {
+                        format!(
+                            "family `{}` ({}) clashes with `{name}` ({}) declared first: both would be named `{shared}` in the exposition",
+                            f.name,
+                            f.kind.as_str(),
+                            kind.as_str()
+                        )
+                    });
+                    return false;
+                }
+                for n in names {
+                    known
+                        .entry(n)
+                        .or_insert_with(|| (f.name.to_string(), f.kind));
+                }
+                true
+            })
+            .collect();
+        drop(known);
+        if keep.iter().all(|k| *k) {
+            return (0, None);
+        }
+        let refused: std::collections::HashSet<u32> = keep
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| !**k)
+            .map(|(i, _)| i as u32)
+            .collect();
+        let dropped = batch
+            .samples
+            .iter()
+            .filter(|s| refused.contains(&s.family))
+            .count();
+        retain_families(batch, &keep);
+        (dropped, reason)
     }
 
     /// The shortest aggregation window, if any aggregate is configured.
@@ -390,7 +511,17 @@ impl Pipeline {
 
     /// Validates, relabels and labels a batch in place; returns the number of valid samples.
     pub fn prepare(&self, source: &str, batch: &mut Batch) -> usize {
-        let (invalid, reason) = validate(batch);
+        let (mut invalid, mut reason) = validate(batch);
+        if batch.timestamp_ms.is_none() {
+            batch.timestamp_ms = ROption::RSome(now_ms());
+        }
+        for rule in self.rules.iter().filter(|r| r.applies_to(source)) {
+            self.apply(rule, batch);
+        }
+        // With the final names (after renames).
+        let (clashing, why) = self.refuse_clashes(batch);
+        invalid += clashing;
+        reason = reason.or(why);
         if invalid > 0 {
             Event::InvalidSamples {
                 collector: source,
@@ -400,12 +531,6 @@ impl Pipeline {
             .emit(&self.telemetry);
         } else {
             self.telemetry.valid_samples(source);
-        }
-        if batch.timestamp_ms.is_none() {
-            batch.timestamp_ms = ROption::RSome(now_ms());
-        }
-        for rule in self.rules.iter().filter(|r| r.applies_to(source)) {
-            self.apply(rule, batch);
         }
         for e in &self.enrichers {
             if e.config.info == source {
@@ -420,6 +545,7 @@ impl Pipeline {
                 batch.common_labels.push(label.clone());
             }
         }
+        resolve_common_clashes(batch);
         batch.samples.len()
     }
 
@@ -792,6 +918,101 @@ collectors = ["gpu"]
             .telemetry
             .render_text()
             .contains("metricsd_collector_invalid_samples_total{collector=\"c\"} 2"));
+    }
+
+    #[test]
+    fn reserved_and_repeated_label_names_are_refused() {
+        let (p, _) = pipeline("", &[]);
+        let mut b = BatchBuilder::new();
+        let value = b.gauge("tk_value", "", "");
+        b.sample(value, &[("series", "1")], 1.0);
+        b.sample(value, &[("__name__", "x")], 2.0);
+        b.sample(value, &[("__meta", "x")], 3.0);
+        b.sample(value, &[("a", "1"), ("b", "2"), ("a", "3")], 4.0);
+        let mut batch = b.finish();
+        batch.common_labels.push(Label::new("__job", "x"));
+        batch.common_labels.push(Label::new("zone", "a"));
+        batch.common_labels.push(Label::new("zone", "b"));
+        assert_eq!(p.prepare("c", &mut batch), 1);
+        let names: Vec<&str> = batch
+            .common_labels
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect();
+        assert_eq!(names, ["zone"]);
+        assert_eq!(batch.common_labels[0].value, "a");
+        // Three samples, and the two common labels dropped (counted with them).
+        let text = p.telemetry.render_text();
+        assert!(
+            text.contains("metricsd_collector_invalid_samples_total{collector=\"c\"} 5"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn families_whose_exposition_names_clash_are_refused_after_the_first() {
+        let (p, _) = pipeline("", &[]);
+        let mut b = BatchBuilder::new();
+        let total = b.counter("hx_total", "", "");
+        let gauge = b.gauge("hx", "", "");
+        let info = b.info("gpu_info", "");
+        b.sample(total, &[], 1.0);
+        b.sample(gauge, &[], 2.0);
+        b.sample(info, &[("gpu", "0")], 1.0);
+        let mut batch = b.finish();
+        assert_eq!(p.prepare("a", &mut batch), 2);
+        let names: Vec<&str> = batch.families.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["hx_total", "gpu_info"]);
+        // Another source: the same family merges; a gauge `gpu` clashes with the info family.
+        let mut b = BatchBuilder::new();
+        let same = b.counter("hx_total", "", "");
+        let other = b.gauge("gpu", "", "");
+        b.sample(same, &[("x", "1")], 1.0);
+        b.sample(other, &[], 1.0);
+        let mut batch = b.finish();
+        assert_eq!(p.prepare("b", &mut batch), 1);
+        assert_eq!(batch.families.len(), 1);
+        // A gauge under the counter's sample name.
+        let mut b = BatchBuilder::new();
+        let retyped = b.gauge("hx_total", "", "");
+        b.sample(retyped, &[], 1.0);
+        let mut batch = b.finish();
+        assert_eq!(p.prepare("b", &mut batch), 0);
+        let text = p.telemetry.render_text();
+        assert!(
+            text.contains("metricsd_collector_invalid_samples_total{collector=\"a\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("metricsd_collector_invalid_samples_total{collector=\"b\"} 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_own_label_wins_over_a_common_one_of_the_same_name_in_the_batch_itself() {
+        let (p, _) = pipeline("[agent]\nlabels = { node_id = \"n1\", gpu = \"x\" }\n", &[]);
+        let mut b = BatchBuilder::new();
+        let temp = b.gauge("t", "", "");
+        b.sample(temp, &[("gpu", "0")], 1.0);
+        b.sample(temp, &[("pid", "1")], 1.0);
+        let mut batch = b.finish();
+        p.prepare("gpu", &mut batch);
+        // No sink sees a name twice: `gpu` moved from the common labels into the set without it.
+        let names: Vec<&str> = batch
+            .common_labels
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect();
+        assert_eq!(names, ["node_id"]);
+        let of = |i: usize| -> Vec<String> {
+            batch
+                .labels_of(&batch.samples[i])
+                .map(|l| format!("{}={}", l.name, l.value))
+                .collect()
+        };
+        assert_eq!(of(0), ["gpu=0", "node_id=n1"]);
+        assert_eq!(of(1), ["pid=1", "gpu=x", "node_id=n1"]);
     }
 
     #[test]

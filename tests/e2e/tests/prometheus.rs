@@ -392,3 +392,59 @@ fn prometheus_scrapes_over_tls_with_basic_auth() {
     assert!(agent.is_running());
     assert!(!agent.stderr().contains("s3cret"));
 }
+
+#[test]
+fn a_reserved_label_or_a_clashing_family_costs_its_samples_not_the_scrape() {
+    let work = Workdir::new();
+    let config = agent_config("", "").replace(
+        "labels = { weird",
+        "reserved_label = true\nclashing_family = true\nlabels = { weird",
+    );
+    assert!(config.contains("clashing_family = true"), "{config}");
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let prometheus = PrometheusServer::start(
+        &work,
+        &format!(
+            "  - job_name: metricsd\n    scrape_interval: 1s\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            agent.metrics_port
+        ),
+    )
+    .expect("prometheus");
+    // Prometheus refuses a whole scrape over one `__name__` label or two TYPE lines for one
+    // OpenMetrics family: the agent refuses those samples instead, and the scrape is kept.
+    let up = wait_for("a scrape", Duration::from_secs(30), || {
+        prometheus
+            .query("up{job=\"metricsd\"}")
+            .ok()
+            .filter(|r| !r.is_empty())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", prometheus.log()));
+    assert_eq!(up[0]["value"][1], "1", "{up:?}\n{:?}", prometheus.targets());
+    for q in [
+        "node_load1",
+        "testkit_calls_total",
+        "testkit_value{series=\"1\"}",
+    ] {
+        wait_for(q, Duration::from_secs(30), || {
+            prometheus.query(q).ok().filter(|r| !r.is_empty())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    }
+    assert!(
+        prometheus.query("testkit_calls").expect("query").is_empty(),
+        "the clashing gauge is not served"
+    );
+    let body = scrape(&agent);
+    assert!(!body.contains("__name__"), "{body}");
+    let invalid = agent
+        .stat("metricsd_collector_invalid_samples_total{collector=\"weird\"}")
+        .unwrap_or(0.0);
+    assert!(invalid >= 2.0, "counted: {invalid}");
+    let logs = agent.stderr();
+    assert!(
+        logs.contains("reserved label name `__name__`")
+            || logs.contains("clashes with `testkit_calls_total`"),
+        "{logs}"
+    );
+}

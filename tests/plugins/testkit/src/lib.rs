@@ -39,6 +39,13 @@ pub struct Config {
     pub invalid_sample: bool,
     /// Emit the invalid sample only up to this call.
     pub invalid_until: Option<u64>,
+    /// Also emit a sample with the reserved label name `__name__`.
+    #[serde(default)]
+    pub reserved_label: bool,
+    /// Also emit a gauge `testkit_calls`, which clashes with the counter `testkit_calls_total`
+    /// in the OpenMetrics exposition.
+    #[serde(default)]
+    pub clashing_family: bool,
     /// Also emit `testkit_nan` (NaN) and `testkit_inf` (+Inf), for sinks whose protocol has
     /// no such values.
     #[serde(default)]
@@ -169,6 +176,13 @@ impl Testkit {
         }
         if self.config.invalid_sample && self.config.invalid_until.is_none_or(|last| call <= last) {
             out.sample(value, &[("bad label", "x")], 1.0);
+        }
+        if self.config.reserved_label {
+            out.sample(value, &[("__name__", "testkit_other")], 1.0);
+        }
+        if self.config.clashing_family {
+            let clash = out.gauge("testkit_calls", "Clashes with testkit_calls_total.", "");
+            out.sample(clash, &[], call as f64);
         }
         if self.config.non_finite {
             let nan = out.gauge("testkit_nan", "Always NaN.", "");
