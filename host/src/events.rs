@@ -25,6 +25,7 @@ pub struct Telemetry {
     sink_queue: IntGaugeVec,
     sink_queue_capacity: IntGaugeVec,
     sink_dropped: IntCounterVec,
+    sink_altered: IntCounterVec,
     spool_errors: IntCounterVec,
     spool_corrupt: IntCounterVec,
     sink_write_errors: IntCounterVec,
@@ -98,6 +99,7 @@ impl Telemetry {
             sink_queue: int_gauge(&r, "metricsd_sink_queue_samples", "Samples waiting in the sink's queue.", &s),
             sink_queue_capacity: int_gauge(&r, "metricsd_sink_queue_capacity_samples", "Capacity of the sink's queue.", &s),
             sink_dropped: counter(&r, "metricsd_sink_dropped_samples_total", "Samples the sink lost, by reason (queue_full, rejected, invalid, disabled, shutdown, spool_unreadable).", &["sink", "reason"]),
+            sink_altered: counter(&r, "metricsd_sink_altered_samples_total", "Samples the sink wrote with a label changed or left out because its protocol cannot carry it as it is.", &s),
             spool_errors: counter(&r, "metricsd_sink_spool_errors_total", "Batches the disk spool could not take (kept in memory instead).", &s),
             spool_corrupt: counter(&r, "metricsd_sink_spool_corrupt_bytes_total", "Bytes of torn or corrupt spool records skipped at start-up.", &s),
             sink_write_errors: counter(&r, "metricsd_sink_write_errors_total", "Failed writes by kind (transient, rejected, fatal, config, panic, timeout).", &["sink", "kind"]),
@@ -208,6 +210,7 @@ impl Telemetry {
         self.sink_writes.with_label_values(&[name]);
         self.sink_samples.with_label_values(&[name]);
         self.sink_dropped.with_label_values(&[name, "queue_full"]);
+        self.sink_altered.with_label_values(&[name]);
     }
 
     /// Sets the queue depth gauge.
@@ -420,6 +423,17 @@ pub enum Event<'a> {
         /// Samples.
         samples: usize,
     },
+    /// A sink wrote samples with a label changed or left out (logged like a drop report).
+    SinkReportedAltered {
+        /// Sink.
+        sink: &'a str,
+        /// Samples.
+        samples: usize,
+        /// The sink's explanation.
+        why: &'a str,
+        /// Whether this cause was seen before.
+        repeated: bool,
+    },
     /// A sink reported samples of a write it delivered otherwise (the server refused some
     /// lines, some values cannot be encoded). Logged at warn the first time per sink, reason
     /// and cause, then at debug: the counter has every one.
@@ -629,6 +643,25 @@ impl Event<'_> {
                 t.sink_up.with_label_values(&[sink, plugin]).set(0);
                 t.sink_write_errors.with_label_values(&[sink, kind]).inc();
                 tracing::warn!(sink, plugin, kind, "write failed: {message}");
+            }
+            Event::SinkReportedAltered {
+                sink,
+                samples,
+                why,
+                repeated,
+            } => {
+                t.sink_altered
+                    .with_label_values(&[sink])
+                    .inc_by(samples as u64);
+                if repeated {
+                    tracing::debug!(sink, samples, "samples altered: {why}");
+                } else {
+                    tracing::warn!(
+                        sink,
+                        samples,
+                        "samples written with a label changed: {why} (counted in metricsd_sink_altered_samples_total; logged again only at debug level)"
+                    );
+                }
             }
             Event::SinkReportedDrop {
                 sink,

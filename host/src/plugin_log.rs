@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use abi_stable::std_types::RStr;
 use metricsd_plugin_api::abi::HostLogger;
-use metricsd_plugin_api::log::{parse_dropped, parse_status, DROPPED_TARGET, STATUS_TARGET};
+use metricsd_plugin_api::log::{
+    parse_altered, parse_dropped, parse_status, ALTERED_TARGET, DROPPED_TARGET, STATUS_TARGET,
+};
 use metricsd_plugin_api::LogLevel;
 use tracing::level_filters::LevelFilter;
 
@@ -78,6 +80,30 @@ extern "C" fn log_from_plugin(
                         reason = reason.as_str(),
                         "samples dropped: {why}"
                     ),
+                }
+                return;
+            }
+        }
+        if target == ALTERED_TARGET {
+            if let Some((samples, why)) = parse_altered(message) {
+                let cause: String = why.chars().take_while(|c| !c.is_ascii_digit()).collect();
+                let repeated = !SEEN
+                    .lock()
+                    .map(|mut seen| {
+                        seen.len() < SEEN_MAX
+                            && seen.insert((instance.to_string(), "altered", cause))
+                    })
+                    .unwrap_or(true);
+                let event = Event::SinkReportedAltered {
+                    sink: instance,
+                    samples,
+                    why,
+                    repeated,
+                };
+                let telemetry = TELEMETRY.read().unwrap_or_else(|p| p.into_inner()).clone();
+                match telemetry.as_ref() {
+                    Some(t) => event.emit(t),
+                    None => tracing::warn!(instance, samples, "samples altered: {why}"),
                 }
                 return;
             }

@@ -74,6 +74,7 @@ impl Subscriber for ForwardingSubscriber {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
         // Drop and status reports reach the host whatever its log level.
         metadata.target() == DROPPED_TARGET
+            || metadata.target() == ALTERED_TARGET
             || metadata.target() == STATUS_TARGET
             || level_of(metadata.level()) <= self.logger.max_level
     }
@@ -147,6 +148,25 @@ pub fn report_dropped(samples: usize, reason: DropReason, why: &str) {
     if samples > 0 {
         tracing::warn!(target: "metricsd::dropped", "{samples} {} {why}", reason.as_str());
     }
+}
+
+/// The `tracing` target of an alteration report: the host counts it; see [`report_altered`].
+pub const ALTERED_TARGET: &str = "metricsd::altered";
+
+/// Reports that a sink delivered `samples` of the batch it was writing with a label changed or
+/// left out, because its protocol cannot carry the label as it is (a line break in an InfluxDB
+/// tag value, for example). The samples were written, not dropped. The host adds them to
+/// `metricsd_sink_altered_samples_total` and logs the cause, whatever the log level.
+pub fn report_altered(samples: usize, why: &str) {
+    if samples > 0 {
+        tracing::warn!(target: "metricsd::altered", "{samples} {why}");
+    }
+}
+
+/// Parses an alteration report's message (`"<samples> <why>"`), for the host.
+pub fn parse_altered(message: &str) -> Option<(usize, &str)> {
+    let (samples, why) = message.split_once(' ')?;
+    Some((samples.parse().ok()?, why))
 }
 
 /// The `tracing` target of a status report: the host shows it in `/health`; see

@@ -19,7 +19,7 @@ use metricsd_sink_common::{
     ClientOptions,
 };
 
-use metricsd_plugin_api::log::{report_dropped, DropReason};
+use metricsd_plugin_api::log::{report_altered, report_dropped, DropReason};
 use metricsd_plugin_api::{export_plugin, Batch, Context, Error, Result, Sink};
 use serde::Deserialize;
 
@@ -540,6 +540,12 @@ impl Sink for InfluxSink {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let enc = encode(batch, self.config.layout, self.config.precision, now_ms);
+        if enc.altered > 0 {
+            report_altered(
+                enc.altered,
+                enc.altered_reason.as_deref().unwrap_or("a label changed"),
+            );
+        }
         if enc.skipped > 0 {
             report_dropped(
                 enc.skipped,

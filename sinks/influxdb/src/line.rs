@@ -7,12 +7,18 @@
 //! * field values here are always floats (metricsd samples are `f64`), written in the shortest
 //!   form that reads back as the same number.
 //!
-//! What the protocol cannot carry is refused here, with a reason, rather than sent to be
-//! rejected by the server: NaN and infinite values (line protocol has no float for them), a
-//! newline in a name or label value (it ends the line), a label value ending in a backslash
-//! (InfluxDB 1.x would read it as escaping the delimiter after it), and the key `time`, which
-//! InfluxDB refuses for tags and fields. An empty label value is left out, which is what an
-//! empty label means in Prometheus too.
+//! What the protocol cannot carry is handled here rather than sent to be rejected by the
+//! server (which refuses the whole line). A label is carried as far as it can be, as Telegraf
+//! does: a line break or carriage return in a value is written as the two characters `\n` /
+//! `\r`, and backslashes at the end of a value are removed (InfluxDB 1.x would read one as
+//! escaping the delimiter after it). A label that still cannot be written (a backslash before
+//! a delimiter inside the value, a name that is `time`, empty, or has a line break or such a
+//! backslash) is left out of the line. Either way the sample is written and counted as
+//! *altered*, with the reason. A sample itself is left out (counted as *skipped*) only when it
+//! cannot be written at all: a NaN or infinite value (line protocol has no float for them), a
+//! metric name that cannot be a measurement, or a series key (measurement and tags) longer
+//! than InfluxDB's 65,535 bytes. An empty label value is left out, which is what an empty label
+//! means in Prometheus too.
 
 use std::collections::HashMap;
 
@@ -81,6 +87,10 @@ pub struct Encoded {
     pub skipped: usize,
     /// Why the first of them was left out.
     pub skipped_reason: Option<String>,
+    /// Samples written with a label changed or left out.
+    pub altered: usize,
+    /// Why the first of them was altered.
+    pub altered_reason: Option<String>,
 }
 
 impl Encoded {
@@ -94,6 +104,13 @@ impl Encoded {
     /// Samples in lines `from..to`.
     pub fn samples_in(&self, from: usize, to: usize) -> usize {
         self.lines[from..to].iter().map(|l| l.1).sum()
+    }
+
+    fn alter(&mut self, samples: usize, why: &str) {
+        self.altered += samples;
+        if self.altered_reason.is_none() {
+            self.altered_reason = Some(why.to_string());
+        }
     }
 
     fn skip(&mut self, samples: usize, why: impl FnOnce() -> String) {
@@ -172,22 +189,40 @@ const MEASUREMENT_SPECIAL: &[u8] = b", ";
 const KEY_SPECIAL: &[u8] = b",= ";
 const BACKSLASH_AMBIGUOUS: &[u8] = b",\"= ";
 
-/// The effective labels of a label set (own, then common ones it does not override), sorted
-/// by name as InfluxDB prefers, rendered as `,k=v,k=v`; `Err` when one cannot be written.
-fn render_tags(own: &[Label], common: &[Label]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity((own.len() + common.len()) * 16);
-    render_tags_into(&mut out, &mut Vec::new(), own, common)?;
-    Ok(out)
+/// The longest series key (measurement and tags) InfluxDB accepts.
+pub const MAX_SERIES_KEY: usize = 65_535;
+
+/// A label value as line protocol can carry it: line breaks written as `\n` / `\r`, trailing
+/// backslashes removed; `Err` when a backslash before a delimiter remains (the label is left
+/// out). The flag says whether the value was changed.
+fn carried_value(value: &str) -> Result<(std::borrow::Cow<'_, str>, bool), String> {
+    if unrepresentable("label value", value).is_none() {
+        return Ok((std::borrow::Cow::Borrowed(value), false));
+    }
+    let replaced = value.replace('\n', "\\n").replace('\r', "\\r");
+    let trimmed = replaced.trim_end_matches('\\');
+    match unrepresentable("label value", trimmed) {
+        Some(why) => Err(why),
+        None => Ok((std::borrow::Cow::Owned(trimmed.to_string()), true)),
+    }
 }
 
-/// [`render_tags`] appending to `out`; `scratch` is reused between calls. On error `out` may
-/// hold part of the tags: the caller truncates it.
+/// The effective labels of a label set (own, then common ones it does not override), sorted
+/// by name as InfluxDB prefers, rendered as `,k=v,k=v`, with the reason when a label had to be
+/// changed or left out (see the module's description).
+fn render_tags(own: &[Label], common: &[Label]) -> (Vec<u8>, Option<String>) {
+    let mut out = Vec::with_capacity((own.len() + common.len()) * 16);
+    let altered = render_tags_into(&mut out, &mut Vec::new(), own, common);
+    (out, altered)
+}
+
+/// [`render_tags`] appending to `out`; `scratch` is reused between calls.
 fn render_tags_into<'b>(
     out: &mut Vec<u8>,
     scratch: &mut Vec<&'b Label>,
     own: &'b [Label],
     common: &'b [Label],
-) -> Result<(), String> {
+) -> Option<String> {
     scratch.clear();
     scratch.extend(
         own.iter()
@@ -202,24 +237,45 @@ fn render_tags_into<'b>(
         scratch.sort_by(|a, b| a.name.as_str().cmp(b.name.as_str()));
         scratch.dedup_by(|a, b| a.name == b.name);
     }
+    let mut altered: Option<String> = None;
     for l in scratch.iter() {
-        if l.name.as_str() == "time" {
-            return Err("the label `time` cannot be an InfluxDB tag key".to_string());
+        let name = l.name.as_str();
+        let name_problem = if name == "time" {
+            Some("the label `time` cannot be an InfluxDB tag key (left out)".to_string())
+        } else if name.is_empty() {
+            Some("an empty label name cannot be an InfluxDB tag key (left out)".to_string())
+        } else {
+            unrepresentable("label name", name).map(|why| format!("{why} (left out)"))
+        };
+        if let Some(why) = name_problem {
+            altered.get_or_insert(why);
+            continue;
         }
-        if l.name.is_empty() {
-            return Err("an empty label name cannot be an InfluxDB tag key".to_string());
-        }
-        if let Some(why) = unrepresentable("label name", l.name.as_str())
-            .or_else(|| unrepresentable("label value", l.value.as_str()))
-        {
-            return Err(why);
+        let value = match carried_value(l.value.as_str()) {
+            Ok((value, changed)) => {
+                if changed {
+                    altered.get_or_insert_with(|| {
+                        format!(
+                            "label `{name}`: line breaks written as \\n and trailing backslashes removed, as InfluxDB cannot carry them"
+                        )
+                    });
+                }
+                value
+            }
+            Err(why) => {
+                altered.get_or_insert_with(|| format!("label `{name}`: {why} (left out)"));
+                continue;
+            }
+        };
+        if value.is_empty() {
+            continue;
         }
         out.push(b',');
-        escape_key(out, l.name.as_str());
+        escape_key(out, name);
         out.push(b'=');
-        escape_key(out, l.value.as_str());
+        escape_key(out, &value);
     }
-    Ok(())
+    altered
 }
 
 /// Splits a metric name for the grouped layout: (measurement, field key).
@@ -244,8 +300,8 @@ fn push_int(out: &mut Vec<u8>, v: i64) {
 #[derive(Clone)]
 enum TagRange {
     Todo,
-    Done(usize, usize),
-    Bad(String),
+    /// The bytes, and why the labels were altered if they were.
+    Done(usize, usize, Option<String>),
 }
 
 /// Grouped layout: a family's escaped measurement and field key.
@@ -262,7 +318,7 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
         ..Encoded::default()
     };
     // Per label set, its rendered tags (once per batch).
-    let mut tags: Vec<Option<Result<Vec<u8>, String>>> = vec![None; batch.label_sets.len()];
+    let mut tags: Vec<Option<(Vec<u8>, Option<String>)>> = vec![None; batch.label_sets.len()];
     let batch_ts = batch.timestamp_ms.into_option().unwrap_or(now_ms);
     // " <timestamp>\n" of samples without their own timestamp, rendered once.
     let mut batch_suffix = Vec::with_capacity(24);
@@ -294,35 +350,27 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
                 // Each label set is rendered once, into the first line that uses it; later
                 // lines copy those bytes.
                 match ranges.get(s.labels as usize) {
-                    Some(TagRange::Done(from, to)) => {
+                    Some(TagRange::Done(from, to, altered)) => {
                         let (from, to) = (*from, *to);
+                        if let Some(why) = altered {
+                            let why = why.clone();
+                            enc.alter(1, &why);
+                        }
                         enc.body.extend_from_within(from..to);
-                    }
-                    Some(TagRange::Bad(why)) => {
-                        let why = why.clone();
-                        enc.body.truncate(line_start);
-                        enc.skip(1, || why);
-                        continue;
                     }
                     Some(TagRange::Todo) => {
                         let own = batch.label_sets[s.labels as usize].as_slice();
                         let from = enc.body.len();
-                        match render_tags_into(
+                        let altered = render_tags_into(
                             &mut enc.body,
                             &mut scratch,
                             own,
                             batch.common_labels.as_slice(),
-                        ) {
-                            Ok(()) => {
-                                ranges[s.labels as usize] = TagRange::Done(from, enc.body.len())
-                            }
-                            Err(why) => {
-                                enc.body.truncate(line_start);
-                                ranges[s.labels as usize] = TagRange::Bad(why.clone());
-                                enc.skip(1, || why);
-                                continue;
-                            }
+                        );
+                        if let Some(why) = &altered {
+                            enc.alter(1, why);
                         }
+                        ranges[s.labels as usize] = TagRange::Done(from, enc.body.len(), altered);
                     }
                     None => {
                         enc.body.truncate(line_start);
@@ -331,6 +379,11 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
                         });
                         continue;
                     }
+                }
+                if enc.body.len() - line_start > MAX_SERIES_KEY {
+                    enc.body.truncate(line_start);
+                    enc.skip(1, series_key_too_long);
+                    continue;
                 }
                 let out = &mut enc.body;
                 out.extend_from_slice(b" value=");
@@ -390,11 +443,10 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
                     continue;
                 }
                 match tags_of(&mut tags, batch, s.labels) {
-                    Some(Ok(_)) => {}
-                    Some(Err(why)) => {
+                    Some((_, None)) => {}
+                    Some((_, Some(why))) => {
                         let why = why.clone();
-                        enc.skip(1, || why);
-                        continue;
+                        enc.alter(1, &why);
                     }
                     None => {
                         enc.skip(1, || {
@@ -425,9 +477,13 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
                 let Some(Ok((measurement, _))) = names.get(family) else {
                     continue;
                 };
-                let Some(Some(Ok(tag_bytes))) = tags.get(set as usize) else {
+                let Some(Some((tag_bytes, _))) = tags.get(set as usize) else {
                     continue;
                 };
+                if measurement.len() + tag_bytes.len() > MAX_SERIES_KEY {
+                    enc.skip(fields.len(), series_key_too_long);
+                    continue;
+                }
                 let out = &mut enc.body;
                 out.extend_from_slice(measurement);
                 out.extend_from_slice(tag_bytes);
@@ -452,11 +508,15 @@ pub fn encode(batch: &Batch, layout: Layout, precision: Precision, now_ms: i64) 
     enc
 }
 
+fn series_key_too_long() -> String {
+    format!("a series key (measurement and tags) longer than InfluxDB's {MAX_SERIES_KEY} bytes")
+}
+
 fn tags_of<'t>(
-    tags: &'t mut [Option<Result<Vec<u8>, String>>],
+    tags: &'t mut [Option<(Vec<u8>, Option<String>)>],
     batch: &Batch,
     set: u32,
-) -> Option<&'t Result<Vec<u8>, String>> {
+) -> Option<&'t (Vec<u8>, Option<String>)> {
     let slot = tags.get_mut(set as usize)?;
     if slot.is_none() {
         let own = batch.label_sets.get(set as usize)?;
@@ -541,34 +601,63 @@ mod tests {
     }
 
     #[test]
-    fn what_the_protocol_cannot_carry_is_skipped_with_a_reason() {
+    fn values_it_cannot_carry_are_skipped_labels_are_carried_or_left_out() {
         let mut b = BatchBuilder::new();
         let f = b.gauge("x", "", "");
         b.sample(f, &[], f64::NAN);
         b.sample(f, &[], f64::INFINITY);
         b.sample(f, &[("a", "line\nbreak")], 1.0);
-        b.sample(f, &[("a", "trailing\\")], 1.0);
-        b.sample(f, &[("time", "x")], 1.0);
-        b.sample(f, &[("a", "ok")], 2.0);
+        b.sample(f, &[("a", "NVIDIA \"H100\" 80GB\\")], 2.0);
+        b.sample(f, &[("time", "x"), ("b", "1")], 3.0);
+        b.sample(f, &[("a", "ok")], 4.0);
         b.timestamp_ms(5);
         let e = encode(&b.finish(), Layout::PerMetric, Precision::Milliseconds, 0);
-        assert_eq!(text(&e), "x,a=ok value=2.0 5\n");
-        assert_eq!(e.skipped, 5);
+        assert_eq!(
+            text(&e),
+            "x,a=line\\nbreak value=1.0 5\nx,a=NVIDIA\\ \"H100\"\\ 80GB value=2.0 5\nx,b=1 value=3.0 5\nx,a=ok value=4.0 5\n"
+        );
+        assert_eq!(e.skipped, 2);
         assert!(e.skipped_reason.expect("reason").contains("NaN"));
+        assert_eq!(e.altered, 3);
+        assert!(e.altered_reason.expect("reason").contains("label `a`"));
     }
 
     #[test]
-    fn backslashes_before_delimiters_and_comment_lines_are_refused() {
+    fn a_backslash_before_a_delimiter_leaves_its_label_out_and_a_comment_name_is_refused() {
         let mut b = BatchBuilder::new();
         let f = b.gauge("x", "", "");
-        b.sample(f, &[("a", "x\\,y")], 1.0);
+        b.sample(f, &[("a", "x\\,y"), ("gpu", "0")], 1.0);
         b.sample(f, &[("a", "x\\y")], 2.0);
         let hash = b.gauge("#x", "", "");
         b.sample(hash, &[], 3.0);
         b.timestamp_ms(1);
         let e = encode(&b.finish(), Layout::PerMetric, Precision::Milliseconds, 0);
-        assert_eq!(text(&e), "x,a=x\\y value=2.0 1\n");
-        assert_eq!(e.skipped, 2);
+        assert_eq!(text(&e), "x,gpu=0 value=1.0 1\nx,a=x\\y value=2.0 1\n");
+        assert_eq!((e.skipped, e.altered), (1, 1));
+        // The grouped layout alters the same way.
+        let mut b = BatchBuilder::new();
+        let f = b.gauge("gpu_name_length", "", "");
+        b.sample(f, &[("gpu", "0"), ("name", "line\nbreak")], 1.0);
+        b.timestamp_ms(1);
+        let e = encode(&b.finish(), Layout::Grouped, Precision::Milliseconds, 0);
+        assert_eq!(text(&e), "gpu,gpu=0,name=line\\nbreak name_length=1.0 1\n");
+        assert_eq!(e.altered, 1);
+    }
+
+    #[test]
+    fn series_keys_over_the_limit_are_skipped() {
+        let long = "v".repeat(MAX_SERIES_KEY);
+        for layout in [Layout::PerMetric, Layout::Grouped] {
+            let mut b = BatchBuilder::new();
+            let f = b.gauge("gpu_x", "", "");
+            b.sample(f, &[("a", long.as_str())], 1.0);
+            b.sample(f, &[("a", "short")], 2.0);
+            b.timestamp_ms(1);
+            let e = encode(&b.finish(), layout, Precision::Milliseconds, 0);
+            assert_eq!(e.lines.len(), 1, "{layout:?}");
+            assert_eq!(e.skipped, 1, "{layout:?}");
+            assert!(e.skipped_reason.expect("reason").contains("65535"));
+        }
     }
 
     #[test]

@@ -867,3 +867,51 @@ fn a_spool_in_use_by_another_agent_disables_the_sink_and_the_agent_runs() {
         .unwrap_or_else(|e| panic!("collections in the second agent: {e}"));
     assert!(first.is_running());
 }
+
+#[test]
+fn a_label_value_line_protocol_cannot_carry_as_it_is_does_not_hide_the_series() {
+    build();
+    let work = Workdir::new();
+    let influx = InfluxServer::start(&work, false).expect("influxd");
+    // A GPU name with quotes and a trailing backslash, a line break, and a backslash before a
+    // comma (which no escaping can carry through InfluxDB 1.x).
+    let labels =
+        r#"labels = { name = "NVIDIA \"H100\" 80GB\\", note = "line\nbreak", path = "C:\\x\\,y" }"#;
+    let config = config(
+        "250ms",
+        &influx_sink(
+            "c",
+            influx.port,
+            "database = \"odd\"\ncreate_database = true",
+        ),
+    )
+    .replace(
+        &format!("labels = {{ odd = {} }}", toml_string(ODD)),
+        labels,
+    );
+    assert!(config.contains("line\\nbreak"), "{config}");
+    let agent = Agent::start(&work, &config, &[]).expect("start");
+    let rows = wait_rows(
+        &influx,
+        &agent,
+        "odd",
+        "SELECT * FROM \"metricsd\".\"testkit\" WHERE \"series\" = '1'",
+        2,
+    );
+    for row in &rows {
+        assert_eq!(row["name"], "NVIDIA \"H100\" 80GB", "{row:?}");
+        assert_eq!(row["note"], "line\\nbreak", "{row:?}");
+        assert!(row.get("path").is_none_or(|v| v.is_null()), "{row:?}");
+    }
+    let altered = agent
+        .stat("metricsd_sink_altered_samples_total{sink=\"c\"}")
+        .unwrap_or(0.0);
+    assert!(altered >= 2.0, "altered samples counted: {altered}");
+    let dropped = agent
+        .stat("metricsd_sink_dropped_samples_total{reason=\"invalid\",sink=\"c\"}")
+        .unwrap_or(0.0);
+    assert_eq!(dropped, 0.0, "nothing dropped");
+    assert!(agent
+        .stderr()
+        .contains("samples written with a label changed"));
+}
