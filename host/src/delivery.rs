@@ -482,9 +482,18 @@ impl SinkRuntime {
                 continue;
             };
             let started = Instant::now();
-            let samples = batch.samples.len();
+            let reported_before = self.telemetry.reported_drops(&self.name);
             match self.write(instance, Arc::clone(&batch)).await {
                 Ok(()) => {
+                    // Samples the sink reported as dropped during this write were not written.
+                    let reported = self
+                        .telemetry
+                        .reported_drops(&self.name)
+                        .saturating_sub(reported_before);
+                    let samples = batch
+                        .samples
+                        .len()
+                        .saturating_sub(usize::try_from(reported).unwrap_or(usize::MAX));
                     self.queue.ack(taken);
                     backoff = Duration::ZERO;
                     self.health.success(&self.name);
@@ -497,6 +506,7 @@ impl SinkRuntime {
                     .emit(&self.telemetry);
                 }
                 Err(err) => {
+                    let samples = batch.samples.len();
                     let message = err.message.to_string();
                     Event::SinkWriteFailed {
                         sink: &self.name,

@@ -129,6 +129,16 @@ impl Telemetry {
         t
     }
 
+    /// Samples the sink itself reported as dropped (rejected by its server or invalid for its
+    /// protocol) so far: the delivery loop subtracts those reported during a write from the
+    /// samples that write counts as written.
+    pub fn reported_drops(&self, sink: &str) -> u64 {
+        ["rejected", "invalid"]
+            .iter()
+            .map(|reason| self.sink_dropped.with_label_values(&[sink, reason]).get())
+            .sum()
+    }
+
     /// The open connections of a listener.
     pub fn set_http_connections(&self, listener: &str, open: usize) {
         self.http_connections

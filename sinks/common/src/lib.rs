@@ -139,12 +139,21 @@ pub fn retry_after_of<B>(response: &ureq::http::Response<B>) -> Option<Duration>
 
 /// A response body as text, at most 64 KiB of it (an error page can be large).
 pub fn body_text(response: &mut ureq::http::Response<ureq::Body>) -> String {
-    response
+    body_text_up_to(response, 64 * 1024)
+}
+
+/// The first `limit` bytes of a response body as text (invalid UTF-8 replaced); a longer body
+/// is cut, not lost.
+pub fn body_text_up_to(response: &mut ureq::http::Response<ureq::Body>, limit: u64) -> String {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    // What was read before an error is kept.
+    let _ = response
         .body_mut()
-        .with_config()
-        .limit(64 * 1024)
-        .read_to_string()
-        .unwrap_or_default()
+        .as_reader()
+        .take(limit)
+        .read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// A server's error body as a message for the log: trimmed, at most 500 characters,

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metricsd_sink_common::{
-    basic_auth, body_text, check_url, http_agent, plain_message, retry_after_of, secret,
+    basic_auth, body_text_up_to, check_url, http_agent, plain_message, retry_after_of, secret,
     ClientOptions,
 };
 
@@ -150,9 +150,9 @@ pub struct InfluxSink {
 /// How one request ended.
 enum Sent {
     Ok,
-    /// The server refused lines `from..to` for good (400 and other 4xx, a line alone too
-    /// large): drop them and report.
-    Refused(String),
+    /// The server refused lines of `from..to` for good (400 and other 4xx): drop them and
+    /// report. With the number of lines refused when the server said (a partial write).
+    Refused(String, Option<usize>),
     /// 413: split and try the halves.
     TooLarge,
 }
@@ -354,11 +354,11 @@ impl InfluxSink {
                 );
                 Ok(())
             }
-            Sent::Refused(message) => {
+            Sent::Refused(message, refused_lines) => {
                 let samples = enc.samples_in(from, to);
                 let lines = to - from;
-                // A partial write keeps the good lines; the server says how many it dropped.
-                let dropped_lines = partial_write_dropped(&message).unwrap_or(lines).min(lines);
+                // A partial write keeps the good lines; the server says which it refused.
+                let dropped_lines = refused_lines.unwrap_or(lines).min(lines);
                 let dropped = if dropped_lines == lines {
                     samples
                 } else {
@@ -404,7 +404,8 @@ impl InfluxSink {
             return Ok(Sent::Ok);
         }
         let retry_after = retry_after_of(&response);
-        let body = body_text(&mut response);
+        // InfluxDB echoes every refused line: read enough to count them.
+        let body = body_text_up_to(&mut response, 16 * 1024 * 1024);
         let message = server_message(&body);
         match status {
             413 => Ok(Sent::TooLarge),
@@ -451,7 +452,10 @@ impl InfluxSink {
                 }
                 Err(e)
             }
-            _ => Ok(Sent::Refused(format!("HTTP {status}: {message}"))),
+            _ => Ok(Sent::Refused(
+                format!("HTTP {status}: {message}"),
+                partial_write_refused(&body),
+            )),
         }
     }
 }
@@ -490,16 +494,23 @@ fn server_message(body: &str) -> String {
 }
 
 /// `dropped=N` of an InfluxDB partial-write message.
-fn partial_write_dropped(message: &str) -> Option<usize> {
-    if !message.contains("partial write") {
+fn partial_write_refused(body: &str) -> Option<usize> {
+    if !body.contains("partial write") {
         return None;
     }
-    let at = message.rfind("dropped=")?;
-    let digits: String = message[at + 8..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
+    // InfluxDB 1.x names each line it cannot parse ("unable to parse '…'") and counts the
+    // parsed points it refused (a field type conflict, outside the retention policy) in
+    // `dropped=N`, which leaves the unparsable lines out.
+    let unparsable = body.matches("unable to parse '").count();
+    let dropped = body.rfind("dropped=").map_or(0, |at| {
+        body[at + 8..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap_or(0)
+    });
+    Some(unparsable + dropped)
 }
 
 /// Percent-encodes a query parameter value.
@@ -574,14 +585,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn partial_write_counts_come_from_the_message() {
+    fn partial_write_counts_come_from_the_body() {
         assert_eq!(
-            partial_write_dropped(
-                "partial write: field type conflict: input field \"value\" on measurement \"m\" is type integer, already exists as type float dropped=3"
+            partial_write_refused(
+                r#"{"error":"partial write: field type conflict: input field \"value\" on measurement \"m\" is type integer, already exists as type float dropped=3"}"#
             ),
             Some(3)
         );
-        assert_eq!(partial_write_dropped("unable to parse 'x': bad"), None);
+        // What InfluxDB 1.8 answers for two unparsable lines among five (seen on influxd).
+        assert_eq!(
+            partial_write_refused(
+                r#"{"error":"partial write: unable to parse 'bad line here': invalid field format\nunable to parse 'm,a=3 v=x 3': invalid boolean dropped=0"}"#
+            ),
+            Some(2)
+        );
+        assert_eq!(
+            partial_write_refused(r#"{"error":"unable to parse 'x': bad"}"#),
+            None
+        );
+        // A body longer than any message limit: the count is at its end.
+        let long = format!(
+            "{{\"error\":\"partial write: unable to parse '{}': bad dropped=4\"}}",
+            "x".repeat(200_000)
+        );
+        assert_eq!(partial_write_refused(&long), Some(5));
     }
 
     #[test]

@@ -539,6 +539,14 @@ fn refused_and_unencodable_samples_are_dropped_alone_and_counted() {
             agent.stderr()
         );
     }
+    // Each batch has 8 samples (calls_total, generation, concurrent now and max, two values,
+    // NaN and +Inf); 4 were written, and only those count as written.
+    let written = stat(&agent, "metricsd_sink_samples_written_total{sink=\"c\"}");
+    let writes_now = stat(&agent, "metricsd_sink_writes_total{sink=\"c\"}");
+    assert!(
+        written == 4.0 * writes_now || written == 4.0 * writes || written == 4.0 * (writes + 1.0),
+        "{written} samples counted as written for {writes_now} writes"
+    );
     // The rest of each batch was written.
     let calls = influx
         .rows("c", "SELECT \"value\" FROM \"testkit_calls_total\"")
