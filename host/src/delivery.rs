@@ -490,9 +490,12 @@ impl SinkRuntime {
                         .telemetry
                         .reported_drops(&self.name)
                         .saturating_sub(reported_before);
+                    // Staleness markers end series; they are not samples.
                     let samples = batch
                         .samples
-                        .len()
+                        .iter()
+                        .filter(|s| !metricsd_plugin_api::is_stale_marker(s.value))
+                        .count()
                         .saturating_sub(usize::try_from(reported).unwrap_or(usize::MAX));
                     self.queue.ack(taken);
                     backoff = Duration::ZERO;

@@ -227,6 +227,59 @@ pub struct Pipeline {
     /// Every family seen, by its exposition name (see [`exposition_name`]): the first
     /// declaration of a name wins, a later one that clashes with it is refused.
     families: std::sync::Mutex<HashMap<String, (String, MetricKind)>>,
+    /// Per source, the series of its last batch, for staleness markers.
+    last: std::sync::Mutex<HashMap<String, LastSeries>>,
+}
+
+/// The series of a source's last batch: the batch (to build markers from) and each sample's
+/// series key.
+struct LastSeries {
+    batch: Arc<Batch>,
+    keys: Vec<u64>,
+}
+
+/// Each sample's series key: a hash of its family name and its effective labels (own, and the
+/// common ones it does not have itself, in name order), stable within the process. Where a
+/// label sits (own or common) does not change the key.
+fn series_keys(batch: &Batch) -> Vec<u64> {
+    use std::hash::{Hash, Hasher};
+    fn hash_of(value: impl Hash) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        value.hash(&mut h);
+        h.finish()
+    }
+    let families: Vec<u64> = batch
+        .families
+        .iter()
+        .map(|f| hash_of(f.name.as_str()))
+        .collect();
+    let sets: Vec<u64> = batch
+        .label_sets
+        .iter()
+        .map(|own| {
+            let mut pairs: Vec<(&str, &str)> = own
+                .iter()
+                .chain(
+                    batch
+                        .common_labels
+                        .iter()
+                        .filter(|c| !own.iter().any(|o| o.name == c.name)),
+                )
+                .map(|l| (l.name.as_str(), l.value.as_str()))
+                .collect();
+            pairs.sort_unstable();
+            hash_of(pairs)
+        })
+        .collect();
+    batch
+        .samples
+        .iter()
+        .map(|s| {
+            let family = families.get(s.family as usize).copied().unwrap_or(0);
+            let set = sets.get(s.labels as usize).copied().unwrap_or(0);
+            hash_of((family, set))
+        })
+        .collect()
 }
 
 /// The names a family takes in the expositions, which Prometheus's formats must agree on: its
@@ -428,7 +481,63 @@ impl Pipeline {
                 .map(|a| Aggregator::new(a, config.agent.labels.keys().cloned().collect()))
                 .collect(),
             families: std::sync::Mutex::default(),
+            last: std::sync::Mutex::default(),
         }
+    }
+
+    /// Remembers `batch` as the last of `source`; returns staleness markers
+    /// ([`STALE_NAN_BITS`](metricsd_plugin_api::STALE_NAN_BITS)) for the series of the source's
+    /// previous batch that this one no longer has, so that sinks drop them at once (a lost GPU,
+    /// an ended process, a series whose labels changed) instead of serving the last value.
+    fn staleness_markers(&self, source: &str, batch: &Arc<Batch>) -> Option<Batch> {
+        let keys = series_keys(batch);
+        let current = LastSeries {
+            batch: Arc::clone(batch),
+            keys,
+        };
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = match last.get_mut(source) {
+            Some(slot) => std::mem::replace(slot, current),
+            None => {
+                last.insert(source.to_string(), current);
+                return None;
+            }
+        };
+        let now: std::collections::HashSet<u64> = last
+            .get(source)
+            .map(|l| l.keys.iter().copied().collect())
+            .unwrap_or_default();
+        drop(last);
+        let prev = &previous.batch;
+        let samples: RVec<metricsd_plugin_api::Sample> = previous
+            .keys
+            .iter()
+            .zip(prev.samples.iter())
+            .filter(|(key, _)| !now.contains(key))
+            .map(|(_, s)| metricsd_plugin_api::Sample {
+                value: f64::from_bits(metricsd_plugin_api::STALE_NAN_BITS),
+                timestamp_ms: ROption::RNone,
+                ..*s
+            })
+            .collect();
+        if samples.is_empty() {
+            return None;
+        }
+        let mut markers = Batch {
+            families: prev.families.clone(),
+            label_sets: prev.label_sets.clone(),
+            samples,
+            common_labels: prev.common_labels.clone(),
+            timestamp_ms: batch.timestamp_ms,
+        };
+        let mut used = vec![false; markers.families.len()];
+        for s in markers.samples.iter() {
+            if let Some(u) = used.get_mut(s.family as usize) {
+                *u = true;
+            }
+        }
+        retain_families(&mut markers, &used);
+        Some(markers)
     }
 
     /// Refuses the families of `batch` whose exposition name another family already has
@@ -622,7 +731,8 @@ impl Pipeline {
         self.route_prepared(source, batch);
     }
 
-    /// Hands a batch that went through [`prepare`](Self::prepare) to the sink queues.
+    /// Hands a batch that went through [`prepare`](Self::prepare) to the aggregations and the
+    /// sink queues, with staleness markers for the series the source no longer has.
     pub fn route_prepared(&self, source: &str, batch: Batch) {
         for agg in self.aggregators.iter().filter(|a| a.takes(source)) {
             let (closed, late) = agg.observe(&batch);
@@ -638,14 +748,22 @@ impl Pipeline {
                 self.process(&agg.name, out);
             }
         }
+        let shared = Arc::new(batch);
+        let markers = self.staleness_markers(source, &shared);
+        self.to_sinks(source, shared);
+        if let Some(markers) = markers {
+            self.to_sinks(source, Arc::new(markers));
+        }
+    }
+
+    /// Queues a batch of `source` for the sinks its routes lead to.
+    fn to_sinks(&self, source: &str, shared: Arc<Batch>) {
         let Some(routes) = &self.routes else {
-            let shared = Arc::new(batch);
             for queue in self.sinks.values() {
                 queue.push(Arc::clone(&shared));
             }
             return;
         };
-        let shared = Arc::new(batch);
         for (sink, queue) in &self.sinks {
             let matching: Vec<&Route> = routes
                 .iter()
@@ -1013,6 +1131,73 @@ collectors = ["gpu"]
         };
         assert_eq!(of(0), ["gpu=0", "node_id=n1"]);
         assert_eq!(of(1), ["pid=1", "gpu=x", "node_id=n1"]);
+    }
+
+    #[test]
+    fn series_a_source_no_longer_has_get_staleness_markers() {
+        let (p, queues) = pipeline("", &["out"]);
+        let out = &queues["out"];
+        let batch = |gpus: &[&str], name: &str| {
+            let mut b = BatchBuilder::new();
+            let temp = b.gauge("gpu_temperature_celsius", "", "celsius");
+            let other = b.gauge("gpu_other", "", "");
+            for g in gpus {
+                b.sample(temp, &[("gpu", g), ("name", name)], 40.0);
+            }
+            b.sample(other, &[], 1.0);
+            b.finish()
+        };
+        p.process("gpu", batch(&["0", "1", "2"], "H100"));
+        assert_eq!(out.depth(), 4, "the first batch, no markers");
+        // GPU 2 is gone, and GPU 1's labels changed: markers for the old series only.
+        p.process("gpu", batch(&["0", "1"], "H100"));
+        p.process("other", batch(&["9"], "x"));
+        p.process("gpu", batch(&["0", "1"], "H200"));
+        let (_, group) = out.take_group(1000).expect("queued");
+        let markers: Vec<Vec<String>> = group
+            .iter()
+            .flat_map(|b| {
+                b.samples
+                    .iter()
+                    .filter(|s| metricsd_plugin_api::is_stale_marker(s.value))
+                    .map(|s| {
+                        b.labels_of(s)
+                            .map(|l| format!("{}={}", l.name, l.value))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(
+            markers,
+            [
+                vec!["gpu=2", "name=H100"],
+                vec!["gpu=0", "name=H100"],
+                vec!["gpu=1", "name=H100"]
+            ],
+            "one per ended series, none for `other`'s first batch"
+        );
+    }
+
+    #[test]
+    fn a_label_moving_between_common_and_own_is_the_same_series() {
+        let (p, queues) = pipeline("[agent]\nlabels = { node_id = \"static\" }\n", &["out"]);
+        let up = |with_info: bool| {
+            let mut b = BatchBuilder::new();
+            let up = b.gauge("gpu_discovery_up", "", "");
+            b.sample(up, &[], 1.0);
+            if with_info {
+                let info = b.info("gpu_discovery_info", "");
+                b.sample(info, &[("node_id", "node-7")], 1.0);
+            }
+            b.finish()
+        };
+        p.process("d", up(false));
+        // `node_id` now sits in gpu_discovery_up's own labels (an info series has its own):
+        // the same series, no marker.
+        p.process("d", up(true));
+        let (_, group) = queues["out"].take_group(1000).expect("queued");
+        assert_eq!(group.len(), 2, "no marker batch");
     }
 
     #[test]

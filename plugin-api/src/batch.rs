@@ -232,6 +232,18 @@ impl From<&str> for Label {
     }
 }
 
+/// The bits of Prometheus's staleness marker: a NaN that means "this series ended". The host
+/// sends one for each series a source's newest batch no longer has (see [`is_stale_marker`]).
+pub const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
+
+/// Whether a sample's value is a staleness marker: the series it names ended with the source's
+/// newest batch. A sink that holds series drops the series; a sink that forwards samples to
+/// Prometheus remote write forwards it; a sink that cannot express it skips it (it is not a
+/// measured value, and not an invalid one).
+pub fn is_stale_marker(value: f64) -> bool {
+    value.to_bits() == STALE_NAN_BITS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

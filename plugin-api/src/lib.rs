@@ -104,7 +104,7 @@ pub use abi::{
     Batch, ErrorKind, Header, HttpRequest, HttpResponse, Label, LogLevel, MetricFamily, MetricKind,
     PluginError, PluginKind, Sample,
 };
-pub use batch::{BatchBuilder, FamilyId, LabelSetId};
+pub use batch::{is_stale_marker, BatchBuilder, FamilyId, LabelSetId, STALE_NAN_BITS};
 pub use error::{Error, Result};
 pub use sdk::{panic_message, parse_config, Collector, Context, Sink};
 

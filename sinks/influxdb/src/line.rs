@@ -533,6 +533,10 @@ fn writable<'n, T>(
     batch: &Batch,
     s: &metricsd_plugin_api::Sample,
 ) -> Option<&'n T> {
+    if metricsd_plugin_api::is_stale_marker(s.value) {
+        // The end of a series: nothing InfluxDB stores; neither written nor dropped.
+        return None;
+    }
     match names.get(s.family as usize) {
         Some(Ok(name)) if s.value.is_finite() => Some(name),
         Some(Ok(_)) => {

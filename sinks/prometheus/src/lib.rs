@@ -19,8 +19,8 @@ use metricsd_plugin_api::exposition::{
     push_help, push_help_openmetrics, push_label_value, push_value,
 };
 use metricsd_plugin_api::{
-    export_plugin, Batch, Context, Error, Header, HttpRequest, HttpResponse, MetricKind, Result,
-    Sink,
+    export_plugin, is_stale_marker, Batch, Context, Error, Header, HttpRequest, HttpResponse,
+    MetricKind, Result, Sink,
 };
 use serde::Deserialize;
 
@@ -533,6 +533,7 @@ impl Sink for PrometheusSink {
             accept.push(ok);
         }
         let mut dropped_new = 0usize;
+        let mut ended = false;
         let (families, held) = (&mut store.families, &mut store.series);
         // Samples of a family mostly come together: look the family up when it changes.
         let mut current: Option<(u32, &mut FamilyState)> = None;
@@ -555,6 +556,14 @@ impl Sink for PrometheusSink {
                 continue;
             };
             let labels = &keys[range.clone()];
+            if is_stale_marker(s.value) {
+                // The series ended: it goes from the next scrape (removed after the loop).
+                if let Some(&i) = state.index.get(labels) {
+                    state.series[i].value = s.value;
+                    ended = true;
+                }
+                continue;
+            }
             match state.index.get(labels) {
                 Some(&i) => {
                     let existing = &mut state.series[i];
@@ -576,6 +585,18 @@ impl Sink for PrometheusSink {
                     state.sorted = false;
                     state.changed();
                     *held += 1;
+                }
+            }
+        }
+        if ended {
+            for f in store.families.values_mut() {
+                let before = f.series.len();
+                f.series.retain(|s| !is_stale_marker(s.value));
+                let removed = before - f.series.len();
+                if removed > 0 {
+                    f.reindex();
+                    f.changed();
+                    store.series = store.series.saturating_sub(removed);
                 }
             }
         }
@@ -740,6 +761,40 @@ gpu_temperature_celsius{gpu=\"1\",node_id=\"n1\"} NaN
         );
         assert!(!text.contains("gpu=\"9\""), "{text}");
         assert_eq!(text.matches("# TYPE gpu_info").count(), 1);
+    }
+
+    #[test]
+    fn a_staleness_marker_removes_its_series_at_once() {
+        let h = SinkHarness::new::<PrometheusSink>("p", "{}").expect("sink");
+        let mut b = BatchBuilder::new();
+        let temp = b.gauge("gpu_temperature_celsius", "", "celsius");
+        b.sample(temp, &[("gpu", "0")], 40.0);
+        b.sample(temp, &[("gpu", "1")], 41.0);
+        h.write(&b.finish()).expect("write");
+        let mut b = BatchBuilder::new();
+        let temp = b.gauge("gpu_temperature_celsius", "", "celsius");
+        b.sample(
+            temp,
+            &[("gpu", "1")],
+            f64::from_bits(metricsd_plugin_api::STALE_NAN_BITS),
+        );
+        b.sample(
+            temp,
+            &[("gpu", "7")],
+            f64::from_bits(metricsd_plugin_api::STALE_NAN_BITS),
+        );
+        h.write(&b.finish()).expect("write");
+        let text = get(&h, "");
+        assert!(
+            text.contains("gpu_temperature_celsius{gpu=\"0\"} 40"),
+            "{text}"
+        );
+        assert!(!text.contains("gpu=\"1\""), "{text}");
+        assert!(
+            !text.contains("gpu=\"7\""),
+            "a marker never creates a series: {text}"
+        );
+        assert!(!text.contains("NaN"), "{text}");
     }
 
     #[test]

@@ -60,6 +60,10 @@ pub struct StdoutSink {
 pub fn encode(batch: &Batch, format: Format) -> String {
     let mut text = String::with_capacity(batch.samples.len() * 96);
     for sample in batch.samples.iter() {
+        // The end of a series (see `is_stale_marker`) is not a value to print.
+        if metricsd_plugin_api::is_stale_marker(sample.value) {
+            continue;
+        }
         let Some(family) = batch.family_of(sample) else {
             continue;
         };

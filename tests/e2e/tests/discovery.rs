@@ -614,8 +614,6 @@ fn the_seed_production_environment_runs_without_a_config_file() {
         .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
     // Prometheus: the GPUs, with the discovery service's labels joined on.
     let line = wait_for("an enriched GPU series", Duration::from_secs(30), || {
-        // (The first NVML collection may precede the service's first answer: its unlabelled
-        // series stay until the sink's stale_after.)
         scrape(&agent)
             .lines()
             .find(|l| l.starts_with("gpu_up{") && l.contains("gpu_id=\"net-gpu-0\""))
@@ -627,6 +625,14 @@ fn the_seed_production_environment_runs_without_a_config_file() {
         panic!("{e}\n{}\n{}", gpu.join("\n"), agent.stderr())
     });
     assert!(line.contains("rental=\"idle\""), "{line}");
+    // The first NVML collection may precede the service's first answer; the plain series it
+    // made end with the next collection (staleness markers), so each GPU is served once.
+    wait_for("one series per GPU", Duration::from_secs(20), || {
+        let body = scrape(&agent);
+        let up: Vec<&str> = body.lines().filter(|l| l.starts_with("gpu_up{")).collect();
+        (up.len() == 2 && up.iter().all(|l| l.contains("gpu_id="))).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", scrape(&agent)));
     // InfluxDB: the default database, created with the 30-day retention policy, holds them.
     let rows = wait_for("GPU points in InfluxDB", Duration::from_secs(30), || {
         influx

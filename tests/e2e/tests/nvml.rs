@@ -938,3 +938,60 @@ fn gpm_metrics_come_from_the_plugins_own_thread_once_per_collection() {
     let all = once_json(&work, "", "a100.toml", &[]);
     assert!(rows(&all, "gpu_sm_active_ratio", None).is_empty());
 }
+
+#[test]
+fn a_lost_gpus_series_leave_the_exposition_at_once_not_after_stale_after() {
+    let work = Workdir::new();
+    // The sink's default stale_after (1 m): only the staleness markers the agent sends for
+    // the series a collection no longer has can remove them within the test.
+    let config = format!(
+        "[agent]\ninterval = \"250ms\"\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"127.0.0.1:{{metrics}}\"\n{}[[sinks]]\nname = \"prom\"\nplugin = \"prometheus\"\n",
+        nvml_collector(&sim_library(), "")
+    );
+    let mut agent = Agent::start(
+        &work,
+        &config,
+        &[("NVML_SIM_SCENARIO", &scenario("lost-gpu.toml"))],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    let scrape = |agent: &Agent| {
+        metricsd_e2e::http_get(agent.metrics_port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    };
+    let temperature_of = |body: &str, gpu: &str| {
+        body.lines().any(|l| {
+            l.starts_with("gpu_temperature_celsius{") && l.contains(&format!("gpu=\"{gpu}\""))
+        })
+    };
+    wait_for("GPU 2's temperature", Duration::from_secs(10), || {
+        temperature_of(&scrape(&agent), "2").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    // Lost at 3 s: gpu_up 0, and its other series gone within a few collections.
+    let body = wait_for(
+        "GPU 2 lost and its series gone",
+        Duration::from_secs(10),
+        || {
+            let body = scrape(&agent);
+            (series_line(&body, "gpu_up", "2").is_some_and(|l| l.ends_with(" 0"))
+                && !temperature_of(&body, "2"))
+            .then_some(body)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", scrape(&agent)));
+    assert!(temperature_of(&body, "1"), "the other GPUs stay: {body}");
+    // Back at 8 s: its series return.
+    wait_for("GPU 2 back", Duration::from_secs(15), || {
+        temperature_of(&scrape(&agent), "2").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+}
+
+/// The line of `metric` for one GPU.
+fn series_line(body: &str, metric: &str, gpu: &str) -> Option<String> {
+    body.lines()
+        .find(|l| l.starts_with(&format!("{metric}{{")) && l.contains(&format!("gpu=\"{gpu}\"")))
+        .map(str::to_string)
+}

@@ -291,24 +291,25 @@ fn an_outage_is_filled_from_the_buffer_when_the_server_returns() {
 }
 
 #[test]
-fn samples_a_receiver_refuses_are_dropped_alone_and_counted() {
+fn a_reserved_label_is_refused_by_the_host_alone_and_counted() {
     build();
     let work = Workdir::new();
     let vm = VictoriaMetrics::start(&work).expect("victoria-metrics");
-    // A label name Prometheus reserves (`__…`), which the host's own checks let through:
-    // refused by the encoder, counted as invalid; the collector's other samples are written.
+    // A label name Prometheus reserves (`__…`): refused by the host for every sink and counted
+    // as invalid there; the collector's other samples are written.
     let collectors =
         "[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\n[collectors.config]\nlabels = { __reserved = \"x\" }\n";
     let agent = testkit_into(&work, &vm, collectors, 3);
     let invalid = agent
-        .stat("metricsd_sink_dropped_samples_total{reason=\"invalid\",sink=\"vm\"}")
+        .stat("metricsd_collector_invalid_samples_total{collector=\"tk\"}")
         .unwrap_or(0.0);
     assert!(invalid >= 3.0, "{invalid}\n{}", agent.stderr());
     assert!(stored_points(&vm, "testkit_value").is_empty());
+    assert!(!stored_points(&vm, "testkit_calls_total").is_empty());
     let log = agent.stderr();
-    assert!(log.contains("which Prometheus reserves"), "{log}");
+    assert!(log.contains("reserved label name `__reserved`"), "{log}");
     assert_eq!(
-        log.matches("which Prometheus reserves").count(),
+        log.matches("reserved label name").count(),
         1,
         "logged once: {log}"
     );
