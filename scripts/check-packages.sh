@@ -165,9 +165,10 @@ if [ -n "$rpm_file" ]; then
         | grep -v '^/usr/share/doc/metricsd/copyright$' | sort > "$work/deb-files.txt"
     rpm -qpl "$rpm_file" | sort > "$work/rpm-files.txt"
     diff "$work/deb-files.txt" "$work/rpm-files.txt" || fail "the .rpm's files differ from the .deb's"
-    rpm -qp --configfiles "$rpm_file" | grep -qx /etc/metricsd/metricsd.toml \
+    # (grep -q on a pipe under pipefail: the writer can die of SIGPIPE; read the output first.)
+    grep -qx /etc/metricsd/metricsd.toml <<< "$(rpm -qp --configfiles "$rpm_file")" \
         || fail "/etc/metricsd/metricsd.toml is not a config file in the .rpm"
-    rpm -qp --scripts "$rpm_file" | grep -q 'useradd --system' || fail "the .rpm creates no user"
+    grep -q 'useradd --system' <<< "$(rpm -qp --scripts "$rpm_file")" || fail "the .rpm creates no user"
     echo "rpm: same files as the .deb, config marked, user created in %pre"
 fi
 say "packages ok"

@@ -66,7 +66,7 @@ fail() { printf 'release: %s\n' "$*" >&2; exit 1; }
 apt_install() {
     local missing=()
     for pkg in "$@"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+        grep -q "install ok installed" <<< "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" || missing+=("$pkg")
     done
     [ "${#missing[@]}" -eq 0 ] && return 0
     local sudo=""
@@ -77,7 +77,8 @@ apt_install() {
 
 cargo_install() {
     local crate=$1 version=$2
-    cargo install --list | grep -qxF "$crate v$version:" || cargo install --locked "$crate@$version"
+    # (grep -q on a pipe under pipefail: the writer can die of SIGPIPE; read the output first.)
+    grep -qxF "$crate v$version:" <<< "$(cargo install --list)" || cargo install --locked "$crate@$version"
 }
 
 triple() { echo "$1-unknown-linux-gnu"; }
@@ -86,7 +87,7 @@ ensure_tools() {
     say "tools"
     local debs=(binutils file)
     for arch in "${archs[@]}"; do
-        rustup target list --installed | grep -qx "$(triple "$arch")" || rustup target add "$(triple "$arch")"
+        grep -qx "$(triple "$arch")" <<< "$(rustup target list --installed)" || rustup target add "$(triple "$arch")"
         if [ "$arch" = aarch64 ]; then
             debs+=(binutils-aarch64-linux-gnu)
             [ "$smoke" = 0 ] || debs+=(qemu-user libc6-arm64-cross curl)
@@ -94,7 +95,7 @@ ensure_tools() {
     done
     [ "$packages" = 0 ] || debs+=(rpm)
     apt_install "${debs[@]}"
-    python3 -m ziglang version 2>/dev/null | grep -qxF "$ZIGLANG_VERSION" \
+    grep -qxF "$ZIGLANG_VERSION" <<< "$(python3 -m ziglang version 2>/dev/null)" \
         || python3 -m pip install --quiet "ziglang==$ZIGLANG_VERSION" \
         || python3 -m pip install --quiet --break-system-packages "ziglang==$ZIGLANG_VERSION"
     cargo_install cargo-zigbuild "$CARGO_ZIGBUILD_VERSION"
@@ -160,13 +161,13 @@ check() {
     say "check: $arch"
     local file highest
     for file in "$root/usr/bin/metricsd" "$root"/usr/lib/metricsd/plugins/*.so; do
-        readelf -h "$file" | grep -q "Machine: *$machine" \
+        grep -q "Machine: *$machine" <<< "$(readelf -h "$file")" \
             || fail "$file is not built for $arch: $(readelf -h "$file" | grep Machine)"
         highest=$(readelf -V --wide "$file" | grep -o 'GLIBC_2\.[0-9.]*' | sort -V -u | tail -n 1)
         [ -n "$highest" ] || fail "$file: no GLIBC version needs found (readelf -V)"
         [ "$(printf '%s\n%s\n' "GLIBC_$GLIBC_FLOOR" "$highest" | sort -V | tail -n 1)" = "GLIBC_$GLIBC_FLOOR" ] \
             || fail "$file needs $highest, above the floor GLIBC_$GLIBC_FLOOR"
-        if readelf -V --wide "$file" | grep -q GLIBC_ABI_DT_RELR; then
+        if grep -q GLIBC_ABI_DT_RELR <<< "$(readelf -V --wide "$file")"; then
             fail "$file needs GLIBC_ABI_DT_RELR (packed relocations), which glibc < 2.36 refuses"
         fi
         # (.debug_gdb_scripts is loaded data, not debug info: it stays.)
