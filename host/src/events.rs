@@ -39,7 +39,7 @@ pub struct Telemetry {
     http_requests_rejected: IntCounterVec,
     http_accept_errors: IntCounterVec,
     /// Causes that repeat, by `kind/instance`: logged once, then summarised.
-    repeating: std::sync::Mutex<std::collections::HashMap<String, crate::ratelimit::Repeating>>,
+    invalid_log: std::sync::Mutex<std::collections::HashMap<String, crate::ratelimit::Repeating>>,
 }
 
 /// Registers a metric whose definition is a constant, so neither step can fail at run time.
@@ -113,7 +113,7 @@ impl Telemetry {
             http_requests_rejected: counter(&r, "metricsd_http_requests_rejected_total", "Requests answered 503 because http.max_requests were in flight.", &["listener"]),
             http_accept_errors: counter(&r, "metricsd_http_accept_errors_total", "Failed accepts (EMFILE: out of file descriptors).", &["listener"]),
             registry: r,
-            repeating: std::sync::Mutex::default(),
+            invalid_log: std::sync::Mutex::default(),
         };
         t.registry
             .register(Box::new(crate::process::ProcessMetrics::new()))
@@ -153,23 +153,24 @@ impl Telemetry {
             .inc();
     }
 
-    /// One event of a repeating cause (`kind/instance`): whether and how to log it.
-    fn repeat(&self, kind: &str, instance: &str) -> crate::ratelimit::Log {
-        let mut map = self.repeating.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(format!("{kind}/{instance}")).or_default().event()
+    /// Invalid samples of `collector` once more: whether and how to log it.
+    fn invalid_again(&self, collector: &str) -> crate::ratelimit::Log {
+        let mut map = self.invalid_log.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get_mut(collector) {
+            Some(r) => r.event(),
+            None => map.entry(collector.to_string()).or_default().event(),
+        }
     }
 
     /// A collection of `collector` without invalid samples: if they had been repeating, the
     /// end is logged once.
     pub fn valid_samples(&self, collector: &str) {
-        let mut map = self.repeating.lock().unwrap_or_else(|p| p.into_inner());
-        if map.is_empty() {
-            return;
-        }
-        let ended = map
-            .get_mut(&format!("invalid_samples/{collector}"))
+        let ended = self
+            .invalid_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(collector)
             .and_then(|r| r.ended());
-        drop(map);
         if let Some(n) = ended {
             tracing::info!(
                 collector,
@@ -602,7 +603,7 @@ impl Event<'_> {
                 t.collector_invalid
                     .with_label_values(&[collector])
                     .inc_by(count as u64);
-                t.repeat("invalid_samples", collector).warn(
+                t.invalid_again(collector).warn(
                     &format!("collector {collector}: dropped {count} invalid samples: {reason}"),
                     "metricsd_collector_invalid_samples_total",
                 );

@@ -550,6 +550,13 @@ impl Pipeline {
             .families
             .iter()
             .map(|f| {
+                // A family accepted before owns both its names: no allocation in the usual case.
+                if known
+                    .get(f.name.as_str())
+                    .is_some_and(|(name, kind)| name.as_str() == f.name.as_str() && *kind == f.kind)
+                {
+                    return true;
+                }
                 let names = exposition_names(&f.name, f.kind);
                 let owner = names.iter().find_map(|n| {
                     known

@@ -39,6 +39,30 @@ pub fn count_drops_in(telemetry: &Arc<Telemetry>) {
     *TELEMETRY.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(telemetry));
 }
 
+/// Whether a sink's report of this kind and cause was seen before (then it is logged at debug
+/// only). A cause is its text up to the first digit, so "refused 2 of 6 lines" and "refused 3
+/// of 6 lines" are one cause. Causes can carry label values: past SEEN_MAX distinct ones every
+/// report counts as seen, so the set cannot grow without bound.
+fn seen_before(instance: &str, kind: &'static str, why: &str) -> bool {
+    let cause: String = why.chars().take_while(|c| !c.is_ascii_digit()).collect();
+    !SEEN
+        .lock()
+        .map(|mut seen| seen.len() < SEEN_MAX && seen.insert((instance.to_string(), kind, cause)))
+        .unwrap_or(true)
+}
+
+/// Emits a sink's report into the running pipeline's telemetry; `false` when there is none yet.
+fn emit_report(event: Event<'_>) -> bool {
+    let telemetry = TELEMETRY.read().unwrap_or_else(|p| p.into_inner()).clone();
+    match telemetry.as_ref() {
+        Some(t) => {
+            event.emit(t);
+            true
+        }
+        None => false,
+    }
+}
+
 extern "C" fn log_from_plugin(
     instance: RStr<'_>,
     level: LogLevel,
@@ -52,58 +76,34 @@ extern "C" fn log_from_plugin(
         let message = message.as_str();
         if target == DROPPED_TARGET {
             if let Some((samples, reason, why)) = parse_dropped(message) {
-                // A cause is its text up to the first digit, so "refused 2 of 6 lines" and
-                // "refused 3 of 6 lines" are one cause.
-                let cause: String = why.chars().take_while(|c| !c.is_ascii_digit()).collect();
-                // Causes can carry label values: past SEEN_MAX distinct ones, everything is
-                // logged at debug only, so the set cannot grow without bound.
-                let repeated = !SEEN
-                    .lock()
-                    .map(|mut seen| {
-                        seen.len() < SEEN_MAX
-                            && seen.insert((instance.to_string(), reason.as_str(), cause))
-                    })
-                    .unwrap_or(true);
                 let event = Event::SinkReportedDrop {
                     sink: instance,
                     reason: reason.as_str(),
                     samples,
                     why,
-                    repeated,
+                    repeated: seen_before(instance, reason.as_str(), why),
                 };
-                let telemetry = TELEMETRY.read().unwrap_or_else(|p| p.into_inner()).clone();
-                match telemetry.as_ref() {
-                    Some(t) => event.emit(t),
-                    None => tracing::warn!(
+                if !emit_report(event) {
+                    tracing::warn!(
                         instance,
                         samples,
                         reason = reason.as_str(),
                         "samples dropped: {why}"
-                    ),
+                    );
                 }
                 return;
             }
         }
         if target == ALTERED_TARGET {
             if let Some((samples, why)) = parse_altered(message) {
-                let cause: String = why.chars().take_while(|c| !c.is_ascii_digit()).collect();
-                let repeated = !SEEN
-                    .lock()
-                    .map(|mut seen| {
-                        seen.len() < SEEN_MAX
-                            && seen.insert((instance.to_string(), "altered", cause))
-                    })
-                    .unwrap_or(true);
                 let event = Event::SinkReportedAltered {
                     sink: instance,
                     samples,
                     why,
-                    repeated,
+                    repeated: seen_before(instance, "altered", why),
                 };
-                let telemetry = TELEMETRY.read().unwrap_or_else(|p| p.into_inner()).clone();
-                match telemetry.as_ref() {
-                    Some(t) => event.emit(t),
-                    None => tracing::warn!(instance, samples, "samples altered: {why}"),
+                if !emit_report(event) {
+                    tracing::warn!(instance, samples, "samples altered: {why}");
                 }
                 return;
             }
