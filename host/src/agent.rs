@@ -450,8 +450,12 @@ pub async fn run_until<T>(
             // reloaded pipeline is letting go of: a blocking thread's work, not the runtime's.
             let opened = {
                 let dir = dir.clone();
-                let max_bytes = s.config.spool_max_bytes;
-                tokio::task::spawn_blocking(move || Spool::open(&dir, max_bytes, capacity))
+                let options = crate::spool::Options {
+                    max_bytes: s.config.spool_max_bytes,
+                    cache_limit: capacity,
+                    sync: s.config.spool_sync,
+                };
+                tokio::task::spawn_blocking(move || Spool::open(&dir, options))
                     .await
                     .unwrap_or_else(|e| {
                         Err(std::io::Error::other(format!("opening panicked: {e}")))
@@ -484,6 +488,14 @@ pub async fn run_until<T>(
                 }
                 .emit(&telemetry);
             }
+            if recovered.lost_samples > 0 {
+                crate::events::Event::SinkDropped {
+                    sink: name,
+                    reason: "spool_corrupt",
+                    samples: recovered.lost_samples,
+                }
+                .emit(&telemetry);
+            }
             if recovered.batches > 0 {
                 tracing::info!(
                     sink = %name,
@@ -497,6 +509,8 @@ pub async fn run_until<T>(
                 capacity,
                 Arc::clone(&telemetry),
                 spool,
+                s.config.spool_mode,
+                recovered.batches,
             ))
         } else {
             Arc::new(SinkQueue::new(name, capacity, Arc::clone(&telemetry)))
@@ -511,7 +525,7 @@ pub async fn run_until<T>(
             batch_wait: s.config.batch_wait,
             plugin: plugin.name.clone(),
             timeout,
-            max_backoff: config.agent.max_backoff,
+            max_backoff: s.config.max_backoff,
             instance: RwLock::new(instance),
             queue: Arc::clone(&queue),
             calls: crate::call_thread::CallThread::spawn(&format!("write-{name}")),
@@ -636,6 +650,27 @@ pub async fn run_until<T>(
             health: Arc::clone(&health),
         };
         collector_tasks.spawn(task.run(stop_rx.clone()));
+    }
+    for rt in &sink_runtimes {
+        // Spooled batches and progress are made durable every `spool_sync` (and at shutdown).
+        let Some(every) = rt.queue.spool_sync() else {
+            continue;
+        };
+        let queue = Arc::clone(&rt.queue);
+        let mut stop = stop_rx.clone();
+        collector_tasks.spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = ticker.tick() => {
+                        let queue = Arc::clone(&queue);
+                        let _ = tokio::task::spawn_blocking(move || queue.sync_spool()).await;
+                    }
+                }
+            }
+        });
     }
     if let Some(shortest) = pipeline.shortest_window() {
         // Close each aggregation window once its last batches can have arrived.

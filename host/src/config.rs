@@ -190,7 +190,8 @@ pub struct AgentConfig {
     /// Default timeout of one plugin call.
     #[serde(with = "metricsd_plugin_api::duration")]
     pub timeout: Duration,
-    /// Longest back-off after repeated failures of an instance.
+    /// Longest back-off after repeated failures of a collector instance (sinks have their own
+    /// `max_backoff`).
     #[serde(with = "metricsd_plugin_api::duration")]
     pub max_backoff: Duration,
     /// Static labels added to every sample (a sample's own label of the same name wins).
@@ -367,6 +368,19 @@ pub struct SinkConfig {
     /// Most bytes the spool may hold; the oldest batches are dropped beyond it.
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: u64,
+    /// What goes to the spool: only what waits (`overflow`) or every batch (`always`).
+    #[serde(default)]
+    pub spool_mode: SpoolMode,
+    /// How often the spool's new batches and progress are made durable (fsync); `0s`: at
+    /// every batch and every acknowledgement.
+    #[serde(default = "default_spool_sync", with = "metricsd_plugin_api::duration")]
+    pub spool_sync: Duration,
+    /// Longest back-off between retries of a failing write.
+    #[serde(
+        default = "default_sink_max_backoff",
+        with = "metricsd_plugin_api::duration"
+    )]
+    pub max_backoff: Duration,
     /// Most samples in one write; queued batches are merged up to it.
     #[serde(default = "default_batch_max_samples")]
     pub batch_max_samples: usize,
@@ -384,6 +398,39 @@ fn default_batch_max_samples() -> usize {
 
 fn default_spool_max_bytes() -> u64 {
     256 * 1024 * 1024
+}
+
+fn default_spool_sync() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_sink_max_backoff() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// What a sink with `spool = true` writes to disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum SpoolMode {
+    /// Batches the memory queue cannot hold, and every batch while the sink fails (from its
+    /// first failed write until a write succeeds): a healthy sink costs no disk writes.
+    #[default]
+    Overflow,
+    /// Every batch before the sink sees it (write-ahead): an agent crash while the sink is
+    /// healthy loses nothing either, at the cost of writing everything to disk.
+    Always,
+}
+
+impl TryFrom<String> for SpoolMode {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        match text.as_str() {
+            "overflow" => Ok(Self::Overflow),
+            "always" => Ok(Self::Always),
+            other => Err(format!("expected `overflow` or `always`, found `{other}`")),
+        }
+    }
 }
 
 /// One `[[routes]]` entry.
@@ -751,6 +798,9 @@ fn env_sink(plugin: &str, table: serde_json::Map<String, serde_json::Value>) -> 
         queue_capacity: None,
         spool: false,
         spool_max_bytes: default_spool_max_bytes(),
+        spool_mode: SpoolMode::default(),
+        spool_sync: default_spool_sync(),
+        max_backoff: default_sink_max_backoff(),
         batch_max_samples: default_batch_max_samples(),
         batch_wait: Duration::ZERO,
         config: table,
@@ -1045,6 +1095,15 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
             return Err(key_error(
                 format!("sinks[{i}].batch_max_samples"),
                 "must be greater than 0",
+            ));
+        }
+        if s.max_backoff < MIN_INTERVAL {
+            return Err(key_error(
+                format!("sinks[{i}].max_backoff"),
+                format!(
+                    "must be at least {}",
+                    humantime::format_duration(MIN_INTERVAL)
+                ),
             ));
         }
         if s.spool && s.spool_max_bytes < 1024 * 1024 {
@@ -1432,6 +1491,30 @@ mod tests {
         assert_eq!(influx["bucket"], "gpus");
         assert_eq!(influx["token_env"], "INFLUXDB_TOKEN");
         assert!(!influx.contains_key("database") && !influx.contains_key("create_database"));
+    }
+
+    #[test]
+    fn sinks_retry_within_seconds_and_spool_only_what_waits_by_default() {
+        let c =
+            parse("[[sinks]]\nname = \"s\"\nplugin = \"stdout\"\nspool = true\n").expect("parses");
+        let s = &c.sinks[0];
+        assert_eq!(s.max_backoff, Duration::from_secs(5));
+        assert_eq!(s.spool_mode, SpoolMode::Overflow);
+        assert_eq!(s.spool_sync, Duration::from_secs(1));
+        let c = parse(
+            "[[sinks]]\nname = \"s\"\nplugin = \"stdout\"\nspool_mode = \"always\"\nspool_sync = \"0s\"\nmax_backoff = \"30s\"\n",
+        )
+        .expect("parses");
+        assert_eq!(c.sinks[0].spool_mode, SpoolMode::Always);
+        assert_eq!(c.sinks[0].spool_sync, Duration::ZERO);
+        assert_eq!(c.sinks[0].max_backoff, Duration::from_secs(30));
+        let e = err("[[sinks]]\nname = \"s\"\nplugin = \"stdout\"\nmax_backoff = \"1ms\"\n");
+        assert!(
+            e.contains("sinks[0].max_backoff") && e.contains("100ms"),
+            "{e}"
+        );
+        let e = err("[[sinks]]\nname = \"s\"\nplugin = \"stdout\"\nspool_mode = \"sometimes\"\n");
+        assert!(e.contains("spool_mode") && e.contains("overflow"), "{e}");
     }
 
     #[test]

@@ -11,35 +11,44 @@ use metricsd_plugin_api::{Batch, ErrorKind, PluginError};
 use tokio::sync::Notify;
 
 use crate::call_thread::CallThread;
+use crate::config::SpoolMode;
 use crate::events::{Event, Telemetry};
 use crate::health::{Health, State};
 use crate::spool::{RecordId, Spool};
 
 struct QueueState {
-    batches: VecDeque<Arc<Batch>>,
+    /// Batches in memory with their order, oldest first.
+    batches: VecDeque<(u64, Arc<Batch>)>,
     samples: usize,
+    /// Samples of the group taken from memory whose write has not finished (counted in the
+    /// depth until it is acknowledged or back in the queue).
+    in_flight: usize,
     closed: bool,
+    /// The order the next batch gets: batches are delivered by it, wherever they wait.
+    next_order: u64,
+    /// The sink's last write failed (transiently): in `overflow` mode batches go to the spool.
+    failing: bool,
 }
 
-/// A bounded queue of batches, measured in samples. When a new batch does not fit, the oldest
-/// batches are dropped (and counted) until it does; a batch larger than the whole capacity is
-/// still accepted on its own.
+/// A bounded queue of batches, measured in samples, with an optional disk spool. Without a
+/// spool, when a new batch does not fit, the oldest batches are dropped (and counted) until it
+/// does; a batch larger than the whole capacity is still accepted on its own. With a spool,
+/// what does not fit goes to disk, and in [`SpoolMode::Always`] (or while the sink fails)
+/// everything does; the oldest batch is delivered first wherever it waits.
 pub struct SinkQueue {
     name: String,
     capacity: usize,
     state: Mutex<QueueState>,
     notify: Notify,
     telemetry: Arc<Telemetry>,
-    /// With a disk spool, batches go there first and the memory queue only holds what the
-    /// spool could not take (a full or failing disk).
-    spool: Option<Spool>,
+    spool: Option<(Spool, SpoolMode)>,
 }
 
 /// Where popped batches came from, to acknowledge or retry them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Taken {
-    /// The memory queue (removed when popped).
-    Memory,
+    /// The memory queue, with the batches' orders (removed when popped).
+    Memory(Vec<u64>),
     /// The spool, up to and including this record (removed when acknowledged).
     Spool(RecordId),
 }
@@ -53,7 +62,10 @@ impl SinkQueue {
             state: Mutex::new(QueueState {
                 batches: VecDeque::new(),
                 samples: 0,
+                in_flight: 0,
                 closed: false,
+                next_order: 0,
+                failing: false,
             }),
             notify: Notify::new(),
             telemetry,
@@ -61,17 +73,20 @@ impl SinkQueue {
         }
     }
 
-    /// A queue whose batches go to a disk spool first.
+    /// A queue with a disk spool holding `recovered` batches from the last run.
     pub fn with_spool(
         name: &str,
         capacity: usize,
         telemetry: Arc<Telemetry>,
         spool: Spool,
+        mode: SpoolMode,
+        recovered: usize,
     ) -> Self {
         let queue = Self {
-            spool: Some(spool),
+            spool: Some((spool, mode)),
             ..Self::new(name, capacity, telemetry)
         };
+        queue.lock().next_order = recovered as u64;
         queue.report_depth();
         queue
     }
@@ -89,64 +104,92 @@ impl SinkQueue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Enqueues a batch, dropping the oldest ones if needed.
+    /// Appends to the spool; on an error the batch is not there and the error is counted.
+    fn to_spool(&self, spool: &Spool, batch: &Arc<Batch>, order: u64, dropped: &mut usize) -> bool {
+        match spool.append(batch, order) {
+            Ok(n) => {
+                *dropped += n;
+                true
+            }
+            Err(e) => {
+                Event::SpoolFailed {
+                    sink: &self.name,
+                    message: &e.to_string(),
+                }
+                .emit(&self.telemetry);
+                false
+            }
+        }
+    }
+
+    /// Moves one batch waiting in memory to the spool: the oldest that keeps the spool in
+    /// order (older ones, a write being retried, stay in memory and are delivered first).
+    /// `false` when none can go or the disk refuses it.
+    fn spill_one(&self, st: &mut QueueState, spool: &Spool, dropped: &mut usize) -> bool {
+        let back = spool.back_order();
+        let Some(i) = st
+            .batches
+            .iter()
+            .position(|(order, _)| back.is_none_or(|b| *order > b))
+        else {
+            return false;
+        };
+        let (order, batch) = (st.batches[i].0, Arc::clone(&st.batches[i].1));
+        if !self.to_spool(spool, &batch, order, dropped) {
+            return false;
+        }
+        st.samples -= batch.samples.len();
+        st.batches.remove(i);
+        true
+    }
+
+    /// Moves every batch waiting in memory that can go to the spool (see `spill_one`).
+    fn spill(&self, st: &mut QueueState, spool: &Spool, dropped: &mut usize) {
+        while self.spill_one(st, spool, dropped) {}
+    }
+
+    /// Enqueues a batch, spooling or dropping the oldest ones if needed.
     pub fn push(&self, batch: Arc<Batch>) {
         let n = batch.samples.len();
         if n == 0 {
             return;
         }
-        if let Some(spool) = &self.spool {
-            if self.lock().closed {
-                self.dropped_at_shutdown(n);
-                return;
-            }
-            match spool.append(&batch) {
-                Ok(dropped) => {
-                    if dropped > 0 {
-                        Event::QueueOverflow {
-                            sink: &self.name,
-                            samples: dropped,
-                        }
-                        .emit(&self.telemetry);
-                    }
-                    self.report_depth();
-                    self.notify.notify_one();
-                    return;
-                }
-                Err(e) => {
-                    // Keep it in memory rather than lose it; the memory queue's bound applies.
-                    Event::SpoolFailed {
-                        sink: &self.name,
-                        message: &e.to_string(),
-                    }
-                    .emit(&self.telemetry);
-                }
-            }
-        }
-        let (dropped, depth, closed) = {
-            let mut st = self.lock();
-            if st.closed {
-                (0, st.samples, true)
-            } else {
-                let mut dropped = 0;
-                while st.samples + n > self.capacity {
-                    match st.batches.pop_front() {
-                        Some(old) => {
-                            st.samples -= old.samples.len();
-                            dropped += old.samples.len();
-                        }
-                        None => break,
-                    }
-                }
-                st.samples += n;
-                st.batches.push_back(batch);
-                (dropped, st.samples, false)
-            }
-        };
-        if closed {
-            self.dropped_at_shutdown(n);
+        let data = crate::spool::data_samples(&batch);
+        self.telemetry.sink_received(&self.name, data);
+        let mut st = self.lock();
+        if st.closed {
+            drop(st);
+            self.dropped_at_shutdown(data);
             return;
         }
+        let order = st.next_order;
+        st.next_order += 1;
+        let mut dropped = 0;
+        st.samples += n;
+        st.batches.push_back((order, batch));
+        if let Some((spool, mode)) = &self.spool {
+            if *mode == SpoolMode::Always || st.failing {
+                // What waits in memory (a failed append) goes first, then this batch.
+                self.spill(&mut st, spool, &mut dropped);
+            }
+        }
+        while st.samples > self.capacity {
+            let spilled = self
+                .spool
+                .as_ref()
+                .is_some_and(|(spool, _)| self.spill_one(&mut st, spool, &mut dropped));
+            if spilled {
+                continue;
+            }
+            if st.batches.len() <= 1 {
+                break;
+            }
+            if let Some((_, old)) = st.batches.pop_front() {
+                st.samples -= old.samples.len();
+                dropped += crate::spool::data_samples(&old);
+            }
+        }
+        drop(st);
         if dropped > 0 {
             Event::QueueOverflow {
                 sink: &self.name,
@@ -154,7 +197,6 @@ impl SinkQueue {
             }
             .emit(&self.telemetry);
         }
-        let _ = depth;
         self.report_depth();
         self.notify.notify_one();
     }
@@ -169,35 +211,53 @@ impl SinkQueue {
         .emit(&self.telemetry);
     }
 
-    /// Acknowledges a batch the sink wrote or refused: it is not sent again.
-    pub fn ack(&self, taken: Taken) {
-        if let (Taken::Spool(id), Some(spool)) = (taken, &self.spool) {
-            spool.ack(id);
+    /// The sink's writes fail (`true`, after a transient failure) or succeed again. While
+    /// they fail, a spool in `overflow` mode takes every batch, those in memory first.
+    pub fn set_failing(&self, failing: bool) {
+        let mut st = self.lock();
+        st.failing = failing;
+        if let (true, Some((spool, _))) = (failing, &self.spool) {
+            let mut dropped = 0;
+            self.spill(&mut st, spool, &mut dropped);
+            drop(st);
+            if dropped > 0 {
+                Event::QueueOverflow {
+                    sink: &self.name,
+                    samples: dropped,
+                }
+                .emit(&self.telemetry);
+            }
             self.report_depth();
         }
+    }
+
+    /// Acknowledges a batch the sink wrote or refused: it is not sent again.
+    pub fn ack(&self, taken: &Taken) {
+        match (taken, &self.spool) {
+            (Taken::Spool(id), Some((spool, _))) => spool.ack(*id),
+            (Taken::Memory(_), _) => self.lock().in_flight = 0,
+            (Taken::Spool(_), None) => {}
+        }
+        self.report_depth();
     }
 
     /// Keeps batches whose write is to be retried at the head, in their order.
     pub fn retry(&self, taken: Taken, batches: Vec<Arc<Batch>>) {
         match taken {
-            Taken::Memory => {
-                for batch in batches.into_iter().rev() {
-                    self.push_front(batch);
+            Taken::Memory(orders) => {
+                {
+                    let mut st = self.lock();
+                    st.in_flight = 0;
+                    for (order, batch) in orders.into_iter().zip(batches).rev() {
+                        st.samples += batch.samples.len();
+                        st.batches.push_front((order, batch));
+                    }
                 }
+                self.report_depth();
             }
             // Still at the head of the spool until acknowledged.
             Taken::Spool(_) => {}
         }
-    }
-
-    /// Puts a batch back at the head (a write to retry).
-    fn push_front(&self, batch: Arc<Batch>) {
-        {
-            let mut st = self.lock();
-            st.samples += batch.samples.len();
-            st.batches.push_front(batch);
-        }
-        self.report_depth();
     }
 
     /// Waits until a batch is queued; `false` once the queue is closed and empty.
@@ -214,91 +274,137 @@ impl SinkQueue {
         }
     }
 
-    /// The oldest batches, as many as fit in `max_samples` (at least one); `None` when
-    /// nothing is queued.
+    /// The oldest batches, as many as fit in `max_samples` (at least one), all from the spool
+    /// or all from memory; `None` when nothing is queued.
     pub fn take_group(&self, max_samples: usize) -> Option<(Taken, Vec<Arc<Batch>>)> {
-        if let Some(spool) = &self.spool {
-            let (group, lost) = spool.front_group(max_samples);
-            if lost > 0 {
-                Event::SinkDropped {
-                    sink: &self.name,
-                    reason: "spool_unreadable",
-                    samples: lost,
+        if let Some((spool, _)) = &self.spool {
+            let memory_front = self.lock().batches.front().map(|(o, _)| *o);
+            let spool_first = spool
+                .front_order()
+                .is_some_and(|o| memory_front.is_none_or(|m| o < m));
+            if spool_first {
+                let (group, lost) =
+                    spool.front_group(max_samples, memory_front.unwrap_or(u64::MAX));
+                if lost > 0 {
+                    Event::SinkDropped {
+                        sink: &self.name,
+                        reason: "spool_unreadable",
+                        samples: lost,
+                    }
+                    .emit(&self.telemetry);
+                    self.report_depth();
                 }
-                .emit(&self.telemetry);
-                self.report_depth();
-            }
-            if let Some(((last, _), _)) = group.last().map(|g| (g, ())) {
-                let last = *last;
-                return Some((
-                    Taken::Spool(last),
-                    group.into_iter().map(|(_, b)| b).collect(),
-                ));
+                if let Some(&(last, _)) = group.last() {
+                    return Some((
+                        Taken::Spool(last),
+                        group.into_iter().map(|(_, b)| b).collect(),
+                    ));
+                }
             }
         }
+        let spool_front = self.spool.as_ref().and_then(|(s, _)| s.front_order());
         let mut st = self.lock();
+        let mut orders = Vec::new();
         let mut group = Vec::new();
         let mut samples = 0;
-        while let Some(front) = st.batches.front() {
+        while let Some((order, front)) = st.batches.front() {
             let n = front.samples.len();
-            if !group.is_empty() && samples + n > max_samples {
+            if !group.is_empty()
+                && (samples + n > max_samples || spool_front.is_some_and(|s| s < *order))
+            {
                 break;
             }
             samples += n;
-            if let Some(b) = st.batches.pop_front() {
+            if let Some((order, b)) = st.batches.pop_front() {
+                orders.push(order);
                 group.push(b);
             }
         }
         st.samples -= samples;
+        st.in_flight = samples;
         drop(st);
         self.report_depth();
-        (!group.is_empty()).then_some((Taken::Memory, group))
+        (!group.is_empty()).then_some((Taken::Memory(orders), group))
     }
 
-    /// Stops accepting batches; `pop` drains what is left, then returns `None`.
+    /// Stops accepting batches; `ready` is `false` once what is left is taken.
     pub fn close(&self) {
         self.lock().closed = true;
         self.notify.notify_waiters();
         self.notify.notify_one();
     }
 
-    /// Empties the queue (and the spool), returning the number of samples removed.
+    /// Empties the queue (and the spool), returning the data samples removed.
     pub fn clear(&self) -> usize {
-        let spooled = self.spool.as_ref().map_or(0, Spool::clear);
+        let spooled = self.spool.as_ref().map_or(0, |(s, _)| s.clear());
         let mut st = self.lock();
-        st.batches.clear();
-        let memory = std::mem::take(&mut st.samples);
+        let memory = st
+            .batches
+            .drain(..)
+            .map(|(_, b)| crate::spool::data_samples(&b))
+            .sum::<usize>();
+        st.samples = 0;
         drop(st);
         self.report_depth();
         spooled + memory
     }
 
+    /// How often the spool is synced by [`Self::sync_spool`] (`None`: no spool, or each
+    /// append syncs itself).
+    pub fn spool_sync(&self) -> Option<Duration> {
+        self.spool
+            .as_ref()
+            .map(|(s, _)| s.sync_interval())
+            .filter(|d| !d.is_zero())
+    }
+
+    /// Makes the spool durable (every `spool_sync`); an error is logged and counted.
+    pub fn sync_spool(&self) {
+        if let Some((spool, _)) = &self.spool {
+            if let Err(e) = spool.sync() {
+                Event::SpoolFailed {
+                    sink: &self.name,
+                    message: &format!("sync: {e}"),
+                }
+                .emit(&self.telemetry);
+            }
+        }
+    }
+
     /// At shutdown, after the worker stopped: moves what is left in memory to the spool.
-    /// Returns (samples kept in the spool for the next start, samples lost).
+    /// Returns (samples kept in the spool for the next start, data samples lost).
     pub fn shutdown(&self) -> (usize, usize) {
-        let left: Vec<Arc<Batch>> = {
+        let left: Vec<(u64, Arc<Batch>)> = {
             let mut st = self.lock();
             st.samples = 0;
             st.batches.drain(..).collect()
         };
         let mut lost = 0;
-        if let Some(spool) = &self.spool {
-            for b in left {
-                match spool.append(&b) {
-                    Ok(dropped) => lost += dropped,
-                    Err(_) => lost += b.samples.len(),
+        match &self.spool {
+            Some((spool, _)) => {
+                // In order after a restart, whatever their order now: the next run reads
+                // the spool front to back.
+                for (order, b) in left {
+                    if !self.to_spool(spool, &b, order, &mut lost) {
+                        lost += crate::spool::data_samples(&b);
+                    }
                 }
+                self.sync_spool();
+                (spool.samples(), lost)
             }
-            spool.sync();
-            (spool.samples(), lost)
-        } else {
-            (0, left.iter().map(|b| b.samples.len()).sum())
+            None => (
+                0,
+                left.iter()
+                    .map(|(_, b)| crate::spool::data_samples(b))
+                    .sum(),
+            ),
         }
     }
 
-    /// Samples waiting (in the spool and in memory).
+    /// Samples waiting (in the spool and in memory) or being written.
     pub fn depth(&self) -> usize {
-        self.spool.as_ref().map_or(0, Spool::samples) + self.lock().samples
+        let st = self.lock();
+        self.spool.as_ref().map_or(0, |(s, _)| s.samples()) + st.samples + st.in_flight
     }
 
     /// Whether `close` was called.
@@ -306,11 +412,11 @@ impl SinkQueue {
         self.lock().closed
     }
 
-    /// Takes every queued batch (tests and `once`).
+    /// Takes every batch queued in memory (tests and `once`).
     pub fn drain_now(&self) -> Vec<Arc<Batch>> {
         let mut st = self.lock();
         st.samples = 0;
-        st.batches.drain(..).collect()
+        st.batches.drain(..).map(|(_, b)| b).collect()
     }
 }
 
@@ -471,33 +577,33 @@ impl SinkRuntime {
             } else {
                 Arc::new(merge(&group))
             };
+            let data = crate::spool::data_samples(&batch);
             let Some(instance) = self.current() else {
-                self.queue.ack(taken);
+                self.queue.ack(&taken);
                 Event::SinkDropped {
                     sink: &self.name,
                     reason: "disabled",
-                    samples: batch.samples.len(),
+                    samples: data,
                 }
                 .emit(&self.telemetry);
                 continue;
             };
             let started = Instant::now();
             let reported_before = self.telemetry.reported_drops(&self.name);
-            match self.write(instance, Arc::clone(&batch)).await {
+            let result = self.write(instance, Arc::clone(&batch)).await;
+            // Samples the sink reported as dropped during this write (refused by its server,
+            // invalid for its protocol) are counted already; staleness markers end series and
+            // are not samples.
+            let reported = self
+                .telemetry
+                .reported_drops(&self.name)
+                .saturating_sub(reported_before);
+            let unreported = data.saturating_sub(usize::try_from(reported).unwrap_or(usize::MAX));
+            match result {
                 Ok(()) => {
-                    // Samples the sink reported as dropped during this write were not written.
-                    let reported = self
-                        .telemetry
-                        .reported_drops(&self.name)
-                        .saturating_sub(reported_before);
-                    // Staleness markers end series; they are not samples.
-                    let samples = batch
-                        .samples
-                        .iter()
-                        .filter(|s| !metricsd_plugin_api::is_stale_marker(s.value))
-                        .count()
-                        .saturating_sub(usize::try_from(reported).unwrap_or(usize::MAX));
-                    self.queue.ack(taken);
+                    let samples = unreported;
+                    self.queue.ack(&taken);
+                    self.queue.set_failing(false);
                     backoff = Duration::ZERO;
                     self.health.success(&self.name);
                     Event::SinkWritten {
@@ -509,7 +615,7 @@ impl SinkRuntime {
                     .emit(&self.telemetry);
                 }
                 Err(err) => {
-                    let samples = batch.samples.len();
+                    let samples = unreported;
                     let message = err.message.to_string();
                     Event::SinkWriteFailed {
                         sink: &self.name,
@@ -531,6 +637,7 @@ impl SinkRuntime {
                                 None => jitter(backoff),
                             };
                             self.queue.retry(taken, group);
+                            self.queue.set_failing(true);
                             if self.queue.is_closed() && self.queue.is_spooled() {
                                 // Shutting down: what is left waits in the spool.
                                 return;
@@ -538,7 +645,7 @@ impl SinkRuntime {
                             tokio::time::sleep(wait).await;
                         }
                         ErrorKind::REJECTED => {
-                            self.queue.ack(taken);
+                            self.queue.ack(&taken);
                             self.health.failure(&self.name, State::Failing, message);
                             Event::SinkDropped {
                                 sink: &self.name,
@@ -550,7 +657,7 @@ impl SinkRuntime {
                         _ => {
                             // Fatal, config or panic: the instance cannot be trusted with more
                             // data until the operator acts (or the config is reloaded).
-                            self.queue.ack(taken);
+                            self.queue.ack(&taken);
                             self.disable(format!("{}: {message}", err.kind.as_str()));
                             let queued = self.queue.clear();
                             Event::SinkDropped {
@@ -613,6 +720,95 @@ mod tests {
             .contains("metricsd_sink_dropped_samples_total{reason=\"queue_full\",sink=\"s\"} 4"));
         q.push(batch(30));
         assert_eq!(q.depth(), 30, "an oversized batch is kept alone");
+    }
+
+    fn valued(n: usize, v: f64) -> Arc<Batch> {
+        let mut b = BatchBuilder::new();
+        let f = b.gauge("x", "", "");
+        for _ in 0..n {
+            b.sample(f, &[], v);
+        }
+        Arc::new(b.finish())
+    }
+
+    fn spooled(mode: SpoolMode, capacity: usize) -> (tempfile::TempDir, SinkQueue) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let options = crate::spool::Options {
+            max_bytes: 1 << 20,
+            cache_limit: 100,
+            sync: Duration::from_secs(1),
+        };
+        let (spool, _) = Spool::open(dir.path(), options).expect("open");
+        let q = SinkQueue::with_spool("s", capacity, Arc::new(Telemetry::new()), spool, mode, 0);
+        (dir, q)
+    }
+
+    fn segments_bytes(dir: &std::path::Path) -> u64 {
+        std::fs::read_dir(dir)
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+            .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum()
+    }
+
+    /// Takes groups of one batch until the queue is empty: the first value of each.
+    fn delivered(q: &SinkQueue) -> Vec<f64> {
+        let mut out = Vec::new();
+        while let Some((taken, group)) = q.take_group(1) {
+            out.push(group[0].samples[0].value);
+            q.ack(&taken);
+        }
+        out
+    }
+
+    #[test]
+    fn overflow_mode_writes_to_disk_only_what_memory_cannot_hold() {
+        let (dir, q) = spooled(SpoolMode::Overflow, 10);
+        for v in 1..=2 {
+            q.push(valued(4, f64::from(v)));
+        }
+        assert_eq!(
+            segments_bytes(dir.path()),
+            0,
+            "a healthy sink writes nothing"
+        );
+        for v in 3..=5 {
+            q.push(valued(4, f64::from(v)));
+        }
+        assert!(segments_bytes(dir.path()) > 0, "the overflow went to disk");
+        assert_eq!(q.depth(), 20, "nothing dropped");
+        assert_eq!(delivered(&q), vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+    }
+
+    #[test]
+    fn while_the_sink_fails_everything_goes_to_disk_and_order_is_kept() {
+        let (dir, q) = spooled(SpoolMode::Overflow, 8);
+        q.push(valued(4, 1.0));
+        q.push(valued(4, 2.0));
+        // A write of batch 1 is in flight; batches 3 and 4 arrive and push 2 to disk.
+        let Some((taken, group)) = q.take_group(4) else {
+            panic!("a group")
+        };
+        q.push(valued(4, 3.0));
+        q.push(valued(4, 4.0));
+        // The write fails: batch 1 goes back to the head, and to disk with all in memory.
+        q.retry(taken, group);
+        q.set_failing(true);
+        q.push(valued(4, 5.0));
+        assert!(segments_bytes(dir.path()) > 0);
+        assert_eq!(q.depth(), 20);
+        q.set_failing(false);
+        q.push(valued(4, 6.0));
+        assert_eq!(delivered(&q), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn always_mode_spools_every_batch() {
+        let (dir, q) = spooled(SpoolMode::Always, 100);
+        q.push(valued(1, 1.0));
+        assert!(segments_bytes(dir.path()) > 0);
+        assert_eq!(delivered(&q), vec![1.0]);
     }
 
     #[test]
@@ -688,7 +884,7 @@ mod tests {
         q.close();
         q.push(batch(1));
         assert!(q.ready().await);
-        assert!(matches!(q.take_group(1), Some((Taken::Memory, g)) if g.len() == 1));
+        assert!(matches!(q.take_group(1), Some((Taken::Memory(_), g)) if g.len() == 1));
         assert!(!q.ready().await);
     }
 }

@@ -31,6 +31,7 @@ pub struct Telemetry {
     sink_write_errors: IntCounterVec,
     sink_writes: IntCounterVec,
     sink_samples: IntCounterVec,
+    sink_received: IntCounterVec,
     sink_last_duration: GaugeVec,
     plugin_files: IntGaugeVec,
     build_info: IntGaugeVec,
@@ -96,7 +97,7 @@ impl Telemetry {
             collector_last_duration: gauge(&r, "metricsd_collector_last_duration_seconds", "Duration of the collector's last completed call.", &c),
             collector_duration_total: float_counter(&r, "metricsd_collector_duration_seconds_total", "Total time spent in the collector's calls.", &c),
             sink_up: int_gauge(&r, "metricsd_sink_up", "1 if the sink's last write succeeded (or none failed yet).", &["sink", "plugin"]),
-            sink_queue: int_gauge(&r, "metricsd_sink_queue_samples", "Samples waiting in the sink's queue.", &s),
+            sink_queue: int_gauge(&r, "metricsd_sink_queue_samples", "Samples waiting in the sink's queue (in memory and in its spool) or being written.", &s),
             sink_queue_capacity: int_gauge(&r, "metricsd_sink_queue_capacity_samples", "Capacity of the sink's queue.", &s),
             sink_dropped: counter(&r, "metricsd_sink_dropped_samples_total", "Samples the sink lost, by reason (queue_full, rejected, invalid, disabled, shutdown, spool_unreadable).", &["sink", "reason"]),
             sink_altered: counter(&r, "metricsd_sink_altered_samples_total", "Samples the sink wrote with a label changed or left out because its protocol cannot carry it as it is.", &s),
@@ -105,6 +106,7 @@ impl Telemetry {
             sink_write_errors: counter(&r, "metricsd_sink_write_errors_total", "Failed writes by kind (transient, rejected, fatal, config, panic, timeout).", &["sink", "kind"]),
             sink_writes: counter(&r, "metricsd_sink_writes_total", "Successful writes.", &s),
             sink_samples: counter(&r, "metricsd_sink_samples_written_total", "Samples written successfully.", &s),
+            sink_received: counter(&r, "metricsd_sink_received_samples_total", "Samples routed to the sink (staleness markers excluded): received = written + dropped (all reasons) + queued.", &s),
             sink_last_duration: gauge(&r, "metricsd_sink_last_write_duration_seconds", "Duration of the sink's last write.", &s),
             plugin_files: int_gauge(&r, "metricsd_plugin_files", "Plugin files found, by verdict (loaded, shadowed, refused, unused: not opened, the config does not use it).", &["verdict"]),
             build_info: int_gauge(&r, "metricsd_build_info", "Always 1; the labels carry the agent and plugin API versions, the git revision and the target triple.", &["version", "plugin_api_version", "revision", "target"]),
@@ -220,8 +222,16 @@ impl Telemetry {
             .set(capacity as i64);
         self.sink_writes.with_label_values(&[name]);
         self.sink_samples.with_label_values(&[name]);
+        self.sink_received.with_label_values(&[name]);
         self.sink_dropped.with_label_values(&[name, "queue_full"]);
         self.sink_altered.with_label_values(&[name]);
+    }
+
+    /// Counts samples routed to a sink.
+    pub fn sink_received(&self, sink: &str, samples: usize) {
+        self.sink_received
+            .with_label_values(&[sink])
+            .inc_by(samples as u64);
     }
 
     /// Sets the queue depth gauge.

@@ -151,8 +151,8 @@ pub struct InfluxSink {
 enum Sent {
     Ok,
     /// The server refused lines of `from..to` for good (400 and other 4xx): drop them and
-    /// report. With the number of lines refused when the server said (a partial write).
-    Refused(String, Option<usize>),
+    /// report. The text for the log, and the server's message (a partial write says which).
+    Refused(String, String),
     /// 413: split and try the halves.
     TooLarge,
 }
@@ -354,21 +354,18 @@ impl InfluxSink {
                 );
                 Ok(())
             }
-            Sent::Refused(message, refused_lines) => {
-                let samples = enc.samples_in(from, to);
+            Sent::Refused(text, message) => {
                 let lines = to - from;
                 // A partial write keeps the good lines; the server says which it refused.
-                let dropped_lines = refused_lines.unwrap_or(lines).min(lines);
-                let dropped = if dropped_lines == lines {
-                    samples
-                } else {
-                    // Lines of this layout carry samples/lines fields on average.
-                    (dropped_lines * samples).div_ceil(lines)
-                };
+                let (dropped_lines, dropped) = partial_write_refused(enc, from, to, &message)
+                    .unwrap_or((lines, enc.samples_in(from, to)));
                 report_dropped(
                     dropped,
                     DropReason::Rejected,
-                    &format!("InfluxDB refused {dropped_lines} of {lines} lines: {message}"),
+                    &format!(
+                        "InfluxDB refused {dropped_lines} of {lines} lines: {}",
+                        shorten(&text, 500)
+                    ),
                 );
                 Ok(())
             }
@@ -452,10 +449,7 @@ impl InfluxSink {
                 }
                 Err(e)
             }
-            _ => Ok(Sent::Refused(
-                format!("HTTP {status}: {message}"),
-                partial_write_refused(&body),
-            )),
+            _ => Ok(Sent::Refused(format!("HTTP {status}: {message}"), message)),
         }
     }
 }
@@ -493,24 +487,104 @@ fn server_message(body: &str) -> String {
     plain_message(body)
 }
 
-/// `dropped=N` of an InfluxDB partial-write message.
-fn partial_write_refused(body: &str) -> Option<usize> {
-    if !body.contains("partial write") {
+/// At most `max` bytes of `text` (at a character boundary), marked when cut.
+fn shorten(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len()).into()
+}
+
+/// The lines and samples of `from..to` that a partial write refused, from the server's
+/// `message`; `None` when it is not a partial write (every line refused).
+///
+/// InfluxDB 1.x names each line it cannot parse (`unable to parse '…'`), and counts the parsed
+/// points it refused (a field type conflict, outside the retention policy) in `dropped=N`,
+/// naming the field and measurement of the first conflict only. Samples are exact when the
+/// named lines are found, when the conflict's measurement and field match exactly N lines, or
+/// when the candidate lines all carry the same number of fields; otherwise they are the
+/// lines' average (rounded up).
+fn partial_write_refused(
+    enc: &Encoded,
+    from: usize,
+    to: usize,
+    message: &str,
+) -> Option<(usize, usize)> {
+    if !message.contains("partial write") {
         return None;
     }
-    // InfluxDB 1.x names each line it cannot parse ("unable to parse '…'") and counts the
-    // parsed points it refused (a field type conflict, outside the retention policy) in
-    // `dropped=N`, which leaves the unparsable lines out.
-    let unparsable = body.matches("unable to parse '").count();
-    let dropped = body.rfind("dropped=").map_or(0, |at| {
-        body[at + 8..]
+    let line = |i: usize| {
+        let bytes = enc.slice(i, i + 1);
+        bytes.strip_suffix(b"\n").unwrap_or(bytes)
+    };
+    let samples = |i: usize| enc.samples_in(i, i + 1);
+    let mut refused = vec![false; to - from];
+    let mut lines = 0;
+    let mut dropped = 0;
+    let mut unnamed = 0;
+    const UNPARSABLE: &str = "unable to parse '";
+    for (at, _) in message.match_indices(UNPARSABLE) {
+        let rest = &message.as_bytes()[at + UNPARSABLE.len()..];
+        let found = (from..to).find(|&i| {
+            let l = line(i);
+            !refused[i - from] && rest.starts_with(l) && rest[l.len()..].starts_with(b"': ")
+        });
+        match found {
+            Some(i) => {
+                refused[i - from] = true;
+                dropped += samples(i);
+            }
+            None => unnamed += 1,
+        }
+        lines += 1;
+    }
+    let points = message.rfind("dropped=").map_or(0, |at| {
+        message[at + 8..]
             .chars()
             .take_while(char::is_ascii_digit)
             .collect::<String>()
             .parse()
             .unwrap_or(0)
     });
-    Some(unparsable + dropped)
+    let rest: Vec<usize> = (from..to).filter(|&i| !refused[i - from]).collect();
+    let estimate = |n: usize| {
+        let total: usize = rest.iter().map(|&i| samples(i)).sum();
+        (n * total).div_ceil(rest.len().max(1))
+    };
+    if points > 0 {
+        let conflict = message
+            .split_once("input field \"")
+            .and_then(|(_, r)| r.split_once("\" on measurement \""))
+            .and_then(|(field, r)| Some((field, r.split_once("\" is type")?.0)));
+        let candidates: Vec<usize> = conflict
+            .map(|(field, measurement)| {
+                rest.iter()
+                    .copied()
+                    .filter(|&i| {
+                        let (m, fields) = crate::line::line_shape(line(i));
+                        m == measurement && fields.iter().any(|f| f == field)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let same = rest.first().map(|&i| samples(i));
+        dropped += if candidates.len() == points {
+            candidates.iter().map(|&i| samples(i)).sum()
+        } else if rest.iter().all(|&i| Some(samples(i)) == same) {
+            points * same.unwrap_or(0)
+        } else {
+            estimate(points)
+        };
+        lines += points;
+    }
+    // Unparsable lines not found among ours (an echo cut short): the average.
+    dropped += estimate(unnamed);
+    let lines = lines.min(to - from);
+    Some((lines, dropped.min(enc.samples_in(from, to))))
 }
 
 /// Percent-encodes a query parameter value.
@@ -584,31 +658,73 @@ export_plugin! {
 mod tests {
     use super::*;
 
+    /// Lines as the encoder lays them out: (text, samples).
+    fn encoded(lines: &[(&str, usize)]) -> Encoded {
+        let mut enc = Encoded::default();
+        for (text, samples) in lines {
+            enc.body.extend_from_slice(text.as_bytes());
+            enc.body.push(b'\n');
+            enc.lines.push((enc.body.len(), *samples));
+        }
+        enc
+    }
+
     #[test]
-    fn partial_write_counts_come_from_the_body() {
+    fn partial_write_counts_come_from_the_message() {
+        let enc = encoded(&[
+            ("m,a=1 value=1,other=2 1", 2),
+            ("m,a=2 value=1 1", 1),
+            ("n,a=1 x=1,y=2,z=3 1", 3),
+            ("m\\ x,a=3 value=1,w=1 1", 2),
+        ]);
+        let n = enc.lines.len();
+        // A conflict on field `value` of `m`: exactly the three lines with it, 5 samples.
+        assert_eq!(
+            partial_write_refused(&enc, 0, n, "partial write: field type conflict: input field \"value\" on measurement \"m\" is type integer, already exists as type float dropped=2"),
+            Some((2, 3))
+        );
+        assert_eq!(
+            partial_write_refused(&enc, 0, n, "partial write: field type conflict: input field \"value\" on measurement \"m x\" is type integer, already exists as type float dropped=1"),
+            Some((1, 2)),
+            "an escaped measurement name"
+        );
+        // Two unparsable lines, named (what InfluxDB 1.8 answers), one of them odd.
+        assert_eq!(
+            partial_write_refused(&enc, 0, n, "partial write: unable to parse 'n,a=1 x=1,y=2,z=3 1': bad\nunable to parse 'm,a=2 value=1 1': bad dropped=0"),
+            Some((2, 4))
+        );
+        // Refused points the message does not name, lines of different sizes: the average.
         assert_eq!(
             partial_write_refused(
-                r#"{"error":"partial write: field type conflict: input field \"value\" on measurement \"m\" is type integer, already exists as type float dropped=3"}"#
+                &enc,
+                0,
+                n,
+                "partial write: points beyond retention policy dropped=2"
             ),
-            Some(3)
+            Some((2, 4))
         );
-        // What InfluxDB 1.8 answers for two unparsable lines among five (seen on influxd).
+        // ... and of one size: exact.
+        let even = encoded(&[("a x=1 1", 1), ("b x=1 1", 1), ("c x=1 1", 1)]);
         assert_eq!(
             partial_write_refused(
-                r#"{"error":"partial write: unable to parse 'bad line here': invalid field format\nunable to parse 'm,a=3 v=x 3': invalid boolean dropped=0"}"#
+                &even,
+                0,
+                3,
+                "partial write: points beyond retention policy dropped=2"
             ),
-            Some(2)
+            Some((2, 2))
         );
         assert_eq!(
-            partial_write_refused(r#"{"error":"unable to parse 'x': bad"}"#),
+            partial_write_refused(&enc, 0, n, "unable to parse 'x': bad"),
             None
         );
-        // A body longer than any message limit: the count is at its end.
+        // A message longer than any log line: the count is at its end.
         let long = format!(
-            "{{\"error\":\"partial write: unable to parse '{}': bad dropped=4\"}}",
+            "partial write: unable to parse '{}': bad dropped=4",
             "x".repeat(200_000)
         );
-        assert_eq!(partial_write_refused(&long), Some(5));
+        assert_eq!(partial_write_refused(&even, 0, 3, &long), Some((3, 3)));
+        assert!(shorten(&long, 500).len() < 600);
     }
 
     #[test]

@@ -564,6 +564,50 @@ fn non_finite(batch: &Batch, family: u32, value: f64) -> String {
     format!("`{name}` has the value {value}, which line protocol cannot carry")
 }
 
+/// The measurement and the field keys of one encoded line, escapes removed: what an InfluxDB
+/// error message names.
+pub fn line_shape(line: &[u8]) -> (String, Vec<String>) {
+    #[derive(PartialEq)]
+    enum At {
+        Measurement,
+        Tags,
+        Key,
+        Value,
+        Timestamp,
+    }
+    let mut at = At::Measurement;
+    let mut measurement = Vec::new();
+    let mut key = Vec::new();
+    let mut fields = Vec::new();
+    let mut escaped = false;
+    for &b in line {
+        if escaped {
+            escaped = false;
+            match at {
+                At::Measurement => measurement.push(b),
+                At::Key => key.push(b),
+                _ => {}
+            }
+            continue;
+        }
+        match (b, &at) {
+            (b'\\', _) => escaped = true,
+            (b',', At::Measurement) => at = At::Tags,
+            (b' ', At::Measurement | At::Tags) => at = At::Key,
+            (b'=', At::Key) => {
+                fields.push(String::from_utf8_lossy(&std::mem::take(&mut key)).into_owned());
+                at = At::Value;
+            }
+            (b',', At::Value) => at = At::Key,
+            (b' ', At::Value) => at = At::Timestamp,
+            (_, At::Measurement) => measurement.push(b),
+            (_, At::Key) => key.push(b),
+            _ => {}
+        }
+    }
+    (String::from_utf8_lossy(&measurement).into_owned(), fields)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -433,6 +433,51 @@ impl Agent {
         .map_err(|e| anyhow!("{e}\n{}", self.stderr()))
     }
 
+    /// A sink's delivery accounts, from one `/metrics/stats` answer.
+    pub fn accounts(&self, sink: &str) -> Result<Accounts> {
+        let body = self.stats()?;
+        let one = |family: &str| series_value(&body, &format!("{family}{{sink=\"{sink}\"}}"));
+        let dropped: Vec<(String, f64)> = body
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("metricsd_sink_dropped_samples_total{")?;
+                let (labels, value) = rest.split_once("} ")?;
+                labels
+                    .contains(&format!("sink=\"{sink}\""))
+                    .then(|| Some((labels.to_string(), value.trim().parse().ok()?)))
+                    .flatten()
+            })
+            .collect();
+        Ok(Accounts {
+            received: one("metricsd_sink_received_samples_total")
+                .ok_or_else(|| anyhow!("no received count for sink {sink}:\n{body}"))?,
+            written: one("metricsd_sink_samples_written_total").unwrap_or(0.0),
+            dropped: dropped.iter().map(|(_, v)| v).sum(),
+            queued: one("metricsd_sink_queue_samples").unwrap_or(0.0),
+            dropped_by_reason: dropped,
+        })
+    }
+
+    /// Waits (up to 30 s) until every sample routed to `sink` is written, dropped (and
+    /// counted) or still queued (received = written + dropped + queued: a write in progress
+    /// is counted as queued, so this holds at any moment a scrape catches both counters in
+    /// step) with at most `queued_at_most` queued, and returns the accounts; the error has the
+    /// last accounts seen and the agent's log.
+    pub fn settled_accounts(&self, sink: &str, queued_at_most: f64) -> Result<Accounts> {
+        let mut last = None;
+        wait_for(
+            &format!("sink {sink}: received = written + dropped + queued"),
+            Duration::from_secs(30),
+            || {
+                let a = self.accounts(sink).ok()?;
+                last = Some(a.clone());
+                (a.received == a.written + a.dropped + a.queued && a.queued <= queued_at_most)
+                    .then_some(a)
+            },
+        )
+        .map_err(|e| anyhow!("{e}: last {last:?}\n{}", self.stderr()))
+    }
+
     /// Waits until the health listener answers.
     pub fn wait_ready(&mut self) -> Result<()> {
         let deadline = Duration::from_secs(30);
@@ -480,6 +525,21 @@ impl Drop for Agent {
             let _ = child.wait();
         }
     }
+}
+
+/// A sink's delivery accounts (see [`Agent::accounts`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accounts {
+    /// Samples routed to the sink.
+    pub received: f64,
+    /// Samples it wrote.
+    pub written: f64,
+    /// Samples it dropped, all reasons.
+    pub dropped: f64,
+    /// Samples waiting or being written.
+    pub queued: f64,
+    /// The dropped counters by their label sets.
+    pub dropped_by_reason: Vec<(String, f64)>,
 }
 
 /// A number of `/proc/PID/status` (`VmRSS` in KiB, `Threads`, …); `None` when the process is

@@ -560,6 +560,9 @@ fn refused_and_unencodable_samples_are_dropped_alone_and_counted() {
     assert!(logs.contains("InfluxDB refused 2 of 6 lines"), "{logs}");
     assert!(logs.contains("field type conflict"), "{logs}");
     assert!(logs.contains("`testkit_nan` has the value NaN"), "{logs}");
+    // received = written + rejected + invalid (+ queued): nothing unaccounted.
+    let accounts = agent.settled_accounts("c", 100.0).expect("accounts");
+    assert!(accounts.written > 0.0, "{accounts:?}");
     let (_, health) = agent.get_health("/health").expect("health");
     assert!(health.contains("\"ok\""), "{health}");
 }
@@ -922,4 +925,244 @@ fn a_label_value_line_protocol_cannot_carry_as_it_is_does_not_hide_the_series() 
     assert!(agent
         .stderr()
         .contains("samples written with a label changed"));
+}
+
+/// Field values InfluxDB holds in measurement `testkit` of `db`: the samples it stored.
+fn stored_samples(influx: &InfluxServer, db: &str) -> f64 {
+    influx
+        .rows(db, "SELECT COUNT(*) FROM \"testkit\"")
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|row| row.iter())
+        .filter(|(k, _)| k.starts_with("count_"))
+        .filter_map(|(_, v)| v.as_f64())
+        .sum()
+}
+
+/// A size-limited tmpfs, unmounted when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(path: std::path::PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&path).expect("mkdir");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs and must run as root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(path)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the filesystem of `dir` with one file until the disk refuses more.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("filler");
+    let chunk = [0u8; 4096];
+    loop {
+        if let Err(e) = f.write_all(&chunk) {
+            assert_eq!(e.raw_os_error(), Some(28), "ENOSPC expected: {e}");
+            break;
+        }
+    }
+    path
+}
+
+#[test]
+fn a_full_disk_during_an_outage_loses_nothing_and_leaves_the_spool_readable() {
+    build();
+    let work = Workdir::new();
+    let mut influx = InfluxServer::start(&work, false).expect("influxd");
+    influx.query("", "CREATE DATABASE \"full\"").expect("db");
+    let disk = SmallFs::mount(work.path("spool"), "1m");
+    // The default spool mode; a memory queue (and spool cache) of 2,000 samples, so that an
+    // outage of more than ~4 s is read back from disk.
+    let config = spooled_config(&work, influx.port, "full")
+        .replace("interval = \"200ms\"", "interval = \"100ms\"")
+        .replace("series = 2", "series = 50")
+        .replace("spool = true\n", "spool = true\nqueue_capacity = 2000\n");
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for("first points", Duration::from_secs(20), || {
+        (calls_written(&influx, "full", "").len() >= 3).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let segments = |agent: &Agent| -> u64 {
+        std::fs::read_dir(work.path("spool/influx"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+                    .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or_else(|e| panic!("spool dir: {e}\n{}", agent.stderr()))
+    };
+    assert_eq!(segments(&agent), 0, "a healthy sink writes nothing to disk");
+    influx.stop();
+    let queued = "metricsd_sink_queue_samples{sink=\"influx\"}";
+    agent
+        .wait_stat(queued, 3000.0, Duration::from_secs(30))
+        .expect("an outage longer than the memory queue");
+    assert!(segments(&agent) > 0, "the outage goes to disk");
+    // The disk fills: appends fail (the last one part-way), the batches wait in memory.
+    let filler = fill(&work.path("spool"));
+    let errors = "metricsd_sink_spool_errors_total{sink=\"influx\"}";
+    agent
+        .wait_stat(errors, 3.0, Duration::from_secs(20))
+        .expect("appends refused by the full disk");
+    std::fs::remove_file(&filler).expect("room again");
+    let depth = agent.stat(queued).expect("depth");
+    agent
+        .wait_stat(queued, depth + 3000.0, Duration::from_secs(30))
+        .expect("the spool grows again, past its memory cache");
+    influx.restart().expect("influxd back");
+    let calls = wait_for("the outage delivered", Duration::from_secs(60), || {
+        let depth = agent.stat(queued)?;
+        (depth < 1000.0).then(|| calls_written(&influx, "full", ""))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_gapless(&calls, "across the full disk");
+    let accounts = agent.settled_accounts("influx", 1000.0).expect("accounts");
+    assert_eq!(accounts.dropped, 0.0, "{accounts:?}");
+    assert_stored_is_written(&agent, &influx, "full", 0.0);
+    let logs = agent.stderr();
+    assert!(!logs.contains("cannot be read back"), "{logs}");
+    let status = agent.terminate().expect("terminate");
+    assert!(status.success(), "{status:?}");
+    let first_log = agent.stderr();
+    let before = calls_written(&influx, "full", "").len();
+    // The next start finds a clean spool.
+    let mut agent = Agent::start(&work, &config, &[]).expect("restart");
+    agent.wait_ready().expect("ready again");
+    wait_for("new points", Duration::from_secs(20), || {
+        (calls_written(&influx, "full", "").len() >= before + 5).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_eq!(
+        agent
+            .stat("metricsd_sink_spool_corrupt_bytes_total{sink=\"influx\"}")
+            .unwrap_or(0.0),
+        0.0,
+        "{}\n--- first run ---\n{first_log}",
+        agent.stderr()
+    );
+    assert!(!agent.stderr().contains("damaged spool segment"));
+    drop(agent);
+    drop(disk);
+}
+
+/// Checks, against what InfluxDB holds, that the agent counts written exactly what was
+/// stored (less the `seeded` samples the test wrote itself): the written count read just
+/// before and just after the query brackets it.
+fn assert_stored_is_written(agent: &Agent, influx: &InfluxServer, db: &str, seeded: f64) {
+    let before = agent.accounts("influx").expect("accounts");
+    let stored = stored_samples(influx, db) - seeded;
+    let after = agent.accounts("influx").expect("accounts");
+    assert!(
+        before.written <= stored && stored <= after.written,
+        "InfluxDB holds {stored} samples; the agent counted {} written before the query, {} after",
+        before.written,
+        after.written
+    );
+}
+
+#[test]
+fn what_influxdb_stores_is_what_the_agent_counts_written() {
+    build();
+    let work = Workdir::new();
+    let mut influx = InfluxServer::start(&work, false).expect("influxd");
+    influx.query("", "CREATE DATABASE \"acct\"").expect("db");
+    let config = config(
+        "100ms",
+        &influx_sink("influx", influx.port, "database = \"acct\""),
+    );
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for("first points", Duration::from_secs(20), || {
+        (calls_written(&influx, "acct", "").len() >= 5).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    // An outage without a spool: the memory queue keeps it.
+    influx.stop();
+    agent
+        .wait_stat(
+            "metricsd_sink_write_errors_total{kind=\"transient\",sink=\"influx\"}",
+            2.0,
+            Duration::from_secs(20),
+        )
+        .expect("failed writes");
+    influx.restart().expect("influxd back");
+    let settled = agent.settled_accounts("influx", 100.0).expect("accounts");
+    // Nothing was refused; what the agent counts written is exactly what InfluxDB holds.
+    assert_eq!(settled.dropped, 0.0, "{settled:?}");
+    assert_stored_is_written(&agent, &influx, "acct", 0.0);
+}
+
+#[test]
+fn a_partial_write_of_lines_of_different_sizes_counts_exactly_what_was_refused() {
+    build();
+    let work = Workdir::new();
+    let influx = InfluxServer::start(&work, false).expect("influxd");
+    influx.query("", "CREATE DATABASE \"g\"").expect("create");
+    // In the grouped layout a testkit collection is 5 lines of different sizes, two of them
+    // one `value` field each (per series). `value` is now an integer field: InfluxDB refuses
+    // those two lines (2 samples of 6), says `dropped=2` and names field and measurement of
+    // the conflict.
+    let status = ureq::post(&format!(
+        "http://127.0.0.1:{}/write?db=g&precision=ms",
+        influx.port
+    ))
+    .send_string("testkit,series=old value=1i")
+    .expect("seed write")
+    .status();
+    assert_eq!(status, 204);
+    let config = config(
+        "250ms",
+        &influx_sink("influx", influx.port, "database = \"g\""),
+    );
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    agent
+        .wait_stat(
+            "metricsd_sink_writes_total{sink=\"influx\"}",
+            4.0,
+            Duration::from_secs(20),
+        )
+        .expect("writes");
+    let accounts = agent.settled_accounts("influx", 100.0).expect("accounts");
+    // Every refusal is of exactly the two `value` samples: received is a multiple of 6, and
+    // a third of what left the queue was refused.
+    let done = accounts.received - accounts.queued;
+    let dropped: Vec<&(String, f64)> = accounts
+        .dropped_by_reason
+        .iter()
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    assert_eq!(
+        dropped,
+        vec![&(
+            "reason=\"rejected\",sink=\"influx\"".to_string(),
+            done / 3.0
+        )],
+        "{accounts:?}\n{}",
+        agent.stderr()
+    );
+    assert_stored_is_written(&agent, &influx, "g", 1.0);
+    let logs = agent.stderr();
+    assert!(logs.contains("InfluxDB refused 2 of 5 lines"), "{logs}");
 }

@@ -222,6 +222,10 @@ fn prometheus_scrapes_metricsd_and_finds_sane_values() {
     // The agent's own metrics arrive through the same pipeline.
     let collections = query("metricsd_collector_collections_total{collector=\"system\"}");
     assert!(value(&collections[0]) >= 1.0);
+    // Every sample routed to the sink was applied to the exposition (none dropped).
+    let accounts = agent.settled_accounts("prom", 5000.0).expect("accounts");
+    assert_eq!(accounts.dropped, 0.0, "{accounts:?}");
+    assert!(accounts.written > 0.0, "{accounts:?}");
 }
 
 #[test]

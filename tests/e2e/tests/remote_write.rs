@@ -288,6 +288,38 @@ fn an_outage_is_filled_from_the_buffer_when_the_server_returns() {
             .unwrap_or(0.0),
         0.0
     );
+    assert_stored_is_written(&agent, &vm);
+}
+
+/// Samples VictoriaMetrics holds (each series' distinct timestamps).
+fn stored_count(vm: &VictoriaMetrics) -> f64 {
+    stored_points(vm, "{__name__=~\".+\"}")
+        .values()
+        .map(|p| p.len() as f64)
+        .sum()
+}
+
+/// Checks the agent's accounts (received = written + dropped + queued, nothing dropped) and
+/// that VictoriaMetrics comes to hold what the agent counted written (it makes new samples
+/// searchable after a second or so), and no more than the agent counts written after.
+fn assert_stored_is_written(agent: &Agent, vm: &VictoriaMetrics) {
+    let accounts = agent.settled_accounts("vm", 1000.0).expect("accounts");
+    assert_eq!(accounts.dropped, 0.0, "{accounts:?}");
+    let stored = wait_for(
+        "VictoriaMetrics to hold what was written",
+        Duration::from_secs(30),
+        || {
+            let stored = stored_count(vm);
+            (stored >= accounts.written).then_some(stored)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {} stored, {accounts:?}", stored_count(vm)));
+    let after = agent.accounts("vm").expect("accounts");
+    assert!(
+        stored <= after.written,
+        "VictoriaMetrics holds {stored} samples, more than the {} the agent counts written",
+        after.written
+    );
 }
 
 #[test]
@@ -680,6 +712,26 @@ fn a_bad_request_drops_only_that_write_counts_it_and_logs_once() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
     assert_eq!(rejected, refused as f64);
+    // Every other sample the agent counts written is one the server accepted (204), and the
+    // other way round: checked at a moment when no write is in flight.
+    wait_for("written = accepted", Duration::from_secs(20), || {
+        let accepted = |seen: &[scripted::Request]| -> f64 {
+            seen.iter()
+                .enumerate()
+                .filter(|(i, _)| !(1..=3).contains(i))
+                .map(|(_, r)| samples(r) as f64)
+                .sum()
+        };
+        let before = accepted(&seen.lock().ok()?.clone());
+        let a = agent.accounts("vm").ok()?;
+        let after = accepted(&seen.lock().ok()?.clone());
+        (a.queued == 0.0
+            && before == after
+            && a.written == before
+            && a.received == a.written + a.dropped)
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", agent.accounts("vm"), agent.stderr()));
     // Not retried: each request carries new calls.
     let calls: Vec<Vec<(f64, i64)>> = requests.iter().map(|r| calls_in(&decode(r))).collect();
     for pair in calls.windows(2) {
@@ -692,4 +744,53 @@ fn a_bad_request_drops_only_that_write_counts_it_and_logs_once() {
         "the server's message logged once: {log}"
     );
     assert!(log.contains("Bad Request (HTTP 400)"), "{log}");
+}
+
+#[test]
+fn a_receiver_that_comes_back_gets_the_backlog_within_the_sink_max_backoff() {
+    build();
+    let work = Workdir::new();
+    // The first 7 requests fail with 503; with a back-off doubling from 0.5 s and no cap the
+    // 7th retry would come 32 s after the 6th. The sink's `max_backoff` (5 s by default)
+    // bounds every wait, so the backlog goes out within 5 s of the receiver's return.
+    let (port, seen) = scripted::serve(|n, _| {
+        if n <= 7 {
+            (503, vec![], "down for maintenance".into())
+        } else {
+            (204, vec![], String::new())
+        }
+    });
+    // The agent's `max_backoff` (collectors') is long: it no longer holds sinks back.
+    let url = format!("http://127.0.0.1:{port}/api/v1/write");
+    let config = config(
+        "300ms",
+        "node_id = \"n1\"",
+        "[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\n",
+        &remote_write_sink(&url, ""),
+    )
+    .replace("max_backoff = \"1s\"", "max_backoff = \"5m\"");
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let requests = wait_for("nine requests", Duration::from_secs(60), || {
+        let seen = seen.lock().ok()?.clone();
+        (seen.len() >= 9).then_some(seen)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let gaps: Vec<Duration> = requests
+        .windows(2)
+        .map(|w| w[1].at.duration_since(w[0].at))
+        .collect();
+    assert!(
+        gaps.iter().all(|g| *g <= Duration::from_millis(5500)),
+        "waits between requests: {gaps:?}"
+    );
+    // The backlog of the outage arrived: every call from the first on.
+    let calls: BTreeSet<i64> = requests
+        .iter()
+        .skip(7)
+        .flat_map(|r| calls_in(&decode(r)))
+        .map(|(v, _)| v as i64)
+        .collect();
+    let first_calls: BTreeSet<i64> = (1..=3).collect();
+    assert!(calls.is_superset(&first_calls), "{calls:?}");
 }
