@@ -41,6 +41,8 @@ pub struct Telemetry {
     http_accept_errors: IntCounterVec,
     /// Causes that repeat, by `kind/instance`: logged once, then summarised.
     invalid_log: std::sync::Mutex<std::collections::HashMap<String, crate::ratelimit::Repeating>>,
+    /// Failed spool appends and syncs, per sink.
+    spool_log: std::sync::Mutex<std::collections::HashMap<String, crate::ratelimit::Repeating>>,
 }
 
 /// Registers a metric whose definition is a constant, so neither step can fail at run time.
@@ -116,6 +118,7 @@ impl Telemetry {
             http_accept_errors: counter(&r, "metricsd_http_accept_errors_total", "Failed accepts (EMFILE: out of file descriptors).", &["listener"]),
             registry: r,
             invalid_log: std::sync::Mutex::default(),
+            spool_log: std::sync::Mutex::default(),
         };
         t.registry
             .register(Box::new(crate::process::ProcessMetrics::new()))
@@ -157,11 +160,7 @@ impl Telemetry {
 
     /// Invalid samples of `collector` once more: whether and how to log it.
     fn invalid_again(&self, collector: &str) -> crate::ratelimit::Log {
-        let mut map = self.invalid_log.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get_mut(collector) {
-            Some(r) => r.event(),
-            None => map.entry(collector.to_string()).or_default().event(),
-        }
+        again(&self.invalid_log, collector)
     }
 
     /// A collection of `collector` without invalid samples: if they had been repeating, the
@@ -620,9 +619,11 @@ impl Event<'_> {
             }
             Event::SpoolFailed { sink, message } => {
                 t.spool_errors.with_label_values(&[sink]).inc();
-                tracing::error!(
-                    sink,
-                    "cannot write to the disk spool ({message}); the batch is kept in memory only"
+                again(&t.spool_log, sink).error(
+                    &format!(
+                        "sink {sink}: the disk spool failed ({message}); batches it cannot take wait in memory (up to queue_capacity)"
+                    ),
+                    "metricsd_sink_spool_errors_total",
                 );
             }
             Event::SpoolDamaged {
@@ -716,6 +717,18 @@ impl Event<'_> {
                 tracing::warn!(sink, reason, samples, "samples dropped");
             }
         }
+    }
+}
+
+/// One more event of the cause `key`: whether and how to log it.
+fn again(
+    log: &std::sync::Mutex<std::collections::HashMap<String, crate::ratelimit::Repeating>>,
+    key: &str,
+) -> crate::ratelimit::Log {
+    let mut map = log.lock().unwrap_or_else(|p| p.into_inner());
+    match map.get_mut(key) {
+        Some(r) => r.event(),
+        None => map.entry(key.to_string()).or_default().event(),
     }
 }
 

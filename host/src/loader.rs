@@ -3,7 +3,9 @@
 //!
 //! Each file is opened with `lib_header_from_path` + `init_root_module`, never with
 //! `RootModule::load_from_file`, which caches the first library loaded for a module type and
-//! would hand every later file the first plugin's module. Libraries are never unloaded.
+//! would hand every later file the first plugin's module. Each file is read once through one
+//! descriptor, checked, hashed and loaded from an in-memory copy of those bytes ([`scan`]).
+//! Libraries are never unloaded.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -192,18 +194,83 @@ fn writable_by_others(path: &Path) -> Result<Option<String>, std::io::Error> {
     Ok(None)
 }
 
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
+/// Why a file (or a directory on its path) that the agent is about to run code from is not
+/// to be trusted: owned by another user than root or the agent's own, or writable by its group
+/// or every user. A root-owned directory with the sticky bit (`/tmp`) is trusted as a
+/// directory: others can add entries to it but not replace the ones they do not own.
+fn untrusted(meta: &std::fs::Metadata, path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode();
+    let owner = meta.uid();
+    let me = nix::unistd::geteuid().as_raw();
+    if owner != 0 && owner != me {
+        return Some(format!(
+            "{} is owned by user {owner}, not by root or the agent's user ({me}): its owner could replace the code the agent runs; `chown root {}`",
+            path.display(),
+            path.display()
+        ));
     }
-    Ok(hex::encode(hasher.finalize()))
+    if meta.is_dir() && owner == 0 && mode & 0o1000 != 0 {
+        return None;
+    }
+    let by = if mode & 0o002 != 0 {
+        "every user"
+    } else if mode & 0o020 != 0 {
+        "its group"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{} is writable by {by} (mode {:o}); loading it would run code others can replace: `chmod go-w {}`",
+        path.display(),
+        mode & 0o7777,
+        path.display()
+    ))
+}
+
+/// A plugin file read once, through one descriptor, after the checks that make its content
+/// the operator's: the bytes that are hashed are the bytes that are loaded.
+struct CheckedFile {
+    bytes: Vec<u8>,
+    sha256: String,
+}
+
+/// Opens `path` once and checks it: every directory on its resolved path and the file itself
+/// (through the open descriptor) are owned by root or the agent's user and not writable by
+/// others; the file is a regular file. Then reads and hashes it.
+fn read_checked(path: &Path) -> Result<CheckedFile, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let cannot = |e: std::io::Error| format!("{}: cannot be read: {e}", path.display());
+    let resolved = path.canonicalize().map_err(cannot)?;
+    for dir in resolved.ancestors().skip(1) {
+        let meta = std::fs::metadata(dir).map_err(cannot)?;
+        if let Some(why) = untrusted(&meta, dir) {
+            let via = if resolved == path {
+                String::new()
+            } else {
+                format!(" (it resolves to {})", resolved.display())
+            };
+            return Err(format!("{}{via}: directory {why}", path.display()));
+        }
+    }
+    // No symlink is followed from here: the resolved path's directories cannot change under
+    // us (no one else can write them), and the last component is opened without following.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&resolved)
+        .map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
+    if let Some(why) = untrusted(&meta, &resolved) {
+        return Err(why);
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.read_to_end(&mut bytes).map_err(cannot)?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    Ok(CheckedFile { bytes, sha256 })
 }
 
 /// Turns abi_stable's error into one line that names the file and what to do.
@@ -251,12 +318,85 @@ pub fn describe_library_error(path: &Path, err: &LibraryError) -> String {
     }
 }
 
-/// Loads one plugin file (no permission or digest checks: see [`scan`]).
-pub fn load_file(path: &Path) -> Result<Plugin, String> {
-    let header = lib_header_from_path(path).map_err(|e| {
-        tracing::debug!(file = %path.display(), "plugin load error detail: {e}");
-        describe_library_error(path, &e)
-    })?;
+/// What loading one content gave, kept for the life of the process: libraries are never
+/// unloaded, so the same bytes found again (a reload, a copy under another name) reuse the
+/// library instead of mapping another copy.
+#[derive(Clone)]
+struct Loaded {
+    module: PluginModuleRef,
+    info: (String, PluginKind, String, String, String),
+}
+
+type LoadCache = BTreeMap<String, Result<Loaded, (PathBuf, String)>>;
+
+static LOADED: std::sync::Mutex<LoadCache> = std::sync::Mutex::new(BTreeMap::new());
+
+/// Loads a plugin from `bytes` read from `path` whose SHA-256 is `sha256` (no permission or
+/// digest checks: see [`scan`]). The bytes are copied into an anonymous memory file
+/// (`memfd_create`) and the library is opened from there, so the file on disk can be replaced
+/// or rewritten at any time without touching the running code, and a changed file is loaded
+/// as a new library (the old one stays mapped).
+fn load_bytes(path: &Path, bytes: &[u8], sha256: &str) -> Result<Plugin, String> {
+    let mut cache = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+    let loaded = match cache.get(sha256) {
+        Some(known) => known.clone(),
+        None => {
+            let loaded = open_in_memory(path, bytes).map_err(|e| (path.to_path_buf(), e));
+            cache.insert(sha256.to_string(), loaded.clone());
+            loaded
+        }
+    };
+    drop(cache);
+    match loaded {
+        Ok(Loaded {
+            module,
+            info: (name, kind, version, api_version, description),
+        }) => Ok(Plugin {
+            path: path.to_path_buf(),
+            module,
+            name,
+            kind,
+            version,
+            api_version,
+            description,
+        }),
+        // The same content under another name: the same refusal, naming this file.
+        Err((first, why)) => {
+            Err(why.replace(&first.display().to_string(), &path.display().to_string()))
+        }
+    }
+}
+
+fn open_in_memory(path: &Path, bytes: &[u8]) -> Result<Loaded, String> {
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| std::ffi::CString::new(n).ok())
+        .unwrap_or_else(|| c"metricsd-plugin".to_owned());
+    let memory =
+        nix::sys::memfd::memfd_create(&name, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| format!("{}: cannot create an in-memory copy: {e}", path.display()))?;
+    let mut copy = std::fs::File::from(memory);
+    copy.write_all(bytes)
+        .map_err(|e| format!("{}: cannot create an in-memory copy: {e}", path.display()))?;
+    let in_memory = PathBuf::from(format!("/proc/self/fd/{}", copy.as_raw_fd()));
+    let header = match lib_header_from_path(&in_memory) {
+        Ok(header) => header,
+        Err(e) => {
+            tracing::debug!(file = %path.display(), "plugin load error detail: {e}");
+            if !matches!(e, LibraryError::OpenError { .. }) {
+                // The library is mapped under this descriptor's path; the descriptor stays
+                // open so that no later library gets the same path (the dynamic loader would
+                // hand back this one).
+                let _ = copy.into_raw_fd();
+            }
+            return Err(describe_library_error(path, &e));
+        }
+    };
+    // Mapped: keep the descriptor, for the same reason.
+    let _ = copy.into_raw_fd();
     let module: PluginModuleRef = header.init_root_module::<PluginModuleRef>().map_err(|e| {
         // The layout dump of AbiInstability is long: debug level only.
         tracing::debug!(file = %path.display(), "plugin load error detail: {e}");
@@ -271,15 +411,22 @@ pub fn load_file(path: &Path) -> Result<Plugin, String> {
             kind.0
         ));
     }
-    Ok(Plugin {
-        path: path.to_path_buf(),
+    Ok(Loaded {
         module,
-        name: info.name.to_string(),
-        kind,
-        version: info.version.to_string(),
-        api_version: info.api_version.to_string(),
-        description: info.description.to_string(),
+        info: (
+            info.name.to_string(),
+            kind,
+            info.version.to_string(),
+            info.api_version.to_string(),
+            info.description.to_string(),
+        ),
     })
+}
+
+/// Reads, checks and loads one plugin file (no digest check: see [`scan`]).
+pub fn load_file(path: &Path) -> Result<Plugin, String> {
+    let checked = read_checked(path)?;
+    load_bytes(path, &checked.bytes, &checked.sha256)
 }
 
 fn is_plugin_candidate(path: &Path) -> bool {
@@ -407,15 +554,11 @@ fn check_file(
         sha256,
         verdict: Verdict::Refused(reason),
     };
-    match writable_by_others(path) {
-        Ok(Some(why)) => return refused(None, format!("{} {why}", path.display())),
-        Ok(None) => {}
-        Err(e) => return refused(None, format!("{}: cannot be read: {e}", path.display())),
-    }
-    let sha256 = match sha256_file(path) {
-        Ok(d) => d,
-        Err(e) => return refused(None, format!("{}: cannot be read: {e}", path.display())),
+    let checked = match read_checked(path) {
+        Ok(c) => c,
+        Err(why) => return refused(None, why),
     };
+    let sha256 = checked.sha256.clone();
     if !allowed.is_empty() && !allowed.contains(&sha256) {
         return refused(
             Some(sha256.clone()),
@@ -425,7 +568,7 @@ fn check_file(
             ),
         );
     }
-    match load_file(path) {
+    match load_bytes(path, &checked.bytes, &checked.sha256) {
         Ok(plugin) => {
             let name = plugin.name.clone();
             let verdict = match plugins.get(&name) {

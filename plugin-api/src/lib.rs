@@ -194,6 +194,12 @@ macro_rules! export_plugin {
 #[macro_export]
 macro_rules! __export_plugin_impl {
     ($name:expr, $desc:expr, $kind:expr, $new_collector:expr, $new_sink:expr, $validate:expr) => {
+        // Evaluated in the plugin's crate: a panic must unwind to the SDK's guard, which turns
+        // it into an error of one call; with `panic = "abort"` it would end the whole agent.
+        #[cfg(panic = "abort")]
+        ::core::compile_error!(
+            "metricsd plugins must be built with panic = \"unwind\" (Rust's default): with panic = \"abort\" the first panic in the plugin ends the whole agent instead of failing one call. Remove `panic = \"abort\"` from the [profile] sections of this crate's (or its workspace's) Cargo.toml."
+        );
         #[doc(hidden)]
         #[no_mangle]
         pub static _1as_0lib_1header_0root_bmodule_bloader: $crate::abi_stable::library::LibHeader = {

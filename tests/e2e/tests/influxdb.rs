@@ -1166,3 +1166,59 @@ fn a_partial_write_of_lines_of_different_sizes_counts_exactly_what_was_refused()
     let logs = agent.stderr();
     assert!(logs.contains("InfluxDB refused 2 of 5 lines"), "{logs}");
 }
+
+#[test]
+fn a_crash_during_an_outage_loses_nothing_that_was_spooled() {
+    build();
+    let work = Workdir::new();
+    let mut influx = InfluxServer::start(&work, false).expect("influxd");
+    influx.query("", "CREATE DATABASE \"k\"").expect("db");
+    // The default `spool_mode = "overflow"`: from the first failed write every batch goes to
+    // disk, so a crash (SIGKILL) in the middle of an outage loses none of them.
+    let config = spooled_config(&work, influx.port, "k");
+    let first_start = now_ms();
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    wait_for("first points", Duration::from_secs(20), || {
+        (calls_written(&influx, "k", "").len() >= 3).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    influx.stop();
+    agent
+        .wait_stat(
+            "metricsd_sink_queue_samples{sink=\"influx\"}",
+            50.0,
+            Duration::from_secs(30),
+        )
+        .expect("collections during the outage");
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &agent.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    wait_for("the agent gone", Duration::from_secs(10), || {
+        (!agent.is_running()).then_some(())
+    })
+    .expect("killed");
+    let crashed = now_ms();
+    influx.restart().expect("influxd back");
+    let mut agent = Agent::start(&work, &config, &[]).expect("restart");
+    agent.wait_ready().expect("ready again");
+    assert!(
+        agent
+            .stderr()
+            .contains("left in the spool by the last run are delivered first"),
+        "{}",
+        agent.stderr()
+    );
+    // Every collection of the first run, up to the crash, is in InfluxDB once the spool is
+    // delivered: its calls count 1, 2, … without a gap, and there are at least as many as
+    // were queued when it was killed (5 samples a collection).
+    let first_run = wait_for("the first run's points", Duration::from_secs(30), || {
+        let calls = calls_between(&influx, "k", first_start, crashed);
+        let queued = agent.stat("metricsd_sink_queue_samples{sink=\"influx\"}")?;
+        (queued < 20.0 && calls.len() >= 10).then_some(calls)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_gapless(&first_run, "first run, across the crash");
+}

@@ -362,3 +362,212 @@ fn a_required_plugin_that_cannot_load_stops_start_up_with_exit_code_2() {
     assert_eq!(health["status"], "degraded");
     assert_eq!(health["instances"]["gpu"]["state"], "disabled");
 }
+
+#[test]
+fn a_plugin_file_overwritten_while_the_agent_runs_does_no_harm() {
+    let work = Workdir::new();
+    let dir = plugin_dir(&work);
+    let file = dir.join("libmetricsd_testkit.so");
+    fs::copy(plugin("testkit"), &file).expect("copy");
+    let config = format!(
+        "[agent]\ninterval = \"100ms\"\nplugin_path = [\"{}\"]\ninternal_metrics = false\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\n[[sinks]]\nname = \"out\"\nplugin = \"stdout\"\n",
+        dir.display()
+    );
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let series = "metricsd_collector_collections_total{collector=\"tk\"}";
+    let before = agent
+        .wait_stat(series, 3.0, Duration::from_secs(10))
+        .expect("collections");
+    // What `cp other.so plugin.so` does: the same file (inode) truncated and rewritten. The
+    // agent runs an in-memory copy of what it checked, so its code is untouched.
+    fs::copy(plugin("hello"), &file).expect("overwrite");
+    fs::write(&file, b"not a library any more").expect("overwrite again");
+    agent
+        .wait_stat(series, before + 10.0, Duration::from_secs(10))
+        .expect("collections go on");
+    assert!(agent.is_running(), "{}", agent.stderr());
+    assert!(mapped(agent.pid(), "/memfd:libmetricsd_testkit.so"));
+}
+
+#[test]
+fn group_writable_files_other_owners_and_links_into_open_directories_are_refused() {
+    let work = Workdir::new();
+    let dir = plugin_dir(&work);
+    let group = dir.join("hello-group.so");
+    fs::copy(plugin("hello"), &group).expect("copy");
+    fs::set_permissions(&group, fs::Permissions::from_mode(0o664)).expect("chmod");
+    let other = dir.join("hello-other.so");
+    fs::copy(plugin("hello"), &other).expect("copy");
+    std::os::unix::fs::chown(&other, Some(65534), None).expect("chown (the tests run as root)");
+    // A link in a safe directory to a file in a directory every user can write.
+    let open = work.path("open");
+    fs::create_dir_all(&open).expect("mkdir");
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).expect("chmod");
+    fs::copy(plugin("hello"), open.join("hello.so")).expect("copy");
+    std::os::unix::fs::symlink(open.join("hello.so"), dir.join("hello-link.so")).expect("link");
+    let env = [("METRICSD_PLUGIN_PATH", dir.to_str().expect("utf-8"))];
+    let rows = plugins_json(&work, &env, None);
+    for (file, why) in [
+        ("hello-group.so", "writable by its group"),
+        ("hello-other.so", "is owned by user 65534"),
+        ("hello-link.so", "writable by every user"),
+    ] {
+        let r = row(&rows, file);
+        assert_eq!(r["verdict"], "refused", "{r}");
+        assert!(r["reason"].as_str().expect("reason").contains(why), "{r}");
+    }
+    assert!(row(&rows, "hello-link.so")["reason"]
+        .as_str()
+        .expect("reason")
+        .contains("resolves to"));
+}
+
+#[test]
+fn a_link_swapped_during_the_checks_never_loads_an_unlisted_file() {
+    let work = Workdir::new();
+    let dir = plugin_dir(&work);
+    let targets = work.path("targets");
+    fs::create_dir_all(&targets).expect("mkdir");
+    fs::copy(plugin("hello"), targets.join("good.so")).expect("copy");
+    fs::copy(plugin("testkit"), targets.join("bad.so")).expect("copy");
+    let rows = plugins_json(&work, &[], None);
+    let good = row(&rows, "libmetricsd_hello.so")["sha256"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    let link = dir.join("p.so");
+    std::os::unix::fs::symlink(targets.join("good.so"), &link).expect("link");
+    // Another process swaps the link between the listed file and an unlisted one, as fast as
+    // it can, while the agent checks and loads.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (stop, dir, targets) = (stop.clone(), dir.clone(), targets.clone());
+        std::thread::spawn(move || {
+            let tmp = dir.join(".p.so.tmp");
+            let mut swaps = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let target = if swaps.is_multiple_of(2) {
+                    "bad.so"
+                } else {
+                    "good.so"
+                };
+                let _ = fs::remove_file(&tmp);
+                if std::os::unix::fs::symlink(targets.join(target), &tmp).is_ok()
+                    && fs::rename(&tmp, dir.join("p.so")).is_ok()
+                {
+                    swaps += 1;
+                }
+            }
+            swaps
+        })
+    };
+    let config = format!("[agent]\nplugin_sha256 = [\"{good}\"]\n");
+    let env = [("METRICSD_PLUGIN_PATH", dir.to_str().expect("utf-8"))];
+    let mut verdicts = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..40 {
+        let rows = plugins_json(&work, &env, Some(&config));
+        let r = row(&rows, "p.so");
+        let verdict = format!("{} {}", r["verdict"], r["name"]);
+        assert!(
+            !(r["verdict"] == "loaded" && r["name"] == "testkit"),
+            "an unlisted file was loaded: {r}"
+        );
+        *verdicts.entry(verdict).or_default() += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().expect("swapper");
+    assert!(swaps > 100, "the link was swapped {swaps} times");
+    // Both sides of the race were seen: the listed file loaded, the other refused.
+    assert_eq!(verdicts.len(), 2, "{verdicts:?}");
+}
+
+/// The distinct in-memory copies of `name` mapped by process `pid`.
+fn memory_copies(pid: u32, name: &str) -> std::collections::BTreeSet<String> {
+    fs::read_to_string(format!("/proc/{pid}/maps"))
+        .expect("maps")
+        .lines()
+        .filter(|l| l.contains(&format!("/memfd:{name}")))
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_changed_plugin_file_is_loaded_anew_at_a_reload() {
+    let work = Workdir::new();
+    let dir = plugin_dir(&work);
+    let file = dir.join("libmetricsd_testkit.so");
+    fs::copy(plugin("testkit"), &file).expect("copy");
+    let config = format!(
+        "[agent]\ninterval = \"100ms\"\nplugin_path = [\"{}\"]\ninternal_metrics = false\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n[[collectors]]\nname = \"tk\"\nplugin = \"testkit\"\n",
+        dir.display()
+    );
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let series = "metricsd_collector_collections_total{collector=\"tk\"}";
+    agent
+        .wait_stat(series, 3.0, Duration::from_secs(10))
+        .expect("collections");
+    let pid = agent.pid();
+    let first = memory_copies(pid, "libmetricsd_testkit.so");
+    assert_eq!(first.len(), 1, "{first:?}");
+    let digest = |agent: &Agent| -> String {
+        let (_, body) = agent.get_health("/plugins").expect("/plugins");
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&body).expect("json");
+        row(&rows, "libmetricsd_testkit.so")["sha256"]
+            .as_str()
+            .expect("digest")
+            .to_string()
+    };
+    let old = digest(&agent);
+    // A new build installed the way package managers do: written aside, renamed over.
+    let mut bytes = fs::read(plugin("testkit")).expect("read");
+    bytes.extend_from_slice(b"\0a new build");
+    let aside = dir.join(".libmetricsd_testkit.so.new");
+    fs::write(&aside, &bytes).expect("write");
+    fs::rename(&aside, &file).expect("install");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    let new = wait_for("the new file's digest", Duration::from_secs(15), || {
+        let d = digest(&agent);
+        (d != old).then_some(d)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_eq!(new.len(), 64);
+    // The new copy is mapped beside the old one (which stays: libraries are never unloaded),
+    // and the collector, re-created on it, collects.
+    let copies = memory_copies(pid, "libmetricsd_testkit.so");
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    assert!(copies.is_superset(&first));
+    let after = agent.stat(series).unwrap_or(0.0);
+    agent
+        .wait_stat(series, after + 5.0, Duration::from_secs(10))
+        .expect("collections after the upgrade");
+}
+
+#[test]
+fn a_plugin_built_to_abort_on_panic_does_not_compile() {
+    // The example collector, compiled (this crate only) with `-C panic=abort`.
+    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(metricsd_e2e::root())
+        .args([
+            "rustc",
+            "-p",
+            "metricsd-hello-collector",
+            "--lib",
+            "--",
+            "-C",
+            "panic=abort",
+        ])
+        .output()
+        .expect("cargo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it compiled: {stderr}");
+    assert!(
+        stderr.contains("metricsd plugins must be built with panic = \"unwind\""),
+        "{stderr}"
+    );
+}
