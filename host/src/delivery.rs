@@ -22,7 +22,7 @@ struct QueueState {
     samples: usize,
     /// Samples of the group taken from memory whose write has not finished (counted in the
     /// depth until it is acknowledged or back in the queue).
-    in_flight: usize,
+    in_flight: Vec<(u64, Arc<Batch>)>,
     closed: bool,
     /// The order the next batch gets: batches are delivered by it, wherever they wait.
     next_order: u64,
@@ -62,7 +62,7 @@ impl SinkQueue {
             state: Mutex::new(QueueState {
                 batches: VecDeque::new(),
                 samples: 0,
-                in_flight: 0,
+                in_flight: Vec::new(),
                 closed: false,
                 next_order: 0,
                 failing: false,
@@ -235,7 +235,7 @@ impl SinkQueue {
     pub fn ack(&self, taken: &Taken) {
         match (taken, &self.spool) {
             (Taken::Spool(id), Some((spool, _))) => spool.ack(*id),
-            (Taken::Memory(_), _) => self.lock().in_flight = 0,
+            (Taken::Memory(_), _) => self.lock().in_flight.clear(),
             (Taken::Spool(_), None) => {}
         }
         self.report_depth();
@@ -247,7 +247,7 @@ impl SinkQueue {
             Taken::Memory(orders) => {
                 {
                     let mut st = self.lock();
-                    st.in_flight = 0;
+                    st.in_flight.clear();
                     for (order, batch) in orders.into_iter().zip(batches).rev() {
                         st.samples += batch.samples.len();
                         st.batches.push_front((order, batch));
@@ -321,7 +321,7 @@ impl SinkQueue {
             }
         }
         st.samples -= samples;
-        st.in_flight = samples;
+        st.in_flight = orders.iter().copied().zip(group.iter().cloned()).collect();
         drop(st);
         self.report_depth();
         (!group.is_empty()).then_some((Taken::Memory(orders), group))
@@ -371,13 +371,16 @@ impl SinkQueue {
         }
     }
 
-    /// At shutdown, after the worker stopped: moves what is left in memory to the spool.
-    /// Returns (samples kept in the spool for the next start, data samples lost).
+    /// At shutdown, after the worker stopped: moves what is left in memory (and a write that
+    /// was cut off by `agent.shutdown_timeout`) to the spool. Returns (samples kept in the
+    /// spool for the next start, data samples lost).
     pub fn shutdown(&self) -> (usize, usize) {
         let left: Vec<(u64, Arc<Batch>)> = {
             let mut st = self.lock();
             st.samples = 0;
-            st.batches.drain(..).collect()
+            let mut left = std::mem::take(&mut st.in_flight);
+            left.extend(st.batches.drain(..));
+            left
         };
         let mut lost = 0;
         match &self.spool {
@@ -404,7 +407,8 @@ impl SinkQueue {
     /// Samples waiting (in the spool and in memory) or being written.
     pub fn depth(&self) -> usize {
         let st = self.lock();
-        self.spool.as_ref().map_or(0, |(s, _)| s.samples()) + st.samples + st.in_flight
+        let in_flight: usize = st.in_flight.iter().map(|(_, b)| b.samples.len()).sum();
+        self.spool.as_ref().map_or(0, |(s, _)| s.samples()) + st.samples + in_flight
     }
 
     /// Whether `close` was called.
@@ -884,7 +888,16 @@ mod tests {
         q.close();
         q.push(batch(1));
         assert!(q.ready().await);
-        assert!(matches!(q.take_group(1), Some((Taken::Memory(_), g)) if g.len() == 1));
+        let Some((taken, group)) = q.take_group(1) else {
+            panic!("a group")
+        };
+        assert!(matches!(&taken, Taken::Memory(_)) && group.len() == 1);
+        assert_eq!(
+            q.depth(),
+            1,
+            "the write in flight is counted until acknowledged"
+        );
+        q.ack(&taken);
         assert!(!q.ready().await);
     }
 }
