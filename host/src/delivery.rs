@@ -190,15 +190,20 @@ impl SinkQueue {
             }
         }
         drop(st);
-        if dropped > 0 {
+        self.overflowed(dropped);
+        self.report_depth();
+        self.notify.notify_one();
+    }
+
+    /// Counts (and logs) samples dropped because neither memory nor the spool could hold them.
+    fn overflowed(&self, samples: usize) {
+        if samples > 0 {
             Event::QueueOverflow {
                 sink: &self.name,
-                samples: dropped,
+                samples,
             }
             .emit(&self.telemetry);
         }
-        self.report_depth();
-        self.notify.notify_one();
     }
 
     /// Counts a batch that arrived after the queue was closed.
@@ -220,13 +225,7 @@ impl SinkQueue {
             let mut dropped = 0;
             self.spill(&mut st, spool, &mut dropped);
             drop(st);
-            if dropped > 0 {
-                Event::QueueOverflow {
-                    sink: &self.name,
-                    samples: dropped,
-                }
-                .emit(&self.telemetry);
-            }
+            self.overflowed(dropped);
             self.report_depth();
         }
     }

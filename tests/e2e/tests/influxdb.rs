@@ -305,6 +305,10 @@ fn a_missing_database_is_reported_and_its_points_wait_until_it_exists() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
     assert_gapless(&calls, "after the database appeared");
+    // Nothing was lost while the database was missing, and nothing written twice.
+    let accounts = agent.settled_accounts("influx", 100.0).expect("accounts");
+    assert_eq!(accounts.dropped, 0.0, "{accounts:?}");
+    assert_stored_is_written(&agent, &influx, "later", 0.0);
 }
 
 #[test]
@@ -365,6 +369,11 @@ fn wrong_credentials_are_reported_without_the_secret_and_retried() {
     assert!(
         !logs.contains("wrong-pass-7f3a"),
         "the password leaked into the log"
+    );
+    let accounts = agent.settled_accounts("influx", 100.0).expect("accounts");
+    assert_eq!(
+        accounts.dropped, 0.0,
+        "refused credentials keep the points: {accounts:?}"
     );
 }
 
@@ -444,6 +453,26 @@ fn too_many_requests_honours_retry_after_and_too_large_splits_the_batch() {
             .unwrap_or(0.0),
         0.0
     );
+    // One line is one sample here: what the agent counts written is what the server accepted
+    // (2xx), checked at a moment no write is in flight.
+    wait_for("written = accepted", Duration::from_secs(20), || {
+        let accepted = |seen: &[Request]| -> f64 {
+            seen.iter()
+                .skip(1)
+                .filter(|r| r.lines <= 10)
+                .map(|r| r.lines as f64)
+                .sum()
+        };
+        let before = accepted(&seen.lock().ok()?.clone());
+        let a = agent.accounts("influx").ok()?;
+        let after = accepted(&seen.lock().ok()?.clone());
+        (a.queued == 0.0
+            && before == after
+            && a.written == before
+            && a.received == a.written + a.dropped)
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", agent.accounts("influx"), agent.stderr()));
 }
 
 #[test]
@@ -500,14 +529,7 @@ fn refused_and_unencodable_samples_are_dropped_alone_and_counted() {
     let influx = InfluxServer::start(&work, false).expect("influxd");
     influx.query("", "CREATE DATABASE \"c\"").expect("create");
     // `value` of testkit_value is now an integer field: metricsd's floats conflict with it.
-    let status = ureq::post(&format!(
-        "http://127.0.0.1:{}/write?db=c&precision=ms",
-        influx.port
-    ))
-    .send_string("testkit_value,series=old value=1i")
-    .expect("seed write")
-    .status();
-    assert_eq!(status, 204);
+    seed(&influx, "c", "testkit_value,series=old value=1i");
     let sinks = influx_sink(
         "c",
         influx.port,
@@ -565,6 +587,18 @@ fn refused_and_unencodable_samples_are_dropped_alone_and_counted() {
     assert!(accounts.written > 0.0, "{accounts:?}");
     let (_, health) = agent.get_health("/health").expect("health");
     assert!(health.contains("\"ok\""), "{health}");
+}
+
+/// Writes one line of line protocol into `db` directly, as another client would.
+fn seed(influx: &InfluxServer, db: &str, line: &str) {
+    let status = ureq::post(&format!(
+        "http://127.0.0.1:{}/write?db={db}&precision=ms",
+        influx.port
+    ))
+    .send_string(line)
+    .expect("seed write")
+    .status();
+    assert_eq!(status, 204);
 }
 
 /// `calls_total` values written between `from_ms` and `to_ms`, sorted.
@@ -1123,14 +1157,7 @@ fn a_partial_write_of_lines_of_different_sizes_counts_exactly_what_was_refused()
     // one `value` field each (per series). `value` is now an integer field: InfluxDB refuses
     // those two lines (2 samples of 6), says `dropped=2` and names field and measurement of
     // the conflict.
-    let status = ureq::post(&format!(
-        "http://127.0.0.1:{}/write?db=g&precision=ms",
-        influx.port
-    ))
-    .send_string("testkit,series=old value=1i")
-    .expect("seed write")
-    .status();
-    assert_eq!(status, 204);
+    seed(&influx, "g", "testkit,series=old value=1i");
     let config = config(
         "250ms",
         &influx_sink("influx", influx.port, "database = \"g\""),
