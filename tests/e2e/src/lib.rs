@@ -478,6 +478,24 @@ impl Agent {
         .map_err(|e| anyhow!("{e}: last {last:?}\n{}", self.stderr()))
     }
 
+    /// Waits (up to 20 s) for a moment when no write to `sink` is in flight and the samples it
+    /// counts written equal `accepted()`, what the receiving server says it took (read just
+    /// before and just after the agent's accounts, and equal both times), with received =
+    /// written + dropped.
+    pub fn wait_written_is_accepted(&self, sink: &str, accepted: impl Fn() -> Option<f64>) {
+        wait_for("written = accepted", Duration::from_secs(20), || {
+            let before = accepted()?;
+            let a = self.accounts(sink).ok()?;
+            let after = accepted()?;
+            (a.queued == 0.0
+                && before == after
+                && a.written == before
+                && a.received == a.written + a.dropped)
+                .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", self.accounts(sink), self.stderr()));
+    }
+
     /// Waits until the health listener answers.
     pub fn wait_ready(&mut self) -> Result<()> {
         let deadline = Duration::from_secs(30);

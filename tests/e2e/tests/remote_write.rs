@@ -714,24 +714,16 @@ fn a_bad_request_drops_only_that_write_counts_it_and_logs_once() {
     assert_eq!(rejected, refused as f64);
     // Every other sample the agent counts written is one the server accepted (204), and the
     // other way round: checked at a moment when no write is in flight.
-    wait_for("written = accepted", Duration::from_secs(20), || {
-        let accepted = |seen: &[scripted::Request]| -> f64 {
+    agent.wait_written_is_accepted("vm", || {
+        let seen = seen.lock().ok()?.clone();
+        Some(
             seen.iter()
                 .enumerate()
                 .filter(|(i, _)| !(1..=3).contains(i))
                 .map(|(_, r)| samples(r) as f64)
-                .sum()
-        };
-        let before = accepted(&seen.lock().ok()?.clone());
-        let a = agent.accounts("vm").ok()?;
-        let after = accepted(&seen.lock().ok()?.clone());
-        (a.queued == 0.0
-            && before == after
-            && a.written == before
-            && a.received == a.written + a.dropped)
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", agent.accounts("vm"), agent.stderr()));
+                .sum(),
+        )
+    });
     // Not retried: each request carries new calls.
     let calls: Vec<Vec<(f64, i64)>> = requests.iter().map(|r| calls_in(&decode(r))).collect();
     for pair in calls.windows(2) {
