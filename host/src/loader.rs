@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use abi_stable::library::{lib_header_from_path, LibraryError};
@@ -178,20 +177,6 @@ pub fn search_dirs(env_path: Option<&str>, configured: &[PathBuf]) -> Vec<PathBu
         }
     }
     unique
-}
-
-/// Refuses a path that other users may write to: loading a `.so` runs its code.
-fn writable_by_others(path: &Path) -> Result<Option<String>, std::io::Error> {
-    let meta = std::fs::metadata(path)?;
-    let mode = meta.permissions().mode();
-    if mode & 0o002 != 0 {
-        return Ok(Some(format!(
-            "is writable by every user (mode {:o}); loading it would run code anyone can replace: `chmod o-w {}`",
-            mode & 0o7777,
-            path.display()
-        )));
-    }
-    Ok(None)
 }
 
 /// Why a file (or a directory on its path) that the agent is about to run code from is not
@@ -465,9 +450,9 @@ pub fn scan(
     };
     let mut candidates: Vec<PathBuf> = Vec::new();
     for dir in dirs {
-        match writable_by_others(dir) {
+        match std::fs::metadata(dir).map(|meta| untrusted(&meta, dir)) {
             Ok(Some(why)) => {
-                let reason = format!("plugin directory {} {why}", dir.display());
+                let reason = format!("plugin directory {why}");
                 tracing::error!("{reason}");
                 set.refused_dirs.push(RefusedDir {
                     path: dir.clone(),
