@@ -576,25 +576,38 @@ fn a_lost_gpu_reports_up_0_while_the_others_continue_and_comes_back() {
     assert!(status.success());
 }
 
-#[test]
-fn processes_that_end_go_stale_in_the_prometheus_exposition() {
-    let work = Workdir::new();
+/// An agent collecting the simulated GPUs of `scenario` every 250 ms into a Prometheus sink
+/// `prom` (with `sink_extra` appended to its table), ready.
+fn prometheus_agent(work: &Workdir, scenario_file: &str, sink_extra: &str) -> Agent {
     let config = format!(
-        "[agent]\ninterval = \"250ms\"\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"127.0.0.1:{{metrics}}\"\n{}[[sinks]]\nname = \"prom\"\nplugin = \"prometheus\"\n[sinks.config]\nstale_after = \"1s\"\n",
+        "[agent]\ninterval = \"250ms\"\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"127.0.0.1:{{metrics}}\"\n{}[[sinks]]\nname = \"prom\"\nplugin = \"prometheus\"\n{sink_extra}",
         nvml_collector(&sim_library(), "")
     );
     let mut agent = Agent::start(
-        &work,
+        work,
         &config,
-        &[("NVML_SIM_SCENARIO", &scenario("h100-sxm-8.toml"))],
+        &[("NVML_SIM_SCENARIO", &scenario(scenario_file))],
     )
     .expect("start");
     agent.wait_ready().expect("ready");
-    let scrape = |agent: &Agent| {
-        metricsd_e2e::http_get(agent.metrics_port, "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default()
-    };
+    agent
+}
+
+/// The agent's `/metrics` body (empty when it does not answer).
+fn scrape(agent: &Agent) -> String {
+    metricsd_e2e::http_get(agent.metrics_port, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+}
+
+#[test]
+fn processes_that_end_go_stale_in_the_prometheus_exposition() {
+    let work = Workdir::new();
+    let agent = prometheus_agent(
+        &work,
+        "h100-sxm-8.toml",
+        "[sinks.config]\nstale_after = \"1s\"\n",
+    );
     wait_for("both processes", Duration::from_secs(10), || {
         let body = scrape(&agent);
         (body.contains("pid=\"4343\"") && body.contains("pid=\"4242\"")).then_some(())
@@ -944,22 +957,7 @@ fn a_lost_gpus_series_leave_the_exposition_at_once_not_after_stale_after() {
     let work = Workdir::new();
     // The sink's default stale_after (1 m): only the staleness markers the agent sends for
     // the series a collection no longer has can remove them within the test.
-    let config = format!(
-        "[agent]\ninterval = \"250ms\"\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"127.0.0.1:{{metrics}}\"\n{}[[sinks]]\nname = \"prom\"\nplugin = \"prometheus\"\n",
-        nvml_collector(&sim_library(), "")
-    );
-    let mut agent = Agent::start(
-        &work,
-        &config,
-        &[("NVML_SIM_SCENARIO", &scenario("lost-gpu.toml"))],
-    )
-    .expect("start");
-    agent.wait_ready().expect("ready");
-    let scrape = |agent: &Agent| {
-        metricsd_e2e::http_get(agent.metrics_port, "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default()
-    };
+    let agent = prometheus_agent(&work, "lost-gpu.toml", "");
     let temperature_of = |body: &str, gpu: &str| {
         body.lines().any(|l| {
             l.starts_with("gpu_temperature_celsius{") && l.contains(&format!("gpu=\"{gpu}\""))
