@@ -10,16 +10,19 @@
 //! 1. `cargo new --lib my-collector`, then in `Cargo.toml`:
 //!    ```toml
 //!    [lib]
+//!    name = "metricsd_hello"           # the file is libmetricsd_<plugin name>.so
 //!    crate-type = ["cdylib", "rlib"]   # cdylib for the host, rlib for your tests
 //!
 //!    [dependencies]
-//!    metricsd-plugin-api = "1"
+//!    metricsd-plugin-api = { git = "https://example.invalid/metricsd", tag = "plugin-api-1.0.0-for-metricsd-0.1" }
 //!    serde = { version = "1", features = ["derive"] }
 //!    ```
+//!    (The tag names this crate's version and the first host release that loads it; a path
+//!    dependency on a checkout's `plugin-api` works the same: see the crate's README.)
 //! 2. Implement [`Collector`]: a `Config` type (deserialised from the instance's `config`
 //!    table), `new`, and `collect`, which fills a [`BatchBuilder`].
 //! 3. Export it with [`export_plugin!`].
-//! 4. `cargo build --release` and copy `target/release/libmy_collector.so` into a plugin
+//! 4. `cargo build --release` and copy `target/release/libmetricsd_hello.so` into a plugin
 //!    directory (`/usr/lib/metricsd/plugins`, next to the `metricsd` binary, or one listed in
 //!    `METRICSD_PLUGIN_PATH`). The directory and the file must not be writable by other users.
 //! 5. Name it in the agent's config and check with `metricsd plugins` and `metricsd once`.
