@@ -99,6 +99,15 @@ pub fn fixture(name: &str) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let dir = root().join("tests/fixtures").join(name);
+    // Manifests of crates named `metricsd-plugin-api` are kept as `Cargo.toml.fixture`: a git
+    // dependency on this repository makes cargo read every `Cargo.toml` in it, and would pick
+    // a fixture's (tests/fixtures/README.md).
+    for sub in [dir.clone(), dir.join("plugin-api")] {
+        let template = sub.join("Cargo.toml.fixture");
+        if template.exists() {
+            fs::copy(&template, sub.join("Cargo.toml")).expect("write the fixture's Cargo.toml");
+        }
+    }
     // Same dependency versions as the main workspace, so compiled artifacts are reused.
     fs::copy(root().join("Cargo.lock"), dir.join("Cargo.lock")).expect("copy Cargo.lock");
     let target = target_dir().join("fixtures");
