@@ -134,9 +134,25 @@ impl PluginSet {
         if !known.is_empty() {
             text.push_str(&format!("; found: {}", known.join(", ")));
         }
-        if refused > 0 {
+        // A refused file whose name says it holds this plugin is most likely the one meant.
+        let meant: Vec<String> = self
+            .files
+            .iter()
+            .filter_map(|f| match &f.verdict {
+                Verdict::Refused(why) if conventional_name(&f.path) == Some(name) => {
+                    Some(format!("{} was refused: {why}", f.path.display()))
+                }
+                _ => None,
+            })
+            .collect();
+        if !meant.is_empty() {
+            text.push_str(&format!("; {}", meant.join("; ")));
+        }
+        let others = refused - meant.len();
+        if others > 0 {
             text.push_str(&format!(
-                "; {refused} file(s) were refused, see `metricsd plugins`"
+                "; {others} {}file(s) were refused, see `metricsd plugins`",
+                if meant.is_empty() { "" } else { "other " }
             ));
         }
         text
@@ -585,6 +601,40 @@ fn check_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_plugin_names_the_refused_file_that_would_have_provided_it() {
+        let file = |path: &str, why: &str| PluginFile {
+            path: PathBuf::from(path),
+            sha256: None,
+            verdict: Verdict::Refused(why.to_string()),
+        };
+        let set = PluginSet {
+            files: vec![
+                file(
+                    "/p/libmetricsd_acme.so",
+                    "/p/libmetricsd_acme.so: group-writable",
+                ),
+                file(
+                    "/p/libmetricsd_other.so",
+                    "/p/libmetricsd_other.so: not a plugin",
+                ),
+            ],
+            dirs: vec![PathBuf::from("/p")],
+            ..PluginSet::default()
+        };
+        let text = set.why_missing("acme");
+        assert!(
+            text.contains(
+                "/p/libmetricsd_acme.so was refused: /p/libmetricsd_acme.so: group-writable"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("1 other file(s) were refused"), "{text}");
+        let text = set.why_missing("zzz");
+        assert!(text.contains("; 2 file(s) were refused"), "{text}");
+        assert!(!text.contains("was refused:"), "{text}");
+    }
 
     #[test]
     fn conventional_names() {

@@ -345,8 +345,6 @@ fn retain_families(batch: &mut Batch, keep: &[bool]) {
     }
 }
 
-/// Removes invalid samples; returns how many and the first reason. Names are checked once
-/// per family and once per label set, not per sample.
 /// What makes a label set unusable in every sink: a name that is not a label name, a name
 /// beginning with `__` (reserved: Prometheus refuses a whole scrape with `__name__` in it), or a
 /// name given twice.
@@ -368,13 +366,41 @@ fn label_problem(set: &[Label]) -> Option<String> {
     None
 }
 
-fn validate(batch: &mut Batch) -> (usize, Option<String>) {
-    let mut first_reason: Option<String> = None;
-    let mut note = |reason: String| {
-        if first_reason.is_none() {
-            first_reason = Some(reason);
+/// The causes of one batch's invalid samples, each named once: the operator reads every cause
+/// from one message, not the first of several.
+#[derive(Default)]
+struct Causes(Vec<String>);
+
+impl Causes {
+    /// At most this many are named; the rest are counted.
+    const NAMED: usize = 8;
+
+    fn note(&mut self, reason: String) {
+        if !self.0.contains(&reason) {
+            self.0.push(reason);
         }
-    };
+    }
+
+    fn text(&self) -> Option<String> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let mut text = self.0[..self.0.len().min(Self::NAMED)].join("; ");
+        if self.0.len() > Self::NAMED {
+            text.push_str(&format!(
+                " (and {} more causes)",
+                self.0.len() - Self::NAMED
+            ));
+        }
+        Some(text)
+    }
+}
+
+/// Removes invalid samples; returns how many and their causes. Names are checked once per
+/// family and once per label set, not per sample.
+fn validate(batch: &mut Batch) -> (usize, Causes) {
+    let mut causes = Causes::default();
+    let mut note = |reason: String| causes.note(reason);
     let family_ok: Vec<bool> = batch
         .families
         .iter()
@@ -419,7 +445,7 @@ fn validate(batch: &mut Batch) -> (usize, Option<String>) {
         family_ok[f] && set_ok[l]
     });
     dropped += before - batch.samples.len();
-    (dropped, first_reason)
+    (dropped, causes)
 }
 
 /// Copies the families passing `passes` (and their samples) into a new batch.
@@ -543,9 +569,8 @@ impl Pipeline {
     /// Refuses the families of `batch` whose exposition name another family already has
     /// with another name or kind (in this batch or an earlier one of any source); returns the
     /// samples dropped and why.
-    fn refuse_clashes(&self, batch: &mut Batch) -> (usize, Option<String>) {
+    fn refuse_clashes(&self, batch: &mut Batch, causes: &mut Causes) -> usize {
         let mut known = self.families.lock().unwrap_or_else(|p| p.into_inner());
-        let mut reason = None;
         let keep: Vec<bool> = batch
             .families
             .iter()
@@ -565,14 +590,12 @@ impl Pipeline {
                         .map(|owner| (n, owner))
                 });
                 if let Some((shared, (name, kind))) = owner {
-                    reason.get_or_insert_with(|| {
-                        format!(
-                            "family `{}` ({}) clashes with `{name}` ({}) declared first: both would be named `{shared}` in the exposition",
-                            f.name,
-                            f.kind.as_str(),
-                            kind.as_str()
-                        )
-                    });
+                    causes.note(format!(
+                        "family `{}` ({}) clashes with `{name}` ({}) declared first: both would be named `{shared}` in the exposition",
+                        f.name,
+                        f.kind.as_str(),
+                        kind.as_str()
+                    ));
                     return false;
                 }
                 for n in names {
@@ -585,7 +608,7 @@ impl Pipeline {
             .collect();
         drop(known);
         if keep.iter().all(|k| *k) {
-            return (0, None);
+            return 0;
         }
         let refused: std::collections::HashSet<u32> = keep
             .iter()
@@ -599,7 +622,7 @@ impl Pipeline {
             .filter(|s| refused.contains(&s.family))
             .count();
         retain_families(batch, &keep);
-        (dropped, reason)
+        dropped
     }
 
     /// The shortest aggregation window, if any aggregate is configured.
@@ -627,7 +650,7 @@ impl Pipeline {
 
     /// Validates, relabels and labels a batch in place; returns the number of valid samples.
     pub fn prepare(&self, source: &str, batch: &mut Batch) -> usize {
-        let (mut invalid, mut reason) = validate(batch);
+        let (mut invalid, mut causes) = validate(batch);
         if batch.timestamp_ms.is_none() {
             batch.timestamp_ms = ROption::RSome(now_ms());
         }
@@ -635,14 +658,12 @@ impl Pipeline {
             self.apply(rule, batch);
         }
         // With the final names (after renames).
-        let (clashing, why) = self.refuse_clashes(batch);
-        invalid += clashing;
-        reason = reason.or(why);
+        invalid += self.refuse_clashes(batch, &mut causes);
         if invalid > 0 {
             Event::InvalidSamples {
                 collector: source,
                 count: invalid,
-                reason: reason.as_deref().unwrap_or("invalid sample"),
+                reason: causes.text().as_deref().unwrap_or("invalid sample"),
             }
             .emit(&self.telemetry);
         } else {
@@ -1038,6 +1059,14 @@ collectors = ["gpu"]
             .push(RVec::from(vec![Label::new("bad-name", "x")]));
         b.samples[0].labels = bad;
         b.samples[1].family = 99;
+        // One message names every cause, not the first.
+        let (dropped, causes) = validate(&mut b.clone());
+        assert_eq!(dropped, 2);
+        let text = causes.text().unwrap_or_default();
+        assert!(
+            text.contains("invalid label name `bad-name`") && text.contains("refers to family 99"),
+            "{text}"
+        );
         assert_eq!(p.prepare("c", &mut b), 1);
         assert!(p
             .telemetry

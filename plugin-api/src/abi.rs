@@ -136,8 +136,19 @@ pub struct Batch {
 
 /// What went wrong, a `u8` so that kinds can be added without breaking the ABI.
 #[repr(transparent)]
-#[derive(StableAbi, Copy, Clone, PartialEq, Eq, Hash, Debug)]
+#[derive(StableAbi, Copy, Clone, PartialEq, Eq, Hash)]
 pub struct ErrorKind(pub u8);
+
+/// `ErrorKind::FATAL`, not `ErrorKind(4)`: the constant's name, or the number for a kind this
+/// version does not know.
+impl std::fmt::Debug for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.as_str() {
+            "unknown" => write!(f, "ErrorKind({})", self.0),
+            name => write!(f, "ErrorKind::{}", name.to_ascii_uppercase()),
+        }
+    }
+}
 
 impl ErrorKind {
     /// The instance's configuration is wrong; it cannot run until the config is fixed.

@@ -48,6 +48,8 @@ impl LabelSetId {
 #[derive(Debug, Default)]
 pub struct BatchBuilder {
     batch: Batch,
+    /// The first family declared again with another kind, help or unit.
+    conflict: Option<String>,
 }
 
 impl BatchBuilder {
@@ -72,7 +74,11 @@ impl BatchBuilder {
         builder
     }
 
-    /// Declares a family (or returns the one already declared under that name).
+    /// Declares a family, or returns the one already declared under that name.
+    ///
+    /// Declaring a name again with another kind, help or unit is a bug of the plugin: the
+    /// first declaration stays, and the collection fails with an error that names both (the
+    /// SDK returns it from `collect`; see [`BatchBuilder::conflict`]).
     pub fn family(&mut self, name: &str, help: &str, unit: &str, kind: MetricKind) -> FamilyId {
         if let Some(i) = self
             .batch
@@ -80,6 +86,23 @@ impl BatchBuilder {
             .iter()
             .position(|f| f.name.as_str() == name)
         {
+            let first = &self.batch.families[i];
+            if self.conflict.is_none()
+                && (first.kind != kind
+                    || first.help.as_str() != help
+                    || first.unit.as_str() != unit)
+            {
+                self.conflict = Some(format!(
+                    "metric family `{name}` declared twice: first as {} (help {:?}, unit {:?}), \
+                     then as {} (help {:?}, unit {:?}); declare each family once",
+                    first.kind.as_str(),
+                    first.help.as_str(),
+                    first.unit.as_str(),
+                    kind.as_str(),
+                    help,
+                    unit
+                ));
+            }
             return FamilyId(i as u32);
         }
         self.batch.families.push(MetricFamily {
@@ -183,6 +206,12 @@ impl BatchBuilder {
     /// The finished batch.
     pub fn finish(self) -> Batch {
         self.batch
+    }
+
+    /// The first family declared twice with a different kind, help or unit, described for
+    /// the operator; `None` when every declaration agreed.
+    pub fn conflict(&self) -> Option<&str> {
+        self.conflict.as_deref()
     }
 }
 

@@ -44,11 +44,17 @@
 //! impl Collector for Hello {
 //!     type Config = Config;
 //!
-//!     fn new(config: Config, ctx: &Context) -> Result<Self> {
+//!     // Checks of the config alone go here, not in `new`: `metricsd check` runs them.
+//!     fn validate(config: &Config) -> Result<()> {
 //!         if config.greeting.is_empty() {
 //!             return Err(Error::config("`greeting` must not be empty"));
 //!         }
-//!         tracing::info!(instance = ctx.instance(), "ready");
+//!         Ok(())
+//!     }
+//!
+//!     fn new(config: Config, ctx: &Context) -> Result<Self> {
+//!         // `tracing` comes re-exported: no dependency of its own needed.
+//!         metricsd_plugin_api::tracing::info!(instance = ctx.instance(), "ready");
 //!         Ok(Hello { greeting: config.greeting, calls: 0 })
 //!     }
 //!
@@ -70,6 +76,21 @@
 //!
 //! ## What the host guarantees, and what it expects
 //!
+//! - **Call order.** [`Collector::validate`] (or [`Sink::validate`]) runs on the parsed config
+//!   whenever the host reads a config: `metricsd check`, start, and each SIGHUP reload, before
+//!   any instance exists. A failing `validate` is a config error: `check` and the start exit
+//!   with status 2, a reload is refused and the running config kept. Then, when the pipeline
+//!   starts, `new` (after `validate` again), then `collect` / `write` on the interval, and
+//!   `close` once before the instance is dropped (shutdown, reload, or after a panic).
+//! - **`validate` does no I/O** and returns quickly: it runs on the host's own thread without a
+//!   timeout, and in `metricsd check` on a machine that may not be the node. Check what the
+//!   config says there (ranges, exclusive keys, parseable URLs); open files, devices and
+//!   connections in `new`.
+//! - **An error from `new`.** A sink whose `new` fails is disabled (with `required = true` the
+//!   agent exits with status 2 instead). A collector whose `new` fails is created again after a
+//!   back-off, since what it opens can appear later (a driver loaded, a secret mounted); but a
+//!   [`Error::config`] error from the first `new` of a `required = true` collector ends the
+//!   start with status 2, like a failing `validate`.
 //! - Calls are synchronous and made from the host's blocking threads; never two calls at once
 //!   on one collector instance, nor two `write`s at once on one sink instance.
 //! - A call that takes longer than the instance's `timeout` is abandoned (it may still finish)
@@ -117,6 +138,9 @@ pub use abi_stable;
 pub use sdk::{
     new_collector, new_sink, not_a_collector, not_a_sink, validate_collector, validate_sink,
 };
+/// The `tracing` crate the SDK forwards to the host's log: `metricsd_plugin_api::tracing::info!`
+/// works without a `tracing` dependency of the plugin's own.
+pub use tracing;
 
 /// The version of this interface; the host refuses plugins of another major version.
 pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -256,7 +256,11 @@ impl<C: Collector> CollectorFfi for CollectorAdapter<C> {
         let (families, label_sets, samples) = self.last_sizes;
         let result = guarded(&self.dispatch, || {
             let mut out = BatchBuilder::with_capacities(families, label_sets, samples);
-            inner.collect(&mut out).map(|()| out.finish())
+            inner.collect(&mut out)?;
+            match out.conflict() {
+                Some(conflict) => Err(Error::fatal(conflict.to_string())),
+                None => Ok(out.finish()),
+            }
         });
         if let Ok(Ok(batch)) = &result {
             self.last_sizes = (
@@ -532,6 +536,53 @@ mod tests {
         assert_eq!(second.families.capacity(), 1);
         let third = adapter.collect().unwrap();
         assert_eq!(third.samples.capacity(), 5);
+    }
+
+    struct Redeclares;
+
+    impl Collector for Redeclares {
+        type Config = serde_json::Value;
+        fn new(_: Self::Config, _: &Context) -> Result<Self> {
+            Ok(Self)
+        }
+        fn collect(&mut self, out: &mut BatchBuilder) -> Result<()> {
+            let g = out.gauge("x_bytes", "Bytes.", "bytes");
+            out.sample(g, &[], 1.0);
+            // The same declaration again is fine; another kind is not.
+            let again = out.gauge("x_bytes", "Bytes.", "bytes");
+            assert_eq!(again, g);
+            let c = out.counter("x_bytes", "Bytes.", "bytes");
+            out.sample(c, &[], 2.0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_family_declared_again_with_another_kind_fails_the_collection() {
+        let mut adapter = CollectorAdapter {
+            inner: Some(Redeclares),
+            dispatch: Dispatch::none(),
+            last_sizes: (0, 0, 0),
+        };
+        let err = adapter.collect().unwrap_err();
+        assert_eq!(err.kind, ErrorKind::FATAL);
+        assert!(
+            err.message
+                .contains("`x_bytes` declared twice: first as gauge")
+                && err.message.contains("then as counter"),
+            "{}",
+            err.message
+        );
+        // Not a panic: the instance stays and the next collection reports it again.
+        assert!(adapter.inner.is_some());
+    }
+
+    #[test]
+    fn error_kinds_debug_as_their_names() {
+        let err = Error::fatal("gone").into_ffi();
+        let text = format!("{err:?}");
+        assert!(text.contains("kind: ErrorKind::FATAL"), "{text}");
+        assert_eq!(format!("{:?}", ErrorKind(42)), "ErrorKind(42)");
     }
 
     #[test]

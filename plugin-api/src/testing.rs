@@ -84,6 +84,12 @@ impl CollectorHarness {
         Ok(Self { instance })
     }
 
+    /// Checks a config as `metricsd check` does (parsing, then [`Collector::validate`]),
+    /// without creating an instance.
+    pub fn validate<C: Collector>(config_json: &str) -> Result<(), PluginError> {
+        into_result(crate::sdk::validate_collector::<C>(config_json))
+    }
+
     /// Collects once.
     pub fn collect(&mut self) -> Result<Batch, PluginError> {
         into_result(self.instance.collect())
@@ -130,6 +136,12 @@ impl SinkHarness {
     pub fn new<S: Sink>(instance: &str, config_json: &str) -> Result<Self, PluginError> {
         let instance = into_result(new_sink::<S>(args(instance, config_json), "harness"))?;
         Ok(Self { instance })
+    }
+
+    /// Checks a config as `metricsd check` does (parsing, then [`Sink::validate`]), without
+    /// creating an instance.
+    pub fn validate<S: Sink>(config_json: &str) -> Result<(), PluginError> {
+        into_result(crate::sdk::validate_sink::<S>(config_json))
     }
 
     /// Writes one batch.

@@ -35,11 +35,18 @@ pub struct Hello {
 impl Collector for Hello {
     type Config = Config;
 
-    fn new(config: Config, ctx: &Context) -> Result<Self> {
+    /// Checks of the config alone: `metricsd check`, the start and each reload run them, before
+    /// any instance exists. No I/O here (see the crate docs of metricsd-plugin-api).
+    fn validate(config: &Config) -> Result<()> {
         if config.greeting.is_empty() {
             return Err(Error::config("`greeting` must not be empty"));
         }
-        tracing::info!("hello collector `{}` ready", ctx.instance());
+        Ok(())
+    }
+
+    fn new(config: Config, ctx: &Context) -> Result<Self> {
+        // The SDK re-exports `tracing`; its events reach the agent's log.
+        metricsd_plugin_api::tracing::info!("hello collector `{}` ready", ctx.instance());
         Ok(Hello {
             greeting: config.greeting,
             series: config.series,
@@ -117,12 +124,17 @@ mod tests {
     }
 
     #[test]
-    fn empty_greeting_is_a_config_error() {
+    fn empty_greeting_is_a_config_error_that_check_finds() {
+        // `metricsd check` runs validate only: the check must be there, not in `new`.
+        let err = CollectorHarness::validate::<Hello>(r#"{"greeting":""}"#)
+            .expect_err("validate must refuse it");
+        assert_eq!(err.kind, ErrorKind::CONFIG);
+        assert!(err.message.contains("greeting"), "{}", err.message);
+        assert!(CollectorHarness::validate::<Hello>(r#"{"greeting":"hej"}"#).is_ok());
         let err = CollectorHarness::new::<Hello>("bad", r#"{"greeting":""}"#)
             .err()
             .expect("must fail");
         assert_eq!(err.kind, ErrorKind::CONFIG);
-        assert!(err.message.contains("greeting"));
     }
 
     #[test]

@@ -173,6 +173,8 @@ pub struct PluginFileReport {
     pub version: Option<String>,
     /// plugin-api version it was built against, when loaded.
     pub api_version: Option<String>,
+    /// What the plugin says it does, when loaded.
+    pub description: Option<String>,
     /// Why it was refused or shadowed.
     pub reason: Option<String>,
     /// SHA-256 of the file.
@@ -208,6 +210,7 @@ pub fn plugin_report(set: &PluginSet) -> Vec<PluginFileReport> {
                 kind: loaded.map(|p| p.kind.as_str()),
                 version: loaded.map(|p| p.version.clone()),
                 api_version: loaded.map(|p| p.api_version.clone()),
+                description: loaded.map(|p| p.description.clone()),
                 reason,
                 sha256: f.sha256.clone(),
             }

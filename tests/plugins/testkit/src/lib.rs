@@ -17,6 +17,10 @@ pub struct Config {
     /// Panic in `new`.
     #[serde(default)]
     pub panic_in_new: bool,
+    /// Return a config error from `new` (a check that needs more than the config, such as a
+    /// device that the config names and that is not there).
+    #[serde(default)]
+    pub config_error_in_new: bool,
     /// Panic on this collect call.
     pub panic_on: Option<u64>,
     /// Return a transient error on every call from this one on.
@@ -86,12 +90,19 @@ pub struct Testkit {
 impl Collector for Testkit {
     type Config = Config;
 
+    fn validate(config: &Config) -> Result<()> {
+        if config.series > 1_000_000 {
+            return Err(Error::config("`series` must be at most 1000000"));
+        }
+        Ok(())
+    }
+
     fn new(config: Config, ctx: &Context) -> Result<Self> {
         if config.panic_in_new {
             panic!("testkit: panic_in_new is set");
         }
-        if config.series > 1_000_000 {
-            return Err(Error::config("`series` must be at most 1000000"));
+        if config.config_error_in_new {
+            return Err(Error::config("testkit: config_error_in_new is set"));
         }
         let generation = book(ctx.instance(), |b| {
             b.0 += 1;
