@@ -434,7 +434,7 @@ pub async fn run_until<T>(
                 }
                 Err(why) => {
                     tracing::error!("{why}; the sink is disabled");
-                    health.register(name, "sink", &plugin.name, false, Some(why));
+                    health.register(name, "sink", &plugin.name, false, Some(why.message));
                     continue;
                 }
             };
@@ -636,20 +636,38 @@ pub async fn run_until<T>(
                 continue;
             }
         };
+        let timeout = c.config.timeout.unwrap_or(config.agent.timeout);
+        // A required collector is created here: if its `new` says the config is wrong, the
+        // start ends with status 2 as for a failing `validate` (any other failure is retried
+        // by its task, since what it opens can appear later).
+        let initial = if c.config.required {
+            match create_collector(&plugin, name, &config_json(&c.config.config), timeout).await {
+                Ok(instance) => Some(instance),
+                Err(e) if e.config => {
+                    // Stop what this start already runs before returning.
+                    let _ = stop_tx.send(true);
+                    while collector_tasks.join_next().await.is_some() {}
+                    return Err(exit(EXIT_CONFIG, format!("required {e}")));
+                }
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
         health.register(name, "collector", &plugin.name, c.config.required, None);
         telemetry.register_collector(name, &plugin.name);
         let task = CollectorTask {
             name: name.clone(),
             config_json: config_json(&c.config.config),
             interval: c.config.interval.unwrap_or(config.agent.interval),
-            timeout: c.config.timeout.unwrap_or(config.agent.timeout),
+            timeout,
             max_backoff: config.agent.max_backoff,
             plugin,
             pipeline: Arc::clone(&pipeline),
             telemetry: Arc::clone(&telemetry),
             health: Arc::clone(&health),
         };
-        collector_tasks.spawn(task.run(stop_rx.clone()));
+        collector_tasks.spawn(task.run(initial, stop_rx.clone()));
     }
     for rt in &sink_runtimes {
         // Spooled batches and progress are made durable every `spool_sync` (and at shutdown).
@@ -793,7 +811,7 @@ pub async fn once(
     let sink_config = serde_json::json!({ "format": format }).to_string();
     let sink = create_sink(stdout, "once", &sink_config, config.agent.timeout)
         .await
-        .map_err(|e| exit(EXIT_RUNTIME, e))?;
+        .map_err(|e| exit(EXIT_RUNTIME, e.message))?;
     let telemetry = Arc::new(Telemetry::new());
     let pipeline = Pipeline::new(config, BTreeMap::new(), Arc::clone(&telemetry));
     let mut failed = 0;

@@ -16,22 +16,46 @@ fn args(instance: &str, config_json: &str) -> InstanceArgs {
     }
 }
 
+/// Why an instance could not be created: one line for the operator.
+#[derive(Debug)]
+pub struct CreateError {
+    /// The plugin's `new` said the config is wrong (`ErrorKind::CONFIG`).
+    pub config: bool,
+    /// What happened, naming the instance and its plugin.
+    pub message: String,
+}
+
+impl std::fmt::Display for CreateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 async fn create<T: Send + 'static>(
     what: &str,
     timeout: Duration,
     call: impl FnOnce() -> Result<T, PluginError> + Send + 'static,
-) -> Result<T, String> {
+) -> Result<T, CreateError> {
+    let other = |message| CreateError {
+        config: false,
+        message,
+    };
     match tokio::time::timeout(timeout, tokio::task::spawn_blocking(call)).await {
         Ok(Ok(Ok(instance))) => Ok(instance),
-        Ok(Ok(Err(e))) => Err(match e.kind {
-            metricsd_plugin_api::ErrorKind::CONFIG => format!("{what}: {}", e.message),
-            _ => format!("{what}: {} error: {}", e.kind.as_str(), e.message),
+        Ok(Ok(Err(e))) if e.kind == metricsd_plugin_api::ErrorKind::CONFIG => Err(CreateError {
+            config: true,
+            message: format!("{what}: {}", e.message),
         }),
-        Ok(Err(e)) => Err(format!("{what}: creating the instance failed: {e}")),
-        Err(_) => Err(format!(
+        Ok(Ok(Err(e))) => Err(other(format!(
+            "{what}: {} error: {}",
+            e.kind.as_str(),
+            e.message
+        ))),
+        Ok(Err(e)) => Err(other(format!("{what}: creating the instance failed: {e}"))),
+        Err(_) => Err(other(format!(
             "{what}: creating the instance did not finish within {}",
             humantime::format_duration(timeout)
-        )),
+        ))),
     }
 }
 
@@ -41,7 +65,7 @@ pub async fn create_collector(
     name: &str,
     config_json: &str,
     timeout: Duration,
-) -> Result<CollectorBox, String> {
+) -> Result<CollectorBox, CreateError> {
     let new = plugin.module.new_collector();
     let args = args(name, config_json);
     let what = format!("collector `{name}` (plugin `{}`)", plugin.name);
@@ -54,7 +78,7 @@ pub async fn create_sink(
     name: &str,
     config_json: &str,
     timeout: Duration,
-) -> Result<SinkBox, String> {
+) -> Result<SinkBox, CreateError> {
     let new = plugin.module.new_sink();
     let args = args(name, config_json);
     let what = format!("sink `{name}` (plugin `{}`)", plugin.name);

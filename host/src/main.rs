@@ -11,21 +11,25 @@ use metricsd::http::plugin_report;
 use metricsd::loader::PluginSet;
 use tracing_subscriber::EnvFilter;
 
-/// `metricsd --version`: the version, then what `build.rs` found out about the build.
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (git ",
-    env!("METRICSD_BUILD_REVISION"),
-    ", ",
-    env!("METRICSD_BUILD_TARGET"),
-    ", built ",
-    env!("METRICSD_BUILD_DATE"),
-    ")"
-);
+/// `metricsd --version`: the version, what `build.rs` found out about the build, and the
+/// plugin API the host serves (a plugin built against another major version is refused).
+fn version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        format!(
+            "{} (git {}, {}, built {}; plugin API {})",
+            env!("CARGO_PKG_VERSION"),
+            env!("METRICSD_BUILD_REVISION"),
+            env!("METRICSD_BUILD_TARGET"),
+            env!("METRICSD_BUILD_DATE"),
+            metricsd_plugin_api::API_VERSION
+        )
+    })
+}
 
 /// Metrics agent for GPU nodes.
 #[derive(Parser)]
-#[command(name = "metricsd", version = VERSION, about, long_about = None)]
+#[command(name = "metricsd", version = version(), about, long_about = None)]
 struct Cli {
     /// Config file (TOML). Without one, the built-in default runs.
     #[arg(short, long, global = true, env = "METRICSD_CONFIG")]
@@ -129,14 +133,18 @@ fn print_plugins(set: &PluginSet, as_json: bool) -> Result<(), ExitError> {
     }
     for r in rows {
         match r.verdict {
-            "loaded" => println!(
-                "loaded    {:<12} {:<9} v{:<8} api {:<6} {}",
-                r.name.unwrap_or_default(),
-                r.kind.unwrap_or_default(),
-                r.version.unwrap_or_default(),
-                r.api_version.unwrap_or_default(),
-                r.path
-            ),
+            "loaded" => {
+                println!(
+                    "loaded    {:<12} {:<9} v{:<8} api {:<6} sha256 {:.12}  {}",
+                    r.name.unwrap_or_default(),
+                    r.kind.unwrap_or_default(),
+                    r.version.unwrap_or_default(),
+                    r.api_version.unwrap_or_default(),
+                    r.sha256.unwrap_or_default(),
+                    r.path
+                );
+                println!("          {}", r.description.unwrap_or_default());
+            }
             verdict => println!(
                 "{verdict:<9} {}",
                 r.reason.unwrap_or_else(|| r.path.clone())

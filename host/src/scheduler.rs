@@ -54,15 +54,17 @@ pub fn backoff(interval: Duration, max: Duration, failures: u32) -> Duration {
 }
 
 impl CollectorTask {
-    /// Runs until `shutdown` turns true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` turns true. `initial`: an instance created before the task
+    /// started (a required collector's first, created at start so that a config error stops
+    /// the start); `None` creates one on the first tick.
+    pub async fn run(self, initial: Option<CollectorBox>, mut shutdown: watch::Receiver<bool>) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        let mut instance: Option<CollectorBox> = None;
+        let mut instance: Option<CollectorBox> = initial;
         let mut in_flight: Option<InFlight> = None;
         let mut failures: u32 = 0;
         let mut not_before = Instant::now();
-        let mut created_once = false;
+        let mut created_once = instance.is_some();
         let calls = CallThread::spawn(&format!("collect-{}", self.name));
 
         loop {
@@ -194,7 +196,9 @@ impl CollectorTask {
     }
 
     async fn create(&self) -> Result<CollectorBox, String> {
-        create_collector(&self.plugin, &self.name, &self.config_json, self.timeout).await
+        create_collector(&self.plugin, &self.name, &self.config_json, self.timeout)
+            .await
+            .map_err(|e| e.message)
     }
 
     fn finish_call(

@@ -96,6 +96,11 @@ pub fn plugin(name: &str) -> PathBuf {
 
 /// Builds an incompatible fixture plugin (tests/fixtures/NAME) and returns its `.so`.
 pub fn fixture(name: &str) -> PathBuf {
+    fixture_lib(name, &format!("fixture_{}", name.replace('-', "_")))
+}
+
+/// Builds the fixture workspace tests/fixtures/NAME and returns its library `lib`'s `.so`.
+pub fn fixture_lib(name: &str, lib: &str) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let dir = root().join("tests/fixtures").join(name);
@@ -118,8 +123,7 @@ pub fn fixture(name: &str) -> PathBuf {
         .arg("--target-dir")
         .arg(&target);
     run_cargo(cmd, &format!("fixture {name}"));
-    let lib = format!("libfixture_{}.so", name.replace('-', "_"));
-    let path = target.join("debug").join(lib);
+    let path = target.join("debug").join(format!("lib{lib}.so"));
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
@@ -521,6 +525,19 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits up to `deadline` for the agent to exit on its own; its exit status.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Result<ExitStatus> {
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| anyhow!("already stopped"))?;
+        let status = wait_for("metricsd to exit", deadline, || {
+            child.try_wait().ok().flatten()
+        })?;
+        self.child = None;
+        Ok(status)
     }
 
     /// Sends SIGTERM and waits (up to 30 s) for the exit status.

@@ -40,6 +40,11 @@ fn config_errors_name_the_key_or_plugin() {
             "[[collectors]]\nname = \"gpu\"\nplugin = \"hello\"\n[collectors.config]\ngreting = \"x\"\n",
             &["unknown field `greting`"][..],
         ),
+        // The plugin's own validation (hello's `validate`), not only the parse.
+        (
+            "[[collectors]]\nname = \"gpu\"\nplugin = \"hello\"\n[collectors.config]\ngreeting = \"\"\n",
+            &["collector `gpu`", "`greeting` must not be empty"][..],
+        ),
     ];
     for (config, needles) in cases {
         let (code, text) = check(config);
@@ -112,6 +117,67 @@ plugin = "stdout"
 }
 
 #[test]
+fn a_config_error_from_new_stops_the_start_of_a_required_collector_and_is_retried_otherwise() {
+    let work = Workdir::new();
+    let config = |required: bool| {
+        format!(
+            r#"
+[agent]
+interval = "200ms"
+[http]
+health_listen = "127.0.0.1:{{health}}"
+metrics_listen = ""
+[[collectors]]
+name = "dev"
+plugin = "testkit"
+required = {required}
+[collectors.config]
+config_error_in_new = true
+[[collectors]]
+name = "fine"
+plugin = "testkit"
+[[sinks]]
+name = "out"
+plugin = "stdout"
+"#
+        )
+    };
+    // `check` cannot see it (only `new` can): it says ok.
+    let plain = config(true).replace("{health}", "0");
+    let path = work.write("check.toml", &plain);
+    let out = work.metricsd(&["-c", path.to_str().expect("path"), "check"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // Required: the start ends with status 2 and the plugin's words.
+    let mut agent = Agent::start(&work, &config(true), &[]).expect("start");
+    let status = agent
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let stderr = agent.stderr();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "required collector `dev` (plugin `testkit`): testkit: config_error_in_new is set"
+        ),
+        "{stderr}"
+    );
+
+    // Not required: the agent runs, the instance is failing with the message and retried.
+    let mut agent = Agent::start(&work, &config(false), &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    agent
+        .wait_stat(
+            "metricsd_collector_errors_total{collector=\"dev\",kind=\"create\"}",
+            2.0,
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.stats().unwrap_or_default()));
+    let (_, health) = agent.get_health("/health").expect("health");
+    assert!(health.contains("config_error_in_new is set"), "{health}");
+    agent.terminate().expect("stop");
+}
+
+#[test]
 fn a_bad_config_stops_run_with_exit_code_2() {
     let work = Workdir::new();
     let path = work.write("c.toml", "[agent]\ninterval = \"soon\"\n");
@@ -170,8 +236,12 @@ fn version_names_the_revision_target_and_build_date() {
     let expected_start = format!("metricsd {version} (git {revision}, ");
     assert!(text.starts_with(&expected_start), "{text}");
     let rest = &text[expected_start.len()..];
-    let (target, date) = rest
+    let (rest, api) = rest
         .trim_end_matches(')')
+        .split_once("; plugin API ")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(api, metricsd_plugin_api::API_VERSION, "{text}");
+    let (target, date) = rest
         .split_once(", built ")
         .unwrap_or_else(|| panic!("{text}"));
     assert!(target.ends_with("-linux-gnu"), "{text}");

@@ -549,6 +549,82 @@ fn a_changed_plugin_file_is_loaded_anew_at_a_reload() {
 }
 
 #[test]
+fn an_upgraded_plugin_runs_its_new_version_after_sighup() {
+    let v1 = metricsd_e2e::fixture_lib("upgrade", "fixture_upgrade_v1");
+    let v2 = metricsd_e2e::fixture_lib("upgrade", "fixture_upgrade_v2");
+    let work = Workdir::new();
+    let dir = plugin_dir(&work);
+    let file = dir.join("libmetricsd_upgrade.so");
+    fs::copy(&v1, &file).expect("install 1.0.0");
+    let config = format!(
+        "[agent]\ninterval = \"100ms\"\nplugin_path = [\"{}\"]\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"127.0.0.1:{{metrics}}\"\n[[collectors]]\nname = \"up\"\nplugin = \"upgrade\"\n[[sinks]]\nname = \"prom\"\nplugin = \"prometheus\"\n",
+        dir.display()
+    );
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let running = |agent: &Agent| -> (String, String) {
+        let (_, body) = agent.get_health("/plugins").expect("/plugins");
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&body).expect("json");
+        let r = row(&rows, "libmetricsd_upgrade.so");
+        (
+            r["version"].as_str().unwrap_or_default().to_string(),
+            r["description"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+    let serves = |agent: &Agent, version: &str| -> bool {
+        metricsd_e2e::http_get(agent.metrics_port, "/metrics")
+            .map(|(_, body)| body.contains(&format!("upgrade_build_info{{version=\"{version}\"")))
+            .unwrap_or(false)
+    };
+    wait_for("1.0.0 served", Duration::from_secs(15), || {
+        serves(&agent, "1.0.0").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_eq!(
+        running(&agent),
+        (
+            "1.0.0".to_string(),
+            "Says which build runs (1.0.0)".to_string()
+        )
+    );
+
+    // The upgrade as a package manager does it: the new file written aside, renamed over.
+    let aside = dir.join(".libmetricsd_upgrade.so.new");
+    fs::copy(&v2, &aside).expect("write 2.0.0");
+    fs::rename(&aside, &file).expect("install 2.0.0");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    // The new code runs: its samples say 2.0.0 and those of 1.0.0 are gone from /metrics.
+    wait_for("only 2.0.0 served", Duration::from_secs(20), || {
+        (serves(&agent, "2.0.0") && !serves(&agent, "1.0.0")).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    assert_eq!(
+        running(&agent),
+        (
+            "2.0.0".to_string(),
+            "Says which build runs (2.0.0)".to_string()
+        )
+    );
+    // And `metricsd plugins` names the version and what it is.
+    let out = work.metricsd(
+        &["plugins"],
+        &[("METRICSD_PLUGIN_PATH", dir.to_str().expect("dir"))],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("loaded") && l.contains("upgrade") && l.contains("v2.0.0"))
+            && text.contains("Says which build runs (2.0.0)"),
+        "{text}"
+    );
+    agent.terminate().expect("stop");
+}
+
+#[test]
 fn a_plugin_built_to_abort_on_panic_does_not_compile() {
     // The example collector, compiled (this crate only) with `-C panic=abort`.
     let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
