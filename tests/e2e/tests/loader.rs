@@ -337,7 +337,14 @@ fn a_required_plugin_that_cannot_load_stops_start_up_with_exit_code_2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("required collector `gpu`"), "{err}");
     assert!(err.contains("no plugin named `future`"), "{err}");
-    assert!(err.contains("refused"), "points at the refused file: {err}");
+    // The refused file that would have provided it is named, with why.
+    assert!(
+        err.contains(&format!(
+            "{} was refused: ",
+            dir.join("future.so").display()
+        )) && err.contains("built for plugin API 2.0.0"),
+        "points at the refused file: {err}"
+    );
 
     // Not required: the same problem is reported and the agent runs.
     let text = fs::read_to_string(&config)
