@@ -16,7 +16,8 @@ use crate::config::{CollectorConfig, Config, LoadedConfig, SinkConfig, INTERNAL_
 use crate::delivery::{SinkQueue, SinkRuntime};
 use crate::events::Telemetry;
 use crate::health::Health;
-use crate::instance::{create_collector, create_sink, validate_config};
+use crate::instance::{create_isolated, create_sink, validate_config};
+use crate::isolation::CollectError;
 use crate::loader::{scan, search_dirs, Plugin, PluginSet};
 use crate::pipeline::Pipeline;
 use crate::scheduler::CollectorTask;
@@ -641,7 +642,15 @@ pub async fn run_until<T>(
         // start ends with status 2 as for a failing `validate` (any other failure is retried
         // by its task, since what it opens can appear later).
         let initial = if c.config.required {
-            match create_collector(&plugin, name, &config_json(&c.config.config), timeout).await {
+            match create_isolated(
+                &plugin,
+                name,
+                &config_json(&c.config.config),
+                timeout,
+                c.config.isolation,
+            )
+            .await
+            {
                 Ok(instance) => Some(instance),
                 Err(e) if e.config => {
                     // Stop what this start already runs before returning.
@@ -662,6 +671,7 @@ pub async fn run_until<T>(
             interval: c.config.interval.unwrap_or(config.agent.interval),
             timeout,
             max_backoff: config.agent.max_backoff,
+            isolation: c.config.isolation,
             plugin,
             pipeline: Arc::clone(&pipeline),
             telemetry: Arc::clone(&telemetry),
@@ -826,28 +836,41 @@ pub async fn once(
         };
         let name = c.config.name.clone();
         let timeout = c.config.timeout.unwrap_or(config.agent.timeout);
-        let mut instance =
-            match create_collector(plugin, &name, &config_json(&c.config.config), timeout).await {
-                Ok(i) => i,
-                Err(why) => {
-                    eprintln!("metricsd once: {why}");
-                    failed += 1;
-                    continue;
-                }
-            };
+        let mut instance = match create_isolated(
+            plugin,
+            &name,
+            &config_json(&c.config.config),
+            timeout,
+            c.config.isolation,
+        )
+        .await
+        {
+            Ok(i) => i,
+            Err(why) => {
+                eprintln!("metricsd once: {why}");
+                failed += 1;
+                continue;
+            }
+        };
+        let killer = instance.killer();
         let call = tokio::task::spawn_blocking(move || {
-            let result = instance.collect().into_result();
+            let result = instance.collect();
             instance.close();
             result
         });
         let mut batch = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(Ok(batch))) => batch,
-            Ok(Ok(Err(e))) => {
+            Ok(Ok(Err(CollectError::Plugin(e)))) => {
                 eprintln!(
                     "metricsd once: collector `{name}`: {} error: {}",
                     e.kind.as_str(),
                     e.message
                 );
+                failed += 1;
+                continue;
+            }
+            Ok(Ok(Err(CollectError::Crashed { message, .. }))) => {
+                eprintln!("metricsd once: collector `{name}`: {message}");
                 failed += 1;
                 continue;
             }
@@ -857,6 +880,9 @@ pub async fn once(
                 continue;
             }
             Err(_) => {
+                if let Some(killer) = killer {
+                    killer.kill();
+                }
                 eprintln!(
                     "metricsd once: collector `{name}` did not finish within {}",
                     humantime::format_duration(timeout)

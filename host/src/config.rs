@@ -340,9 +340,40 @@ pub struct CollectorConfig {
     /// Start-up fails if the plugin cannot load, and `/health` answers 503 while it fails.
     #[serde(default)]
     pub required: bool,
+    /// Where the plugin runs: in the agent's process (default) or in a child process of its
+    /// own, which a crash or a hung call costs instead of the agent.
+    #[serde(default)]
+    pub isolation: Isolation,
     /// Handed to the plugin as JSON; the plugin validates it.
     #[serde(default)]
     pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Where a collector instance's plugin runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Isolation {
+    /// In the agent's process: the cheapest; a panic is caught, but a segfault or `abort()`
+    /// in the plugin ends the agent.
+    #[default]
+    InProcess,
+    /// In a child process (this binary in its runner mode): a crash of the plugin, or a call
+    /// past its timeout, costs the child, which is restarted with back-off.
+    Process,
+}
+
+impl TryFrom<String> for Isolation {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        match text.as_str() {
+            "in-process" => Ok(Self::InProcess),
+            "process" => Ok(Self::Process),
+            other => Err(format!(
+                "expected `in-process` or `process`, found `{other}`"
+            )),
+        }
+    }
 }
 
 /// One `[[sinks]]` entry.
@@ -706,6 +737,7 @@ fn apply_operator_env(config: &mut Config, env: &dyn Env) -> Result<(), ConfigEr
                 interval: None,
                 timeout: None,
                 required: false,
+                isolation: Isolation::default(),
                 config: table,
             });
             config
@@ -1491,6 +1523,22 @@ mod tests {
         assert_eq!(influx["bucket"], "gpus");
         assert_eq!(influx["token_env"], "INFLUXDB_TOKEN");
         assert!(!influx.contains_key("database") && !influx.contains_key("create_database"));
+    }
+
+    #[test]
+    fn collectors_run_in_process_unless_isolation_says_process() {
+        let c = parse("[[collectors]]\nname = \"c\"\nplugin = \"hello\"\n").expect("parses");
+        assert_eq!(c.collectors[0].isolation, Isolation::InProcess);
+        let c =
+            parse("[[collectors]]\nname = \"c\"\nplugin = \"hello\"\nisolation = \"process\"\n")
+                .expect("parses");
+        assert_eq!(c.collectors[0].isolation, Isolation::Process);
+        let e =
+            err("[[collectors]]\nname = \"c\"\nplugin = \"hello\"\nisolation = \"container\"\n");
+        assert!(
+            e.contains("collectors[0].isolation") && e.contains("`in-process` or `process`"),
+            "{e}"
+        );
     }
 
     #[test]

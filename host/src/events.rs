@@ -15,6 +15,7 @@ pub struct Telemetry {
     collector_errors: IntCounterVec,
     collector_timeouts: IntCounterVec,
     collector_panics: IntCounterVec,
+    collector_crashes: IntCounterVec,
     collector_restarts: IntCounterVec,
     collector_skipped: IntCounterVec,
     collector_samples: IntCounterVec,
@@ -89,9 +90,10 @@ impl Telemetry {
             collector_up: int_gauge(&r, "metricsd_collector_up", "1 if the collector's last call succeeded.", &["collector", "plugin"]),
             collector_stale: int_gauge(&r, "metricsd_collector_stale", "1 while a call of the collector is overdue (timed out and not yet returned).", &c),
             collections: counter(&r, "metricsd_collector_collections_total", "Successful collections.", &c),
-            collector_errors: counter(&r, "metricsd_collector_errors_total", "Failed collector calls by kind (transient, config, fatal, panic, timeout, create).", &["collector", "kind"]),
+            collector_errors: counter(&r, "metricsd_collector_errors_total", "Failed collector calls by kind (transient, config, fatal, panic, crash, timeout, create).", &["collector", "kind"]),
             collector_timeouts: counter(&r, "metricsd_collector_timeouts_total", "Collector calls that exceeded their timeout.", &c),
             collector_panics: counter(&r, "metricsd_collector_panics_total", "Panics caught in the collector plugin.", &c),
+            collector_crashes: counter(&r, "metricsd_collector_crashes_total", "Child processes of isolation = \"process\" collectors that died, by cause (SIGSEGV, SIGABRT, timeout: killed past the call's timeout, ...).", &["collector", "cause"]),
             collector_restarts: counter(&r, "metricsd_collector_restarts_total", "Times the collector instance was created again after a failure.", &c),
             collector_skipped: counter(&r, "metricsd_collector_skipped_total", "Interval ticks without a call, by reason (in_flight, backoff).", &["collector", "reason"]),
             collector_samples: counter(&r, "metricsd_collector_samples_total", "Samples collected.", &c),
@@ -342,6 +344,19 @@ pub enum Event<'a> {
         /// When the instance is re-created.
         restart_in: Duration,
     },
+    /// A collector's child process (`isolation = "process"`) died or was killed.
+    CollectorCrashed {
+        /// Instance.
+        collector: &'a str,
+        /// Plugin.
+        plugin: &'a str,
+        /// The signal's name, `timeout`, `exit` or `protocol`.
+        cause: &'static str,
+        /// What happened (names the signal).
+        message: &'a str,
+        /// When a new child is started.
+        restart_in: Duration,
+    },
     /// A collector call exceeded its timeout.
     CollectorTimedOut {
         /// Instance.
@@ -552,6 +567,29 @@ impl Event<'_> {
                     collector,
                     plugin,
                     "{message}; instance disabled, re-created in {}",
+                    humantime::format_duration(restart_in)
+                );
+            }
+            Event::CollectorCrashed {
+                collector,
+                plugin,
+                cause,
+                message,
+                restart_in,
+            } => {
+                t.collector_up
+                    .with_label_values(&[collector, plugin])
+                    .set(0);
+                t.collector_crashes
+                    .with_label_values(&[collector, cause])
+                    .inc();
+                t.collector_errors
+                    .with_label_values(&[collector, "crash"])
+                    .inc();
+                tracing::error!(
+                    collector,
+                    plugin,
+                    "collector `{collector}` (plugin `{plugin}`): {message}; a new process starts in {}",
                     humantime::format_duration(restart_in)
                 );
             }

@@ -72,6 +72,40 @@ pub async fn create_collector(
     create(&what, timeout, move || new(args).into_result()).await
 }
 
+/// Creates a collector instance where its `isolation` says: in this process, or in a child
+/// process of its own (started from `/proc/self/exe`, this very binary).
+pub async fn create_isolated(
+    plugin: &Plugin,
+    name: &str,
+    config_json: &str,
+    timeout: Duration,
+    isolation: crate::config::Isolation,
+) -> Result<crate::isolation::Collector, CreateError> {
+    use crate::isolation::{spawn_collector, Collector};
+    if isolation == crate::config::Isolation::InProcess {
+        return create_collector(plugin, name, config_json, timeout)
+            .await
+            .map(Collector::InProcess);
+    }
+    let (plugin, name, config_json) = (plugin.clone(), name.to_string(), config_json.to_string());
+    tokio::task::spawn_blocking(move || {
+        spawn_collector(
+            &plugin,
+            &name,
+            &config_json,
+            timeout,
+            std::path::Path::new("/proc/self/exe"),
+        )
+    })
+    .await
+    .map_err(|e| CreateError {
+        config: false,
+        message: format!("creating the instance failed: {e}"),
+    })?
+    .map(Collector::Process)
+    .map_err(|(config, message)| CreateError { config, message })
+}
+
 /// Creates a sink instance.
 pub async fn create_sink(
     plugin: &Plugin,

@@ -15,6 +15,7 @@ pub mod health;
 pub mod healthcheck;
 pub mod http;
 pub mod instance;
+pub mod isolation;
 pub mod loader;
 pub mod pipeline;
 pub mod plugin_log;

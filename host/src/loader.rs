@@ -37,6 +37,9 @@ pub struct Plugin {
     pub api_version: String,
     /// What it does.
     pub description: String,
+    /// The in-memory copy it was loaded from (kept open for the life of the process): a child
+    /// process of `isolation = "process"` loads the same bytes from it.
+    pub memory: std::sync::Arc<std::fs::File>,
 }
 
 impl fmt::Debug for Plugin {
@@ -326,9 +329,32 @@ pub fn describe_library_error(path: &Path, err: &LibraryError) -> String {
 struct Loaded {
     module: PluginModuleRef,
     info: (String, PluginKind, String, String, String),
+    memory: std::sync::Arc<std::fs::File>,
 }
 
 type LoadCache = BTreeMap<String, Result<Loaded, (PathBuf, String)>>;
+
+/// The in-memory copies whose library is mapped (even one refused after mapping): never
+/// closed, see [`open_in_memory`].
+static RETAINED: std::sync::Mutex<Vec<std::sync::Arc<std::fs::File>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Opens the plugin library at `library` (an in-memory copy's `/proc/self/fd/N`) through
+/// abi_stable's checks; errors name `path`. `Err((true, _))`: it could not even be mapped.
+pub fn open_module(path: &Path, library: &Path) -> Result<PluginModuleRef, (bool, String)> {
+    let header = lib_header_from_path(library).map_err(|e| {
+        tracing::debug!(file = %path.display(), "plugin load error detail: {e}");
+        (
+            matches!(e, LibraryError::OpenError { .. }),
+            describe_library_error(path, &e),
+        )
+    })?;
+    header.init_root_module::<PluginModuleRef>().map_err(|e| {
+        // The layout dump of AbiInstability is long: debug level only.
+        tracing::debug!(file = %path.display(), "plugin load error detail: {e}");
+        (false, describe_library_error(path, &e))
+    })
+}
 
 static LOADED: std::sync::Mutex<LoadCache> = std::sync::Mutex::new(BTreeMap::new());
 
@@ -352,6 +378,7 @@ fn load_bytes(path: &Path, bytes: &[u8], sha256: &str) -> Result<Plugin, String>
         Ok(Loaded {
             module,
             info: (name, kind, version, api_version, description),
+            memory,
         }) => Ok(Plugin {
             path: path.to_path_buf(),
             module,
@@ -360,6 +387,7 @@ fn load_bytes(path: &Path, bytes: &[u8], sha256: &str) -> Result<Plugin, String>
             version,
             api_version,
             description,
+            memory,
         }),
         // The same content under another name: the same refusal, naming this file.
         Err((first, why)) => {
@@ -370,39 +398,45 @@ fn load_bytes(path: &Path, bytes: &[u8], sha256: &str) -> Result<Plugin, String>
 
 fn open_in_memory(path: &Path, bytes: &[u8]) -> Result<Loaded, String> {
     use std::io::Write;
-    use std::os::fd::{AsRawFd, IntoRawFd};
+    use std::os::fd::AsRawFd;
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .and_then(|n| std::ffi::CString::new(n).ok())
         .unwrap_or_else(|| c"metricsd-plugin".to_owned());
-    let memory =
-        nix::sys::memfd::memfd_create(&name, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
-            .map_err(|e| format!("{}: cannot create an in-memory copy: {e}", path.display()))?;
+    let cannot =
+        |e: &dyn fmt::Display| format!("{}: cannot create an in-memory copy: {e}", path.display());
+    use nix::sys::memfd::MemFdCreateFlag;
+    let memory = nix::sys::memfd::memfd_create(
+        &name,
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .map_err(|e| cannot(&e))?;
     let mut copy = std::fs::File::from(memory);
-    copy.write_all(bytes)
-        .map_err(|e| format!("{}: cannot create an in-memory copy: {e}", path.display()))?;
+    copy.write_all(bytes).map_err(|e| cannot(&e))?;
+    // Sealed: no one (a child process of `isolation = "process"` included) can change the
+    // copy that the agent and its children run.
+    {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        let seals = SealFlag::F_SEAL_WRITE
+            | SealFlag::F_SEAL_SHRINK
+            | SealFlag::F_SEAL_GROW
+            | SealFlag::F_SEAL_SEAL;
+        fcntl(copy.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals)).map_err(|e| cannot(&e))?;
+    }
     let in_memory = PathBuf::from(format!("/proc/self/fd/{}", copy.as_raw_fd()));
-    let header = match lib_header_from_path(&in_memory) {
-        Ok(header) => header,
-        Err(e) => {
-            tracing::debug!(file = %path.display(), "plugin load error detail: {e}");
-            if !matches!(e, LibraryError::OpenError { .. }) {
-                // The library is mapped under this descriptor's path; the descriptor stays
-                // open so that no later library gets the same path (the dynamic loader would
-                // hand back this one).
-                let _ = copy.into_raw_fd();
-            }
-            return Err(describe_library_error(path, &e));
-        }
-    };
-    // Mapped: keep the descriptor, for the same reason.
-    let _ = copy.into_raw_fd();
-    let module: PluginModuleRef = header.init_root_module::<PluginModuleRef>().map_err(|e| {
-        // The layout dump of AbiInstability is long: debug level only.
-        tracing::debug!(file = %path.display(), "plugin load error detail: {e}");
-        describe_library_error(path, &e)
-    })?;
+    let memory = std::sync::Arc::new(copy);
+    let opened = open_module(path, &in_memory);
+    if !matches!(&opened, Err((true, _))) {
+        // The library is mapped under this descriptor's path; the descriptor stays open so
+        // that no later library gets the same path (the dynamic loader would hand back this
+        // one): the cache of loaded libraries keeps it, for the life of the process.
+        RETAINED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(std::sync::Arc::clone(&memory));
+    }
+    let module = opened.map_err(|(_, why)| why)?;
     let info: PluginInfo = (module.info())();
     let kind = info.kind;
     if kind != PluginKind::COLLECTOR && kind != PluginKind::SINK {
@@ -414,6 +448,7 @@ fn open_in_memory(path: &Path, bytes: &[u8]) -> Result<Loaded, String> {
     }
     Ok(Loaded {
         module,
+        memory,
         info: (
             info.name.to_string(),
             kind,

@@ -293,6 +293,12 @@ fn main_inner(cli: Cli) -> Result<(), ExitError> {
 }
 
 fn main() -> ExitCode {
+    // A child process of an `isolation = "process"` collector: no CLI, no config.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(metricsd::isolation::RUNNER_ARG))
+    {
+        return ExitCode::from(metricsd::isolation::child_main());
+    }
     let cli = Cli::parse();
     match main_inner(cli) {
         Ok(()) => ExitCode::SUCCESS,

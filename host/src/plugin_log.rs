@@ -71,9 +71,15 @@ extern "C" fn log_from_plugin(
 ) {
     // Nothing may unwind back into the plugin.
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        let instance = instance.as_str();
-        let target = target.as_str();
-        let message = message.as_str();
+        deliver(instance.as_str(), level, target.as_str(), message.as_str())
+    }));
+}
+
+/// Handles one log record of a plugin instance: a drop, alteration or status report goes to
+/// the running pipeline's telemetry and health, anything else to the agent's log. Records of a
+/// plugin in a child process (`isolation = "process"`) arrive here too.
+pub fn deliver(instance: &str, level: LogLevel, target: &str, message: &str) {
+    {
         if target == DROPPED_TARGET {
             if let Some((samples, reason, why)) = parse_dropped(message) {
                 let event = Event::SinkReportedDrop {
@@ -137,7 +143,7 @@ extern "C" fn log_from_plugin(
             }
             _ => tracing::trace!(target: "plugin", instance, plugin_target = target, "{message}"),
         }
-    }));
+    }
 }
 
 /// The logger handed to every instance; plugins filter at the host's current level.

@@ -5,15 +5,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metricsd_plugin_api::abi::CollectorBox;
-use metricsd_plugin_api::{Batch, ErrorKind, PluginError};
+use metricsd_plugin_api::{Batch, ErrorKind};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
 use crate::call_thread::{Call, CallThread};
+use crate::config::Isolation;
 use crate::events::{Event, Telemetry};
 use crate::health::{Health, State};
-use crate::instance::create_collector;
+use crate::instance::create_isolated;
+use crate::isolation::{CollectError, Collector, Killer};
 use crate::loader::Plugin;
 use crate::pipeline::Pipeline;
 
@@ -31,6 +32,8 @@ pub struct CollectorTask {
     pub timeout: Duration,
     /// Longest back-off.
     pub max_backoff: Duration,
+    /// In this process or a child process of its own.
+    pub isolation: Isolation,
     /// Where batches go.
     pub pipeline: Arc<Pipeline>,
     /// Shared telemetry.
@@ -39,12 +42,14 @@ pub struct CollectorTask {
     pub health: Arc<Health>,
 }
 
-type CallResult = (CollectorBox, Result<Batch, PluginError>);
+type CallResult = (Collector, Result<Batch, CollectError>);
 
 struct InFlight {
     started: Instant,
     timed_out: bool,
     handle: Call<CallResult>,
+    /// Kills the call's child process (`isolation = "process"`) when it times out.
+    killer: Option<Killer>,
 }
 
 /// The delay before attempt number `failures + 1`: the interval doubled per failure, capped.
@@ -57,10 +62,10 @@ impl CollectorTask {
     /// Runs until `shutdown` turns true. `initial`: an instance created before the task
     /// started (a required collector's first, created at start so that a config error stops
     /// the start); `None` creates one on the first tick.
-    pub async fn run(self, initial: Option<CollectorBox>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, initial: Option<Collector>, mut shutdown: watch::Receiver<bool>) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        let mut instance: Option<CollectorBox> = initial;
+        let mut instance: Option<Collector> = initial;
         let mut in_flight: Option<InFlight> = None;
         let mut failures: u32 = 0;
         let mut not_before = Instant::now();
@@ -109,11 +114,12 @@ impl CollectorTask {
                     }
                     if let Some(mut inst) = instance.take() {
                         let started = Instant::now();
+                        let killer = inst.killer();
                         let handle = calls.call(move || {
-                            let result = inst.collect().into_result();
+                            let result = inst.collect();
                             (inst, result)
                         });
-                        in_flight = Some(InFlight { started, timed_out: false, handle });
+                        in_flight = Some(InFlight { started, timed_out: false, handle, killer });
                     }
                 }
                 _ = async {
@@ -124,6 +130,11 @@ impl CollectorTask {
                 } => {
                     if let Some(f) = in_flight.as_mut() {
                         f.timed_out = true;
+                        // A child process can be stopped: killed, and a new one started after
+                        // the back-off (the call ends as a crash that says so).
+                        if let Some(killer) = &f.killer {
+                            killer.kill();
+                        }
                         self.health.stale(
                             &self.name,
                             format!("collection did not finish within {}", humantime::format_duration(self.timeout)),
@@ -195,15 +206,21 @@ impl CollectorTask {
         event.emit(&self.telemetry);
     }
 
-    async fn create(&self) -> Result<CollectorBox, String> {
-        create_collector(&self.plugin, &self.name, &self.config_json, self.timeout)
-            .await
-            .map_err(|e| e.message)
+    async fn create(&self) -> Result<Collector, String> {
+        create_isolated(
+            &self.plugin,
+            &self.name,
+            &self.config_json,
+            self.timeout,
+            self.isolation,
+        )
+        .await
+        .map_err(|e| e.message)
     }
 
     fn finish_call(
         &self,
-        result: Result<Batch, PluginError>,
+        result: Result<Batch, CollectError>,
         took: Duration,
         late: bool,
         failures: &mut u32,
@@ -232,7 +249,21 @@ impl CollectorTask {
                 self.pipeline.route_prepared(&self.name, batch);
                 Outcome::Keep
             }
-            Err(err) => {
+            Err(CollectError::Crashed { cause, message }) => {
+                *failures += 1;
+                let wait = backoff(self.interval, self.max_backoff, *failures);
+                self.health
+                    .failure(&self.name, State::Failing, message.clone());
+                self.emit(Event::CollectorCrashed {
+                    collector: &self.name,
+                    plugin: &self.plugin.name,
+                    cause,
+                    message: &message,
+                    restart_in: wait,
+                });
+                Outcome::Discard(wait)
+            }
+            Err(CollectError::Plugin(err)) => {
                 *failures += 1;
                 let wait = backoff(self.interval, self.max_backoff, *failures);
                 let message = err.message.to_string();

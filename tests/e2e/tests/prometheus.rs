@@ -448,8 +448,9 @@ fn a_reserved_label_or_a_clashing_family_costs_its_samples_not_the_scrape() {
     let logs = agent.stderr();
     // One line names both causes of the batch, not the first.
     assert!(
-        logs.lines().any(|l| l.contains("reserved label name `__name__`")
-            && l.contains("clashes with `testkit_calls_total`")),
+        logs.lines()
+            .any(|l| l.contains("reserved label name `__name__`")
+                && l.contains("clashes with `testkit_calls_total`")),
         "{logs}"
     );
 }

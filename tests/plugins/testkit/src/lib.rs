@@ -23,6 +23,11 @@ pub struct Config {
     pub config_error_in_new: bool,
     /// Panic on this collect call.
     pub panic_on: Option<u64>,
+    /// Die of SIGSEGV on this collect call, as a plugin that dereferences a bad pointer does.
+    pub segfault_on: Option<u64>,
+    /// Call `abort()` on this collect call (SIGABRT), as a failed C assertion or a library
+    /// that kills its process does.
+    pub abort_on: Option<u64>,
     /// Return a transient error on every call from this one on.
     pub fail_from: Option<u64>,
     /// Sleep this long on every call from `hang_from` on.
@@ -143,6 +148,19 @@ impl Testkit {
         let call = self.calls;
         if self.config.panic_on == Some(call) {
             panic!("testkit: panic_on = {call}");
+        }
+        if self.config.segfault_on == Some(call) {
+            tracing::warn!(call, "testkit: raising SIGSEGV");
+            // Rust's runtime handles SIGSEGV to detect stack overflows: for any other fault its
+            // handler restores the default action and returns, and a real fault then recurs
+            // and kills the process. A raised signal does not recur, so it is raised twice:
+            // the second meets the default action, which ends the process as a bad pointer does.
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV);
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSEGV);
+        }
+        if self.config.abort_on == Some(call) {
+            tracing::warn!(call, "testkit: aborting");
+            std::process::abort();
         }
         if !self.config.hang.is_zero() && call >= self.config.hang_from.unwrap_or(1) {
             tracing::info!(call, "testkit: sleeping {:?}", self.config.hang);
