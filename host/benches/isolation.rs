@@ -70,12 +70,20 @@ fn bench(c: &mut Criterion) {
         let mut local = in_process(plugin, config);
         let mut child = spawn_collector(plugin, "bench", config, Duration::from_secs(30), &runner)
             .unwrap_or_else(|(_, why)| panic!("{why}"));
-        let samples = local
-            .collect()
-            .into_result()
-            .expect("collect")
-            .samples
-            .len();
+        let first = local.collect().into_result().expect("collect");
+        let samples = first.samples.len();
+        let distinct: std::collections::BTreeSet<_> = first
+            .label_sets
+            .iter()
+            .map(|set| format!("{set:?}"))
+            .collect();
+        let strings: usize = first.label_sets.iter().map(|s| 2 * s.len()).sum();
+        eprintln!(
+            "{name}: {samples} samples, {} families, {} label sets ({} distinct, {strings} label strings)",
+            first.families.len(),
+            first.label_sets.len(),
+            distinct.len()
+        );
         let mut group = c.benchmark_group(format!("isolation/{name}"));
         group.throughput(Throughput::Elements(samples as u64));
         group.bench_function("in_process", |b| {
@@ -83,6 +91,18 @@ fn bench(c: &mut Criterion) {
         });
         group.bench_function("process", |b| {
             b.iter(|| child.collect().unwrap_or_else(|e| panic!("{e:?}")))
+        });
+        // The part of the difference that is the batch's encoding and decoding alone.
+        let batch = local.collect().into_result().expect("collect");
+        let mut bytes = Vec::new();
+        group.bench_function("encode", |b| {
+            b.iter(|| {
+                bytes.clear();
+                bytes = postcard::to_extend(&batch, std::mem::take(&mut bytes)).expect("encode");
+            })
+        });
+        group.bench_function("decode", |b| {
+            b.iter(|| postcard::from_bytes::<metricsd_plugin_api::Batch>(&bytes).expect("decode"))
         });
         group.finish();
     }

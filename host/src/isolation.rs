@@ -63,13 +63,22 @@ enum FromChild {
     },
 }
 
-fn write_frame(out: &mut impl Write, message: &impl Serialize) -> std::io::Result<()> {
-    let body = postcard::to_stdvec(message).map_err(std::io::Error::other)?;
-    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend_from_slice(&len.to_le_bytes());
-    frame.extend_from_slice(&body);
-    out.write_all(&frame)
+/// Writes one frame, encoded in `buf` (kept by the caller: a batch of the same size next time
+/// is encoded without growing it again).
+fn write_frame(
+    out: &mut impl Write,
+    message: &impl Serialize,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let mut frame = std::mem::take(buf);
+    frame.clear();
+    frame.extend_from_slice(&[0; 4]);
+    let mut frame = postcard::to_extend(message, frame).map_err(std::io::Error::other)?;
+    let len = u32::try_from(frame.len() - 4).map_err(std::io::Error::other)?;
+    frame[..4].copy_from_slice(&len.to_le_bytes());
+    let written = out.write_all(&frame);
+    *buf = frame;
+    written
 }
 
 /// One frame; `Ok(None)` at the end of the stream.
@@ -220,7 +229,7 @@ pub fn spawn_collector(
     };
     // Creating gets its own deadline: a child stuck in `new` is killed.
     let _ = collector.socket.set_read_timeout(Some(timeout));
-    let answer = write_frame(&mut collector.socket, &create)
+    let answer = write_frame(&mut collector.socket, &create, &mut Vec::new())
         .and_then(|()| collector.answer())
         .map_err(|e| collector.died(e).1);
     let _ = collector.socket.set_read_timeout(None);
@@ -309,7 +318,8 @@ impl ChildCollector {
 
     /// Collects once in the child.
     pub fn collect(&mut self) -> Result<Batch, CollectError> {
-        let answer = write_frame(&mut self.socket, &ToChild::Collect).and_then(|()| self.answer());
+        let answer = write_frame(&mut self.socket, &ToChild::Collect, &mut Vec::new())
+            .and_then(|()| self.answer());
         match answer {
             Ok(FromChild::Batch(batch)) => Ok(batch),
             Ok(FromChild::Failed { kind, message }) => Err(CollectError::Plugin(PluginError {
@@ -329,7 +339,7 @@ impl ChildCollector {
     }
 
     fn close(&mut self) {
-        if write_frame(&mut self.socket, &ToChild::Close).is_ok() {
+        if write_frame(&mut self.socket, &ToChild::Close, &mut Vec::new()).is_ok() {
             let _ = self.socket.set_read_timeout(Some(Duration::from_secs(1)));
             // Log records the plugin writes while closing still reach the log.
             let _ = self.answer();
@@ -376,12 +386,12 @@ fn describe_exit(status: ExitStatus, error: &std::io::Error) -> (&'static str, S
 // --- the child's side ------------------------------------------------------------------------
 
 /// Where the child's log records go: the socket, shared with the answers.
-static TO_PARENT: Mutex<Option<UnixStream>> = Mutex::new(None);
+static TO_PARENT: Mutex<Option<(UnixStream, Vec<u8>)>> = Mutex::new(None);
 
 fn send(message: &FromChild) -> std::io::Result<()> {
     let mut guard = TO_PARENT.lock().unwrap_or_else(|p| p.into_inner());
     match guard.as_mut() {
-        Some(out) => write_frame(out, message),
+        Some((out, buf)) => write_frame(out, message, buf),
         None => Err(std::io::Error::other("no connection")),
     }
 }
@@ -423,7 +433,7 @@ pub fn child_main() -> u8 {
         Ok(s) => s,
         Err(e) => return fail(format!("no connection to the agent: {e}")),
     };
-    *TO_PARENT.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket);
+    *TO_PARENT.lock().unwrap_or_else(|p| p.into_inner()) = Some((socket, Vec::new()));
     let module =
         match crate::loader::open_module(Path::new(&instance), Path::new("/proc/self/fd/0")) {
             Ok(module) => module,
@@ -510,8 +520,9 @@ mod tests {
         );
         let batch = b.finish();
         let mut wire = Vec::new();
-        write_frame(&mut wire, &FromChild::Batch(batch.clone())).expect("write");
-        write_frame(&mut wire, &ToChild::Collect).expect("write");
+        let mut buf = Vec::new();
+        write_frame(&mut wire, &FromChild::Batch(batch.clone()), &mut buf).expect("write");
+        write_frame(&mut wire, &ToChild::Collect, &mut buf).expect("write");
         let mut input = wire.as_slice();
         let mut buf = Vec::new();
         match read_frame::<FromChild>(&mut input, &mut buf).expect("read") {

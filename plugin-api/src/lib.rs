@@ -96,7 +96,12 @@
 //! - A call that takes longer than the instance's `timeout` is abandoned (it may still finish)
 //!   and the instance is reported stale; do not hold a lock that the next call needs forever.
 //! - A panic is caught at the boundary, reported, and the instance is dropped and created
-//!   again after a back-off. Build plugins with `panic = "unwind"` (the default).
+//!   again after a back-off. Build plugins with `panic = "unwind"` (the default;
+//!   [`export_plugin!`] refuses `panic = "abort"`).
+//! - A segfault or `abort()` in a plugin (or in a C library it loads) ends the process it runs
+//!   in: the agent's, by default. An instance with `isolation = "process"` in the agent's
+//!   config runs in a child process instead, restarted when it dies or when a call passes its
+//!   timeout; the plugin is the same `.so` and sees the same calls.
 //! - Logs from `tracing` macros reach the host's log output tagged with the instance name.
 //! - Nothing async crosses the boundary. A plugin that needs async owns its runtime on a thread
 //!   of its own.
