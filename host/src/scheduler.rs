@@ -153,7 +153,8 @@ impl CollectorTask {
                     match joined {
                         Ok((inst, result)) => {
                             let late = f.timed_out;
-                            if late {
+                            // (A child killed for its timeout did not recover: it crashed.)
+                            if late && !matches!(result, Err(CollectError::Crashed { .. })) {
                                 self.emit(Event::CollectorRecovered { collector: &self.name, took });
                             }
                             match self.finish_call(result, took, late, &mut failures) {

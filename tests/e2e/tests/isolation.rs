@@ -197,6 +197,10 @@ plugin = "stdout"
         log.contains("its process was killed: the call did not finish within 300ms"),
         "{log}"
     );
+    assert!(
+        !log.contains("overdue collection returned"),
+        "a killed child did not return: {log}"
+    );
     // Killed children do not pile up: at most the current one is running.
     let kids = children(agent.pid());
     assert!(kids.len() <= 1, "{kids:?}");
