@@ -214,6 +214,16 @@ impl Telemetry {
         }
     }
 
+    /// A collector call or creation failed: `up` is 0, and the failure is counted by kind.
+    fn collector_failed(&self, collector: &str, plugin: &str, kind: &str) {
+        self.collector_up
+            .with_label_values(&[collector, plugin])
+            .set(0);
+        self.collector_errors
+            .with_label_values(&[collector, kind])
+            .inc();
+    }
+
     /// Declares a sink so its series exist before anything happens.
     pub fn register_sink(&self, name: &str, plugin: &str, capacity: usize) {
         self.sink_up.with_label_values(&[name, plugin]).set(1);
@@ -531,12 +541,7 @@ impl Event<'_> {
                 consecutive,
                 retry_in,
             } => {
-                t.collector_up
-                    .with_label_values(&[collector, plugin])
-                    .set(0);
-                t.collector_errors
-                    .with_label_values(&[collector, kind])
-                    .inc();
+                t.collector_failed(collector, plugin, kind);
                 // A failure streak logs its first error loudly, then only at debug level.
                 if consecutive <= 1 {
                     tracing::warn!(
@@ -556,13 +561,8 @@ impl Event<'_> {
                 message,
                 restart_in,
             } => {
-                t.collector_up
-                    .with_label_values(&[collector, plugin])
-                    .set(0);
                 t.collector_panics.with_label_values(&[collector]).inc();
-                t.collector_errors
-                    .with_label_values(&[collector, "panic"])
-                    .inc();
+                t.collector_failed(collector, plugin, "panic");
                 tracing::error!(
                     collector,
                     plugin,
@@ -577,15 +577,10 @@ impl Event<'_> {
                 message,
                 restart_in,
             } => {
-                t.collector_up
-                    .with_label_values(&[collector, plugin])
-                    .set(0);
                 t.collector_crashes
                     .with_label_values(&[collector, cause])
                     .inc();
-                t.collector_errors
-                    .with_label_values(&[collector, "crash"])
-                    .inc();
+                t.collector_failed(collector, plugin, "crash");
                 tracing::error!(
                     collector,
                     plugin,
@@ -625,12 +620,7 @@ impl Event<'_> {
                 message,
                 retry_in,
             } => {
-                t.collector_up
-                    .with_label_values(&[collector, plugin])
-                    .set(0);
-                t.collector_errors
-                    .with_label_values(&[collector, "create"])
-                    .inc();
+                t.collector_failed(collector, plugin, "create");
                 tracing::error!(
                     collector,
                     plugin,
