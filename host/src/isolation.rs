@@ -433,6 +433,13 @@ pub fn child_main() -> u8 {
         Ok(s) => s,
         Err(e) => return fail(format!("no connection to the agent: {e}")),
     };
+    // The socket is held through its own descriptors now; standard output becomes standard
+    // error, so that a plugin's `println!` lands in the agent's log instead of in the frames.
+    if let Err(e) = nix::unistd::dup2(2, 1) {
+        return fail(format!(
+            "cannot point standard output at standard error: {e}"
+        ));
+    }
     *TO_PARENT.lock().unwrap_or_else(|p| p.into_inner()) = Some((socket, Vec::new()));
     let module =
         match crate::loader::open_module(Path::new(&instance), Path::new("/proc/self/fd/0")) {

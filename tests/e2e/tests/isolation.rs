@@ -48,6 +48,8 @@ isolation = "process"
 [collectors.config]
 abort_on = 2
 labels = { who = "abrt" }
+# What a plugin prints must not get into the frames of its socket.
+print = true
 [[collectors]]
 name = "fine"
 plugin = "hello"
@@ -112,6 +114,11 @@ plugin = "prometheus"
         "{log}"
     );
     assert!(log.contains("killed by signal SIGABRT (6"), "{log}");
+    assert!(
+        log.contains("testkit: call 1 says hello on stdout"),
+        "{log}"
+    );
+    assert!(!log.contains("answered out of turn"), "{log}");
     // The plugin's own log records cross too, tagged with the instance.
     assert!(
         log.lines()

@@ -28,6 +28,9 @@ pub struct Config {
     /// Call `abort()` on this collect call (SIGABRT), as a failed C assertion or a library
     /// that kills its process does.
     pub abort_on: Option<u64>,
+    /// Print a line to standard output on every call (as a careless plugin might).
+    #[serde(default)]
+    pub print: bool,
     /// Return a transient error on every call from this one on.
     pub fail_from: Option<u64>,
     /// Sleep this long on every call from `hang_from` on.
@@ -148,6 +151,9 @@ impl Testkit {
         let call = self.calls;
         if self.config.panic_on == Some(call) {
             panic!("testkit: panic_on = {call}");
+        }
+        if self.config.print {
+            println!("testkit: call {call} says hello on stdout");
         }
         if self.config.segfault_on == Some(call) {
             tracing::warn!(call, "testkit: raising SIGSEGV");
