@@ -6,7 +6,7 @@
 //! On the pool, each cycle's calls landed on whichever pool thread woke first, a new pool
 //! thread (and arena) appeared whenever two calls overlapped, and every arena grew towards the
 //! whole cycle's allocation pattern: the agent's memory crept up for hours at a 1 s interval
-//! (docs/BENCHMARKS.md, "Flat memory"). One thread per instance keeps each plugin's
+//! (docs/benchmarks-history.md, "Flat memory"). One thread per instance keeps each plugin's
 //! allocations in one arena, with the same pattern every cycle, and a call that hangs holds only
 //! its own instance's thread.
 //!

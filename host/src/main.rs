@@ -257,7 +257,7 @@ fn main_inner(cli: Cli) -> Result<(), ExitError> {
     // scrapes render on the blocking pool. The async work is light (a 10,000-series cycle is
     // about 0.2 ms of pipeline), so a multi-thread scheduler would add threads, not speed, and
     // its code alone loads libm (0.5 MiB resident) for one `pow` in its statistics: the
-    // workspace builds tokio without `rt-multi-thread` (docs/BENCHMARKS.md, "One runtime thread").
+    // workspace builds tokio without `rt-multi-thread` (docs/benchmarks-history.md, "One runtime thread").
     let runtime = || {
         if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
             tracing::warn!(

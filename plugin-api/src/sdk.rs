@@ -236,7 +236,7 @@ struct CollectorAdapter<C: Collector> {
     /// up front, so that a collector whose output keeps its size allocates each of the three
     /// arrays once per collection, at its final size, instead of growing it by doubling
     /// (fewer copies, and the same chunk sizes every cycle keep the malloc arena from
-    /// fragmenting; docs/BENCHMARKS.md, "Flat memory").
+    /// fragmenting; docs/benchmarks-history.md, "Flat memory").
     last_sizes: (usize, usize, usize),
 }
 
