@@ -507,7 +507,7 @@ const FIELDS: [u32; 9] = [
 /// What a GPU answers the same every time while it runs (a GPU reset, which NVML sees as the
 /// GPU lost and back, or a driver restart can change it): read once, refreshed every
 /// [`CONSTANTS_REFRESH`]. On an H200 (driver 580) the four max-clock calls alone cost 5 to 6 ms
-/// of CPU, over a third of a collection (docs/BENCHMARKS.md).
+/// of CPU, over a third of a collection (docs/benchmarks-history.md).
 #[derive(Clone, Copy, Default)]
 struct Constants {
     /// Max graphics, SM, memory and video clocks, MHz (in [`CLOCKS`]' order).
