@@ -213,3 +213,50 @@ plugin = "stdout"
     assert!(kids.len() <= 1, "{kids:?}");
     agent.terminate().expect("stop");
 }
+
+#[test]
+fn a_child_stuck_in_new_is_killed_at_the_timeout_and_tried_again() {
+    let work = Workdir::new();
+    let mut agent = Agent::start(
+        &work,
+        r#"
+[agent]
+interval = "200ms"
+max_backoff = "400ms"
+[http]
+health_listen = "127.0.0.1:{health}"
+metrics_listen = ""
+[[collectors]]
+name = "slow"
+plugin = "testkit"
+isolation = "process"
+timeout = "300ms"
+[collectors.config]
+hang_in_new = 60000
+[[sinks]]
+name = "out"
+plugin = "stdout"
+"#,
+        &[],
+    )
+    .expect("start");
+    agent.wait_ready().expect("ready");
+    agent
+        .wait_stat(
+            "metricsd_collector_errors_total{collector=\"slow\",kind=\"create\"}",
+            2.0,
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.stats().unwrap_or_default()));
+    let log = agent.stderr();
+    assert!(
+        log.contains(
+            "collector `slow` (plugin `testkit`): its process was killed: the call did not finish within 300ms"
+        ),
+        "{log}"
+    );
+    // Each attempt's child is gone before the next starts.
+    let kids = children(agent.pid());
+    assert!(kids.len() <= 1, "{kids:?}");
+    agent.terminate().expect("stop");
+}

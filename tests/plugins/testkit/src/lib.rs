@@ -17,6 +17,9 @@ pub struct Config {
     /// Panic in `new`.
     #[serde(default)]
     pub panic_in_new: bool,
+    /// Sleep this long in `new`.
+    #[serde(default, with = "ms")]
+    pub hang_in_new: Duration,
     /// Return a config error from `new` (a check that needs more than the config, such as a
     /// device that the config names and that is not there).
     #[serde(default)]
@@ -108,6 +111,9 @@ impl Collector for Testkit {
     fn new(config: Config, ctx: &Context) -> Result<Self> {
         if config.panic_in_new {
             panic!("testkit: panic_in_new is set");
+        }
+        if !config.hang_in_new.is_zero() {
+            std::thread::sleep(config.hang_in_new);
         }
         if config.config_error_in_new {
             return Err(Error::config("testkit: config_error_in_new is set"));
