@@ -184,7 +184,9 @@ pub struct ChildCollector {
     child: Child,
     socket: UnixStream,
     killer: Killer,
+    /// Frames read, and frames written: kept, so a collection allocates neither.
     buf: Vec<u8>,
+    out: Vec<u8>,
     timeout: Duration,
 }
 
@@ -220,6 +222,7 @@ pub fn spawn_collector(
         socket: ours,
         killer,
         buf: Vec::new(),
+        out: Vec::new(),
         timeout,
     };
     let create = ToChild::Create {
@@ -229,7 +232,7 @@ pub fn spawn_collector(
     };
     // Creating gets its own deadline: a child stuck in `new` is killed.
     let _ = collector.socket.set_read_timeout(Some(timeout));
-    let answer = write_frame(&mut collector.socket, &create, &mut Vec::new())
+    let answer = write_frame(&mut collector.socket, &create, &mut collector.out)
         .and_then(|()| collector.answer())
         .map_err(|e| collector.died(e).1);
     let _ = collector.socket.set_read_timeout(None);
@@ -318,7 +321,7 @@ impl ChildCollector {
 
     /// Collects once in the child.
     pub fn collect(&mut self) -> Result<Batch, CollectError> {
-        let answer = write_frame(&mut self.socket, &ToChild::Collect, &mut Vec::new())
+        let answer = write_frame(&mut self.socket, &ToChild::Collect, &mut self.out)
             .and_then(|()| self.answer());
         match answer {
             Ok(FromChild::Batch(batch)) => Ok(batch),
@@ -339,7 +342,7 @@ impl ChildCollector {
     }
 
     fn close(&mut self) {
-        if write_frame(&mut self.socket, &ToChild::Close, &mut Vec::new()).is_ok() {
+        if write_frame(&mut self.socket, &ToChild::Close, &mut self.out).is_ok() {
             let _ = self.socket.set_read_timeout(Some(Duration::from_secs(1)));
             // Log records the plugin writes while closing still reach the log.
             let _ = self.answer();

@@ -79,70 +79,68 @@ extern "C" fn log_from_plugin(
 /// the running pipeline's telemetry and health, anything else to the agent's log. Records of a
 /// plugin in a child process (`isolation = "process"`) arrive here too.
 pub fn deliver(instance: &str, level: LogLevel, target: &str, message: &str) {
-    {
-        if target == DROPPED_TARGET {
-            if let Some((samples, reason, why)) = parse_dropped(message) {
-                let event = Event::SinkReportedDrop {
-                    sink: instance,
-                    reason: reason.as_str(),
+    if target == DROPPED_TARGET {
+        if let Some((samples, reason, why)) = parse_dropped(message) {
+            let event = Event::SinkReportedDrop {
+                sink: instance,
+                reason: reason.as_str(),
+                samples,
+                why,
+                repeated: seen_before(instance, reason.as_str(), why),
+            };
+            if !emit_report(event) {
+                tracing::warn!(
+                    instance,
                     samples,
-                    why,
-                    repeated: seen_before(instance, reason.as_str(), why),
-                };
-                if !emit_report(event) {
-                    tracing::warn!(
-                        instance,
-                        samples,
-                        reason = reason.as_str(),
-                        "samples dropped: {why}"
-                    );
-                }
-                return;
+                    reason = reason.as_str(),
+                    "samples dropped: {why}"
+                );
             }
+            return;
         }
-        if target == ALTERED_TARGET {
-            if let Some((samples, why)) = parse_altered(message) {
-                let event = Event::SinkReportedAltered {
-                    sink: instance,
-                    samples,
-                    why,
-                    repeated: seen_before(instance, "altered", why),
-                };
-                if !emit_report(event) {
-                    tracing::warn!(instance, samples, "samples altered: {why}");
-                }
-                return;
+    }
+    if target == ALTERED_TARGET {
+        if let Some((samples, why)) = parse_altered(message) {
+            let event = Event::SinkReportedAltered {
+                sink: instance,
+                samples,
+                why,
+                repeated: seen_before(instance, "altered", why),
+            };
+            if !emit_report(event) {
+                tracing::warn!(instance, samples, "samples altered: {why}");
             }
+            return;
         }
-        if target == STATUS_TARGET {
-            if let Some(status) = parse_status(message) {
-                let health = HEALTH.read().unwrap_or_else(|p| p.into_inner()).clone();
-                let changed = health
-                    .as_ref()
-                    .is_some_and(|h| h.set_degraded(instance, status));
-                match status {
-                    Some(why) if changed => tracing::warn!(instance, "degraded: {why}"),
-                    None if changed => tracing::info!(instance, "recovered"),
-                    _ => tracing::debug!(instance, "status: {message}"),
-                }
-                return;
+    }
+    if target == STATUS_TARGET {
+        if let Some(status) = parse_status(message) {
+            let health = HEALTH.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let changed = health
+                .as_ref()
+                .is_some_and(|h| h.set_degraded(instance, status));
+            match status {
+                Some(why) if changed => tracing::warn!(instance, "degraded: {why}"),
+                None if changed => tracing::info!(instance, "recovered"),
+                _ => tracing::debug!(instance, "status: {message}"),
             }
+            return;
         }
-        match level {
-            LogLevel::ERROR => {
-                tracing::error!(target: "plugin", instance, plugin_target = target, "{message}")
-            }
-            LogLevel::WARN => {
-                tracing::warn!(target: "plugin", instance, plugin_target = target, "{message}")
-            }
-            LogLevel::INFO => {
-                tracing::info!(target: "plugin", instance, plugin_target = target, "{message}")
-            }
-            LogLevel::DEBUG => {
-                tracing::debug!(target: "plugin", instance, plugin_target = target, "{message}")
-            }
-            _ => tracing::trace!(target: "plugin", instance, plugin_target = target, "{message}"),
+    }
+    match level {
+        LogLevel::ERROR => {
+            tracing::error!(target: "plugin", instance, plugin_target = target, "{message}")
         }
+        LogLevel::WARN => {
+            tracing::warn!(target: "plugin", instance, plugin_target = target, "{message}")
+        }
+        LogLevel::INFO => {
+            tracing::info!(target: "plugin", instance, plugin_target = target, "{message}")
+        }
+        LogLevel::DEBUG => {
+            tracing::debug!(target: "plugin", instance, plugin_target = target, "{message}")
+        }
+        _ => tracing::trace!(target: "plugin", instance, plugin_target = target, "{message}"),
     }
 }
 

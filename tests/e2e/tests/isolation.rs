@@ -22,6 +22,34 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
+/// An agent with one testkit collector `name` in a child process (300 ms timeout) and
+/// `testkit` as its plugin config, writing to stdout.
+fn one_isolated_testkit(work: &Workdir, name: &str, testkit: &str) -> Agent {
+    let config = format!(
+        r#"
+[agent]
+interval = "200ms"
+max_backoff = "400ms"
+[http]
+health_listen = "127.0.0.1:{{health}}"
+metrics_listen = ""
+[[collectors]]
+name = "{name}"
+plugin = "testkit"
+isolation = "process"
+timeout = "300ms"
+[collectors.config]
+{testkit}
+[[sinks]]
+name = "out"
+plugin = "stdout"
+"#
+    );
+    let mut agent = Agent::start(work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    agent
+}
+
 #[test]
 fn a_segfaulting_and_an_aborting_plugin_cost_their_child_processes_not_the_agent() {
     let work = Workdir::new();
@@ -155,31 +183,7 @@ plugin = "prometheus"
 #[test]
 fn a_call_past_its_timeout_gets_the_child_killed_and_a_new_one_started() {
     let work = Workdir::new();
-    let mut agent = Agent::start(
-        &work,
-        r#"
-[agent]
-interval = "200ms"
-max_backoff = "400ms"
-[http]
-health_listen = "127.0.0.1:{health}"
-metrics_listen = ""
-[[collectors]]
-name = "stuck"
-plugin = "testkit"
-isolation = "process"
-timeout = "300ms"
-[collectors.config]
-hang = 60000
-hang_from = 2
-[[sinks]]
-name = "out"
-plugin = "stdout"
-"#,
-        &[],
-    )
-    .expect("start");
-    agent.wait_ready().expect("ready");
+    let mut agent = one_isolated_testkit(&work, "stuck", "hang = 60000\nhang_from = 2");
     // In-process, the hung call would hold its thread for a minute and the instance would
     // collect nothing more; here its child is killed and a new one collects again.
     agent
@@ -217,30 +221,7 @@ plugin = "stdout"
 #[test]
 fn a_child_stuck_in_new_is_killed_at_the_timeout_and_tried_again() {
     let work = Workdir::new();
-    let mut agent = Agent::start(
-        &work,
-        r#"
-[agent]
-interval = "200ms"
-max_backoff = "400ms"
-[http]
-health_listen = "127.0.0.1:{health}"
-metrics_listen = ""
-[[collectors]]
-name = "slow"
-plugin = "testkit"
-isolation = "process"
-timeout = "300ms"
-[collectors.config]
-hang_in_new = 60000
-[[sinks]]
-name = "out"
-plugin = "stdout"
-"#,
-        &[],
-    )
-    .expect("start");
-    agent.wait_ready().expect("ready");
+    let mut agent = one_isolated_testkit(&work, "slow", "hang_in_new = 60000");
     agent
         .wait_stat(
             "metricsd_collector_errors_total{collector=\"slow\",kind=\"create\"}",
