@@ -1,23 +1,48 @@
-//! metricsd collector for the operating system: CPU, memory, filesystems, disk I/O, network,
-//! load, processes and temperatures, under node_exporter's metric names and labels so that
-//! existing dashboards work.
+//! metricsd collector for the operating system: node_exporter's default Linux collectors
+//! (cpu, stat, meminfo, filesystem, diskstats, netdev, netclass, netstat, …) under its metric
+//! names, types and labels, so that its dashboards and the node-mixin alerts work.
 //!
-//! Sources: `/proc` through the `procfs` crate (what sysinfo does not give: per-mode CPU time,
-//! buffers/cached, per-device I/O, drops), `statvfs(3)` for filesystems, sysinfo for
-//! temperatures and the kernel/OS identity.
+//! Each of node_exporter's collectors is a *source* here, switched on or off with the
+//! `collectors` table; every source reads the host through [`source::Host`]'s paths, so that
+//! an agent in a container with the host's `/` at `/host/root` reports the node.
 
-use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use metricsd_plugin_api::{export_plugin, BatchBuilder, Collector, Context, Error, Result};
-use procfs::{Current, CurrentSI};
 use serde::Deserialize;
+
+pub mod cpu;
+pub mod fs;
+pub mod hwmon;
+pub mod kernel;
+pub mod memory;
+pub mod net;
+pub mod source;
+
+use source::{Host, Missing, Outcome};
 
 /// The instance's `[collectors.config]` table.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Where procfs is mounted (node_exporter's `--path.procfs`).
+    #[serde(default = "default_procfs")]
+    pub procfs: String,
+    /// Where sysfs is mounted (`--path.sysfs`).
+    #[serde(default = "default_sysfs")]
+    pub sysfs: String,
+    /// Where the host's root filesystem is mounted (`--path.rootfs`).
+    #[serde(default = "default_rootfs")]
+    pub rootfs: String,
+    /// The udev database (`--path.udev.data`).
+    #[serde(default = "default_udev_data")]
+    pub udev_data: String,
+    /// Sources switched on (`true`) or off (`false`) against their defaults
+    /// (`--collector.NAME` / `--no-collector.NAME`).
+    #[serde(default)]
+    pub collectors: BTreeMap<String, bool>,
     /// Filesystem types not reported (globs).
     #[serde(default = "default_fs_types_exclude")]
     pub fs_types_exclude: Vec<String>,
@@ -27,16 +52,52 @@ pub struct Config {
     /// Block devices not reported in disk I/O (globs).
     #[serde(default = "default_disks_exclude")]
     pub disks_exclude: Vec<String>,
+    /// Report partitions beside their disks in disk I/O (off: a sum over devices would count
+    /// every I/O twice).
+    #[serde(default)]
+    pub partitions: bool,
     /// Network interfaces not reported (globs).
     #[serde(default)]
     pub interfaces_exclude: Vec<String>,
-    /// Report temperatures from hwmon and thermal zones.
+    /// `netstat` fields reported (a regular expression on `Protocol_Field`).
+    #[serde(default = "default_netstat_fields")]
+    pub netstat_fields: String,
+    /// `vmstat` fields reported (a regular expression).
+    #[serde(default = "default_vmstat_fields")]
+    pub vmstat_fields: String,
+    /// Report hwmon and thermal-zone temperatures (the same as `collectors.hwmon`).
     #[serde(default = "yes")]
     pub temperatures: bool,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn default_procfs() -> String {
+    "/proc".into()
+}
+
+fn default_sysfs() -> String {
+    "/sys".into()
+}
+
+fn default_rootfs() -> String {
+    "/".into()
+}
+
+fn default_udev_data() -> String {
+    "/run/udev/data".into()
+}
+
+/// node_exporter's default `--collector.netstat.fields`.
+pub fn default_netstat_fields() -> String {
+    "^(.*_(InErrors|InErrs)|Ip_Forwarding|Ip(6|Ext)_(InOctets|OutOctets)|Icmp6?_(InMsgs|OutMsgs)|TcpExt_(Listen.*|Syncookies.*|TCPSynRetrans|TCPTimeouts)|Tcp_(ActiveOpens|InSegs|OutSegs|OutRsts|PassiveOpens|RetransSegs|CurrEstab)|Udp6?_(InDatagrams|OutDatagrams|NoPorts|RcvbufErrors|SndbufErrors))$".into()
+}
+
+/// node_exporter's default `--collector.vmstat.fields`.
+pub fn default_vmstat_fields() -> String {
+    "^(oom_kill|pgpg|pswp|pg.*fault).*".into()
 }
 
 fn strings(list: &[&str]) -> Vec<String> {
@@ -110,31 +171,195 @@ fn globs(key: &str, patterns: &[String]) -> Result<GlobSet> {
         .map_err(|e| Error::config(format!("`{key}`: {e}")))
 }
 
+fn pattern(key: &str, pattern: &str) -> Result<regex::Regex> {
+    regex::Regex::new(pattern).map_err(|e| {
+        Error::config(format!(
+            "`{key}`: `{pattern}` is not a valid regular expression: {e}"
+        ))
+    })
+}
+
+/// One of node_exporter's collectors: its name, whether node_exporter runs it by default,
+/// and what reads it.
+pub struct Source {
+    /// node_exporter's name (`--collector.NAME`).
+    pub name: &'static str,
+    /// Run unless the config switches it off.
+    pub default: bool,
+    run: fn(&mut SystemCollector, &mut BatchBuilder) -> Outcome,
+}
+
+/// Every source, in collection order.
+pub const SOURCES: &[Source] = &[
+    Source {
+        name: "arp",
+        default: true,
+        run: net::arp,
+    },
+    Source {
+        name: "conntrack",
+        default: true,
+        run: net::conntrack,
+    },
+    Source {
+        name: "cpu",
+        default: true,
+        run: cpu::cpu,
+    },
+    Source {
+        name: "cpufreq",
+        default: true,
+        run: cpu::cpufreq,
+    },
+    Source {
+        name: "diskstats",
+        default: true,
+        run: fs::diskstats,
+    },
+    Source {
+        name: "entropy",
+        default: true,
+        run: kernel::entropy,
+    },
+    Source {
+        name: "filefd",
+        default: true,
+        run: kernel::filefd,
+    },
+    Source {
+        name: "filesystem",
+        default: true,
+        run: fs::filesystem,
+    },
+    Source {
+        name: "hwmon",
+        default: true,
+        run: hwmon::temperatures,
+    },
+    Source {
+        name: "loadavg",
+        default: true,
+        run: kernel::loadavg,
+    },
+    Source {
+        name: "meminfo",
+        default: true,
+        run: memory::meminfo,
+    },
+    Source {
+        name: "netclass",
+        default: true,
+        run: net::netclass,
+    },
+    Source {
+        name: "netdev",
+        default: true,
+        run: net::netdev,
+    },
+    Source {
+        name: "netstat",
+        default: true,
+        run: net::netstat,
+    },
+    Source {
+        name: "os",
+        default: true,
+        run: kernel::os,
+    },
+    Source {
+        name: "pressure",
+        default: true,
+        run: kernel::pressure,
+    },
+    Source {
+        name: "processes",
+        default: false,
+        run: kernel::processes,
+    },
+    Source {
+        name: "selinux",
+        default: true,
+        run: kernel::selinux,
+    },
+    Source {
+        name: "sockstat",
+        default: true,
+        run: net::sockstat,
+    },
+    Source {
+        name: "softnet",
+        default: true,
+        run: net::softnet,
+    },
+    Source {
+        name: "stat",
+        default: true,
+        run: cpu::stat,
+    },
+    Source {
+        name: "time",
+        default: true,
+        run: kernel::time,
+    },
+    Source {
+        name: "udp_queues",
+        default: true,
+        run: net::udp_queues,
+    },
+    Source {
+        name: "uname",
+        default: true,
+        run: kernel::uname,
+    },
+    Source {
+        name: "vmstat",
+        default: true,
+        run: memory::vmstat,
+    },
+];
+
+/// The sources a config runs, checked against [`SOURCES`].
+fn enabled_sources(config: &Config) -> Result<Vec<&'static Source>> {
+    for name in config.collectors.keys() {
+        if !SOURCES.iter().any(|s| s.name == name) {
+            let known: Vec<&str> = SOURCES.iter().map(|s| s.name).collect();
+            return Err(Error::config(format!(
+                "`collectors.{name}`: no such collector; known: {}",
+                known.join(", ")
+            )));
+        }
+    }
+    Ok(SOURCES
+        .iter()
+        .filter(|s| {
+            let on = config.collectors.get(s.name).copied().unwrap_or(s.default);
+            on && (s.name != "hwmon" || config.temperatures)
+        })
+        .collect())
+}
+
 /// The collector instance.
 pub struct SystemCollector {
+    host: Host,
+    sources: Vec<&'static Source>,
     fs_types_exclude: GlobSet,
     mount_points_exclude: GlobSet,
     disks_exclude: GlobSet,
+    partitions: bool,
+    partition_pattern: regex::Regex,
     interfaces_exclude: GlobSet,
+    netstat_fields: regex::Regex,
+    vmstat_fields: regex::Regex,
     ticks_per_second: f64,
+    page_size: f64,
     components: Option<sysinfo::Components>,
-    uname: [String; 5],
     /// Sources that failed in this collection, with the error.
-    failing_now: std::collections::BTreeMap<&'static str, String>,
+    failing_now: BTreeMap<&'static str, String>,
     /// Sources that failed in the last collection.
-    failing: std::collections::BTreeSet<&'static str>,
+    failing: BTreeSet<&'static str>,
 }
 
-const CPU_MODES: [&str; 8] = [
-    "user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal",
-];
-
 impl SystemCollector {
-    /// Notes a source that cannot be read in this collection; the others go on.
-    fn source_failed(&mut self, source: &'static str, err: impl std::fmt::Display) {
-        self.failing_now.insert(source, err.to_string());
-    }
-
     /// After a collection: logs each source when it starts failing and when it can be read
     /// again, and keeps the instance `degraded` in `/health` while any source fails (out of
     /// file descriptors, for one, every `/proc` read fails while the rest of the agent runs).
@@ -163,387 +388,6 @@ impl SystemCollector {
         self.failing = self.failing_now.keys().copied().collect();
         self.failing_now.clear();
     }
-
-    fn cpu_and_stat(&mut self, out: &mut BatchBuilder) {
-        let stats = match procfs::KernelStats::current() {
-            Ok(s) => s,
-            Err(e) => return self.source_failed("/proc/stat", e),
-        };
-        let cpu = out.counter(
-            "node_cpu_seconds_total",
-            "Seconds the CPUs spent in each mode.",
-            "seconds",
-        );
-        let tps = self.ticks_per_second;
-        for (i, t) in stats.cpu_time.iter().enumerate() {
-            let index = i.to_string();
-            let values = [
-                Some(t.user),
-                Some(t.nice),
-                Some(t.system),
-                Some(t.idle),
-                t.iowait,
-                t.irq,
-                t.softirq,
-                t.steal,
-            ];
-            for (mode, v) in CPU_MODES.iter().zip(values) {
-                if let Some(v) = v {
-                    out.sample(
-                        cpu,
-                        &[("cpu", index.as_str()), ("mode", mode)],
-                        v as f64 / tps,
-                    );
-                }
-            }
-        }
-        let boot = out.gauge(
-            "node_boot_time_seconds",
-            "Node boot time, in unixtime.",
-            "seconds",
-        );
-        out.sample(boot, &[], stats.btime as f64);
-        let ctxt = out.counter(
-            "node_context_switches_total",
-            "Total number of context switches.",
-            "",
-        );
-        out.sample(ctxt, &[], stats.ctxt as f64);
-        let forks = out.counter("node_forks_total", "Total number of forks.", "");
-        out.sample(forks, &[], stats.processes as f64);
-        if let Some(r) = stats.procs_running {
-            let f = out.gauge(
-                "node_procs_running",
-                "Number of processes in runnable state.",
-                "",
-            );
-            out.sample(f, &[], f64::from(r));
-        }
-        if let Some(b) = stats.procs_blocked {
-            let f = out.gauge(
-                "node_procs_blocked",
-                "Number of processes blocked waiting for I/O to complete.",
-                "",
-            );
-            out.sample(f, &[], f64::from(b));
-        }
-    }
-
-    fn load_and_threads(&mut self, out: &mut BatchBuilder) {
-        let load = match procfs::LoadAverage::current() {
-            Ok(l) => l,
-            Err(e) => return self.source_failed("/proc/loadavg", e),
-        };
-        for (name, help, v) in [
-            ("node_load1", "1m load average.", load.one),
-            ("node_load5", "5m load average.", load.five),
-            ("node_load15", "15m load average.", load.fifteen),
-        ] {
-            let f = out.gauge(name, help, "");
-            out.sample(f, &[], f64::from(v));
-        }
-        let threads = out.gauge("node_processes_threads", "Allocated threads in system.", "");
-        out.sample(threads, &[], f64::from(load.max));
-        match std::fs::read_dir("/proc") {
-            Ok(entries) => {
-                let pids = entries
-                    .filter_map(|e| e.ok())
-                    .filter(|e| {
-                        e.file_name()
-                            .to_str()
-                            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-                    })
-                    .count();
-                let f = out.gauge("node_processes_pids", "Number of PIDs.", "");
-                out.sample(f, &[], pids as f64);
-            }
-            Err(e) => self.source_failed("/proc (process count)", e),
-        }
-    }
-
-    fn memory(&mut self, out: &mut BatchBuilder) {
-        let m = match procfs::Meminfo::current() {
-            Ok(m) => m,
-            Err(e) => return self.source_failed("/proc/meminfo", e),
-        };
-        let fields: [(&str, Option<u64>); 16] = [
-            ("MemTotal", Some(m.mem_total)),
-            ("MemFree", Some(m.mem_free)),
-            ("MemAvailable", m.mem_available),
-            ("Buffers", Some(m.buffers)),
-            ("Cached", Some(m.cached)),
-            ("SwapCached", Some(m.swap_cached)),
-            ("SwapTotal", Some(m.swap_total)),
-            ("SwapFree", Some(m.swap_free)),
-            ("Active", Some(m.active)),
-            ("Inactive", Some(m.inactive)),
-            ("Dirty", Some(m.dirty)),
-            ("Writeback", Some(m.writeback)),
-            ("Shmem", m.shmem),
-            ("Slab", Some(m.slab)),
-            ("SReclaimable", m.s_reclaimable),
-            ("SUnreclaim", m.s_unreclaim),
-        ];
-        for (field, value) in fields {
-            if let Some(v) = value {
-                let name = format!("node_memory_{field}_bytes");
-                let help = format!("Memory information field {field}_bytes.");
-                let f = out.gauge(&name, &help, "bytes");
-                out.sample(f, &[], v as f64);
-            }
-        }
-    }
-
-    fn filesystems(&mut self, out: &mut BatchBuilder) {
-        let mounts = match procfs::mounts() {
-            Ok(m) => m,
-            Err(e) => return self.source_failed("/proc/mounts", e),
-        };
-        let size = out.gauge(
-            "node_filesystem_size_bytes",
-            "Filesystem size in bytes.",
-            "bytes",
-        );
-        let free = out.gauge(
-            "node_filesystem_free_bytes",
-            "Filesystem free space in bytes.",
-            "bytes",
-        );
-        let avail = out.gauge(
-            "node_filesystem_avail_bytes",
-            "Filesystem space available to non-root users in bytes.",
-            "bytes",
-        );
-        let files = out.gauge("node_filesystem_files", "Filesystem total file nodes.", "");
-        let files_free = out.gauge(
-            "node_filesystem_files_free",
-            "Filesystem total free file nodes.",
-            "",
-        );
-        let readonly = out.gauge(
-            "node_filesystem_readonly",
-            "Filesystem read-only status.",
-            "",
-        );
-        let mut seen = std::collections::HashSet::new();
-        for m in mounts {
-            if self.fs_types_exclude.is_match(&m.fs_vfstype)
-                || self.mount_points_exclude.is_match(&m.fs_file)
-                || !seen.insert((m.fs_spec.clone(), m.fs_file.clone()))
-            {
-                continue;
-            }
-            // statvfs may block on a dead network filesystem; the host's timeout covers it.
-            let st = match nix::sys::statvfs::statvfs(Path::new(&m.fs_file)) {
-                Ok(st) => st,
-                Err(e) => {
-                    tracing::debug!(mountpoint = %m.fs_file, "statvfs failed: {e}");
-                    continue;
-                }
-            };
-            let set = out.label_set(&[
-                ("device", m.fs_spec.as_str()),
-                ("fstype", m.fs_vfstype.as_str()),
-                ("mountpoint", m.fs_file.as_str()),
-            ]);
-            let frag = st.fragment_size() as f64;
-            out.sample_in(size, set, st.blocks() as f64 * frag);
-            out.sample_in(free, set, st.blocks_free() as f64 * frag);
-            out.sample_in(avail, set, st.blocks_available() as f64 * frag);
-            out.sample_in(files, set, st.files() as f64);
-            out.sample_in(files_free, set, st.files_free() as f64);
-            let ro = st.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY);
-            out.sample_in(readonly, set, if ro { 1.0 } else { 0.0 });
-        }
-    }
-
-    fn disks(&mut self, out: &mut BatchBuilder) {
-        let disks = match procfs::diskstats() {
-            Ok(d) => d,
-            Err(e) => return self.source_failed("/proc/diskstats", e),
-        };
-        let read_bytes = out.counter(
-            "node_disk_read_bytes_total",
-            "The total number of bytes read successfully.",
-            "bytes",
-        );
-        let written_bytes = out.counter(
-            "node_disk_written_bytes_total",
-            "The total number of bytes written successfully.",
-            "bytes",
-        );
-        let reads = out.counter(
-            "node_disk_reads_completed_total",
-            "The total number of reads completed successfully.",
-            "",
-        );
-        let writes = out.counter(
-            "node_disk_writes_completed_total",
-            "The total number of writes completed successfully.",
-            "",
-        );
-        let read_time = out.counter(
-            "node_disk_read_time_seconds_total",
-            "The total number of seconds spent by all reads.",
-            "seconds",
-        );
-        let write_time = out.counter(
-            "node_disk_write_time_seconds_total",
-            "This is the total number of seconds spent by all writes.",
-            "seconds",
-        );
-        for d in disks {
-            if self.disks_exclude.is_match(&d.name) {
-                continue;
-            }
-            let set = out.label_set(&[("device", d.name.as_str())]);
-            // /proc/diskstats counts 512-byte sectors whatever the device's sector size.
-            out.sample_in(read_bytes, set, d.sectors_read as f64 * 512.0);
-            out.sample_in(written_bytes, set, d.sectors_written as f64 * 512.0);
-            out.sample_in(reads, set, d.reads as f64);
-            out.sample_in(writes, set, d.writes as f64);
-            out.sample_in(read_time, set, d.time_reading as f64 / 1000.0);
-            out.sample_in(write_time, set, d.time_writing as f64 / 1000.0);
-        }
-    }
-
-    fn network(&mut self, out: &mut BatchBuilder) {
-        let devices = match procfs::net::dev_status() {
-            Ok(d) => d,
-            Err(e) => return self.source_failed("/proc/net/dev", e),
-        };
-        let mut devices: Vec<_> = devices.into_values().collect();
-        devices.sort_by(|a, b| a.name.cmp(&b.name));
-        let families = [
-            (
-                "node_network_receive_bytes_total",
-                "Network device statistic receive_bytes.",
-                "bytes",
-            ),
-            (
-                "node_network_transmit_bytes_total",
-                "Network device statistic transmit_bytes.",
-                "bytes",
-            ),
-            (
-                "node_network_receive_packets_total",
-                "Network device statistic receive_packets.",
-                "",
-            ),
-            (
-                "node_network_transmit_packets_total",
-                "Network device statistic transmit_packets.",
-                "",
-            ),
-            (
-                "node_network_receive_errs_total",
-                "Network device statistic receive_errs.",
-                "",
-            ),
-            (
-                "node_network_transmit_errs_total",
-                "Network device statistic transmit_errs.",
-                "",
-            ),
-            (
-                "node_network_receive_drop_total",
-                "Network device statistic receive_drop.",
-                "",
-            ),
-            (
-                "node_network_transmit_drop_total",
-                "Network device statistic transmit_drop.",
-                "",
-            ),
-        ]
-        .map(|(name, help, unit)| out.counter(name, help, unit));
-        for d in devices {
-            if self.interfaces_exclude.is_match(&d.name) {
-                continue;
-            }
-            let set = out.label_set(&[("device", d.name.as_str())]);
-            let values = [
-                d.recv_bytes,
-                d.sent_bytes,
-                d.recv_packets,
-                d.sent_packets,
-                d.recv_errs,
-                d.sent_errs,
-                d.recv_drop,
-                d.sent_drop,
-            ];
-            for (family, v) in families.iter().zip(values) {
-                out.sample_in(*family, set, v as f64);
-            }
-        }
-    }
-
-    fn temperatures(&mut self, out: &mut BatchBuilder) {
-        let Some(components) = self.components.as_mut() else {
-            return;
-        };
-        components.refresh(false);
-        let mut hwmon_temp = None;
-        let mut hwmon_crit = None;
-        let mut hwmon_label = None;
-        let mut zone_temp = None;
-        for c in components.iter() {
-            let Some(temp) = c.temperature() else {
-                continue;
-            };
-            let id = c.id().unwrap_or("");
-            // sysinfo ids: "hwmon0_1" for hwmon0/temp1_input, "thermal_zone0" for a zone.
-            if let Some((chip, n)) = id
-                .split_once('_')
-                .filter(|(chip, _)| chip.starts_with("hwmon"))
-            {
-                let sensor = format!("temp{n}");
-                let set = out.label_set(&[("chip", chip), ("sensor", sensor.as_str())]);
-                let f = *hwmon_temp.get_or_insert_with(|| {
-                    out.gauge(
-                        "node_hwmon_temp_celsius",
-                        "Hardware monitor for temperature (input).",
-                        "celsius",
-                    )
-                });
-                out.sample_in(f, set, f64::from(temp));
-                if let Some(crit) = c.critical() {
-                    let f = *hwmon_crit.get_or_insert_with(|| {
-                        out.gauge(
-                            "node_hwmon_temp_crit_celsius",
-                            "Hardware monitor for temperature (crit).",
-                            "celsius",
-                        )
-                    });
-                    out.sample_in(f, set, f64::from(crit));
-                }
-                let f = *hwmon_label.get_or_insert_with(|| {
-                    out.info(
-                        "node_hwmon_sensor_label",
-                        "Label for given chip and sensor.",
-                    )
-                });
-                out.sample(
-                    f,
-                    &[
-                        ("chip", chip),
-                        ("sensor", sensor.as_str()),
-                        ("label", c.label()),
-                    ],
-                    1.0,
-                );
-            } else if !id.is_empty() {
-                let f = *zone_temp.get_or_insert_with(|| {
-                    out.gauge(
-                        "node_thermal_zone_temp",
-                        "Zone temperature in Celsius.",
-                        "celsius",
-                    )
-                });
-                out.sample(f, &[("zone", id), ("type", c.label())], f64::from(temp));
-            }
-        }
-    }
 }
 
 impl Collector for SystemCollector {
@@ -554,70 +398,92 @@ impl Collector for SystemCollector {
         globs("mount_points_exclude", &config.mount_points_exclude)?;
         globs("disks_exclude", &config.disks_exclude)?;
         globs("interfaces_exclude", &config.interfaces_exclude)?;
+        pattern("netstat_fields", &config.netstat_fields)?;
+        pattern("vmstat_fields", &config.vmstat_fields)?;
+        enabled_sources(config)?;
+        for (key, path) in [
+            ("procfs", &config.procfs),
+            ("sysfs", &config.sysfs),
+            ("rootfs", &config.rootfs),
+        ] {
+            if !path.starts_with('/') {
+                return Err(Error::config(format!(
+                    "`{key}`: `{path}` is not an absolute path"
+                )));
+            }
+        }
         Ok(())
     }
 
     fn new(config: Config, _ctx: &Context) -> Result<Self> {
-        let uname = [
-            sysinfo::System::name().unwrap_or_default(),
-            sysinfo::System::host_name().unwrap_or_default(),
-            sysinfo::System::kernel_version().unwrap_or_default(),
-            sysinfo::System::os_version().unwrap_or_default(),
-            sysinfo::System::cpu_arch(),
-        ];
+        let sources = enabled_sources(&config)?;
+        let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(4096) as f64;
         Ok(SystemCollector {
+            host: Host::new(
+                &config.procfs,
+                &config.sysfs,
+                &config.rootfs,
+                &config.udev_data,
+            ),
+            components: sources
+                .iter()
+                .any(|s| s.name == "hwmon")
+                .then(sysinfo::Components::new_with_refreshed_list),
+            sources,
             fs_types_exclude: globs("fs_types_exclude", &config.fs_types_exclude)?,
             mount_points_exclude: globs("mount_points_exclude", &config.mount_points_exclude)?,
             disks_exclude: globs("disks_exclude", &config.disks_exclude)?,
+            partitions: config.partitions,
+            partition_pattern: fs::partition_pattern(),
             interfaces_exclude: globs("interfaces_exclude", &config.interfaces_exclude)?,
+            netstat_fields: pattern("netstat_fields", &config.netstat_fields)?,
+            vmstat_fields: pattern("vmstat_fields", &config.vmstat_fields)?,
             ticks_per_second: procfs::ticks_per_second().max(1) as f64,
-            components: config
-                .temperatures
-                .then(sysinfo::Components::new_with_refreshed_list),
-            uname,
-            failing_now: std::collections::BTreeMap::new(),
-            failing: std::collections::BTreeSet::new(),
+            page_size,
+            failing_now: BTreeMap::new(),
+            failing: BTreeSet::new(),
         })
     }
 
     fn collect(&mut self, out: &mut BatchBuilder) -> Result<()> {
-        self.cpu_and_stat(out);
-        self.load_and_threads(out);
-        self.memory(out);
-        self.filesystems(out);
-        self.disks(out);
-        self.network(out);
-        if self.components.is_some() {
-            self.temperatures(out);
+        let mut results = Vec::with_capacity(self.sources.len());
+        for source in self.sources.clone() {
+            let start = Instant::now();
+            let outcome = (source.run)(self, out);
+            let elapsed = start.elapsed().as_secs_f64();
+            match outcome {
+                Ok(()) => results.push((source.name, elapsed, true)),
+                Err(Missing::Absent) => {
+                    tracing::debug!("{}: nothing to report on this host", source.name);
+                    results.push((source.name, elapsed, false));
+                }
+                Err(Missing::Failed(e)) => {
+                    self.failing_now.insert(source.name, e);
+                    results.push((source.name, elapsed, false));
+                }
+            }
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        let time = out.gauge(
-            "node_time_seconds",
-            "System time in seconds since epoch (1970).",
+        let useful = results.iter().any(|r| r.2);
+        let duration = out.gauge(
+            "node_scrape_collector_duration_seconds",
+            "node_exporter: Duration of a collector scrape.",
             "seconds",
         );
-        out.sample(time, &[], now);
-        let uname = out.info(
-            "node_uname_info",
-            "Labeled system information as provided by the uname system call.",
+        let success = out.gauge(
+            "node_scrape_collector_success",
+            "node_exporter: Whether a collector succeeded.",
+            "",
         );
-        let [sysname, nodename, release, version, machine] = &self.uname;
-        out.sample(
-            uname,
-            &[
-                ("sysname", sysname.as_str()),
-                ("nodename", nodename.as_str()),
-                ("release", release.as_str()),
-                ("version", version.as_str()),
-                ("machine", machine.as_str()),
-            ],
-            1.0,
-        );
+        for (name, elapsed, ok) in results {
+            let set = out.label_set(&[("collector", name)]);
+            out.sample_in(duration, set, elapsed);
+            out.sample_in(success, set, if ok { 1.0 } else { 0.0 });
+        }
         self.report_sources();
-        if out.is_empty() {
+        if !useful {
             return Err(Error::transient("no system source could be read"));
         }
         Ok(())
@@ -626,15 +492,16 @@ impl Collector for SystemCollector {
 
 export_plugin! {
     name: "system",
-    description: "CPU, memory, filesystems, disks, network, load, processes, temperatures",
+    description: "the node, under node_exporter's names: CPU, memory, filesystems, disks, network, kernel",
     collector: SystemCollector,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metricsd_plugin_api::testing::CollectorHarness;
-    use metricsd_plugin_api::{Batch, MetricKind};
+    use metricsd_plugin_api::testing::{logs_of, CollectorHarness};
+    use metricsd_plugin_api::{Batch, LogLevel, MetricKind};
+    use std::path::Path;
 
     fn value(batch: &Batch, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         batch.samples.iter().find_map(|s| {
@@ -647,6 +514,14 @@ mod tests {
                 }))
             .then_some(s.value)
         })
+    }
+
+    fn kind(batch: &Batch, name: &str) -> Option<MetricKind> {
+        batch
+            .families
+            .iter()
+            .find(|f| f.name.as_str() == name)
+            .map(|f| f.kind)
     }
 
     #[test]
@@ -663,10 +538,15 @@ mod tests {
                 "node_filesystem_size_bytes",
                 "node_disk_read_bytes_total",
                 "node_network_receive_bytes_total",
+                "node_network_up",
+                "node_netstat_Tcp_InSegs",
+                "node_sockstat_sockets_used",
+                "node_vmstat_pgfault",
                 "node_boot_time_seconds",
                 "node_procs_running",
-                "node_processes_pids",
                 "node_uname_info",
+                "node_os_info",
+                "node_scrape_collector_success",
             ],
         );
         let cpus = std::thread::available_parallelism()
@@ -710,13 +590,25 @@ mod tests {
         assert!(lo.is_some(), "loopback is reported by default");
         let boot = value(&b, "node_boot_time_seconds", &[]).expect("boot");
         assert!(boot > 1.0e9);
-        let cpu_family = b
-            .families
-            .iter()
-            .find(|f| f.name.as_str() == "node_cpu_seconds_total")
-            .expect("family");
-        assert_eq!(cpu_family.kind, MetricKind::COUNTER);
-        assert_eq!(cpu_family.unit.as_str(), "seconds");
+        assert_eq!(
+            kind(&b, "node_cpu_seconds_total"),
+            Some(MetricKind::COUNTER)
+        );
+        assert_eq!(
+            kind(&b, "node_netstat_Tcp_InSegs"),
+            Some(MetricKind::UNTYPED)
+        );
+        // uname(2)'s own fields, not the distribution's.
+        assert!(
+            value(&b, "node_uname_info", &[("sysname", "Linux")]).is_some(),
+            "sysname is the kernel's"
+        );
+        // node_exporter's defaults: `processes` is off.
+        assert!(value(&b, "node_processes_pids", &[]).is_none());
+        assert_eq!(
+            value(&b, "node_scrape_collector_success", &[("collector", "cpu")]),
+            Some(1.0)
+        );
 
         // Counters do not go backwards between two collections.
         let b2 = h.collect().expect("collect");
@@ -730,22 +622,305 @@ mod tests {
     }
 
     #[test]
-    fn exclude_lists_apply() {
+    fn exclude_lists_and_switches_apply() {
         let mut h = CollectorHarness::new::<SystemCollector>(
             "sys2",
-            r#"{"interfaces_exclude":["lo"],"mount_points_exclude":["/"],"temperatures":false}"#,
+            r#"{"interfaces_exclude":["lo"],"mount_points_exclude":["/"],"temperatures":false,
+                "collectors":{"netstat":false,"processes":true}}"#,
         )
         .expect("instance");
         let b = h.collect().expect("collect");
         assert!(value(&b, "node_network_receive_bytes_total", &[("device", "lo")]).is_none());
+        assert!(value(&b, "node_network_up", &[("device", "lo")]).is_none());
         assert!(value(&b, "node_filesystem_size_bytes", &[("mountpoint", "/")]).is_none());
+        assert!(kind(&b, "node_netstat_Tcp_InSegs").is_none());
+        assert!(value(
+            &b,
+            "node_scrape_collector_success",
+            &[("collector", "netstat")]
+        )
+        .is_none());
+        assert!(value(&b, "node_processes_pids", &[]).is_some_and(|v| v > 0.0));
     }
 
     #[test]
-    fn bad_glob_names_the_key() {
-        let err = CollectorHarness::new::<SystemCollector>("s", r#"{"disks_exclude":["[x"]}"#)
-            .err()
-            .expect("refused");
-        assert!(err.message.contains("`disks_exclude`"), "{}", err.message);
+    fn bad_config_names_the_key() {
+        for (config, key) in [
+            (r#"{"disks_exclude":["[x"]}"#, "`disks_exclude`"),
+            (r#"{"netstat_fields":"("}"#, "`netstat_fields`"),
+            (r#"{"collectors":{"nosuch":true}}"#, "`collectors.nosuch`"),
+            (r#"{"rootfs":"host"}"#, "`rootfs`"),
+        ] {
+            let err = CollectorHarness::validate::<SystemCollector>(config).expect_err("refused");
+            assert!(err.message.contains(key), "{config}: {}", err.message);
+        }
+    }
+
+    fn write(root: &Path, rel: &str, text: &str) {
+        let path = root.join(rel);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    }
+
+    /// A host tree as a container sees the node's under `/host`: procfs, sysfs, the root
+    /// filesystem and the udev database at configured paths.
+    fn fake_host(dir: &Path) {
+        let root = dir.join("root");
+        write(
+            dir,
+            "proc/stat",
+            "cpu  1 2 3 4 5 6 7 8 9 10\ncpu0 100 0 0 200 0 0 0 0 30 40\nintr 1234 1 2\nctxt 99\nbtime 1700000000\nprocesses 7\nprocs_running 2\nprocs_blocked 1\n",
+        );
+        write(
+            dir,
+            "proc/meminfo",
+            "MemTotal:       1000 kB\nActive(anon):      5 kB\nHugePages_Total:       3\n",
+        );
+        // The host's mount table: `/data` is mounted read-only, `/` read-write, whatever
+        // this process's own view of them is; a mount shown under the rootfs prefix is named
+        // as the host names it.
+        write(
+            dir,
+            "proc/1/mounts",
+            &format!(
+                "/dev/sda2 / ext4 rw,relatime 0 0\n/dev/sdb1 /data ext4 ro,relatime 0 0\n/dev/sda2 / ext4 rw,relatime 0 0\n/dev/sdc1 {}/boot vfat rw 0 0\nproc /proc proc rw 0 0\n",
+                root.display()
+            ),
+        );
+        std::fs::create_dir_all(root.join("data")).expect("mkdir");
+        std::fs::create_dir_all(root.join("boot")).expect("mkdir");
+        write(
+            dir,
+            "proc/diskstats",
+            "   8       0 sda 10 1 80 5 20 2 160 7 0 12 13 0 0 0 0 4 1\n   8       1 sda1 10 1 80 5 20 2 160 7 0 12 13 0 0 0 0 4 1\n 259       0 nvme0n1p1 1 0 8 1 1 0 8 1 0 1 1\n   7       0 loop0 1 0 8 1 1 0 8 1 0 1 1\n",
+        );
+        std::fs::create_dir_all(dir.join("sys/class/block/sda")).expect("mkdir");
+        write(dir, "sys/class/block/sda1/partition", "1\n");
+        write(
+            dir,
+            "udev/b8:0",
+            "S:disk/by-id/x\nE:ID_MODEL=SAMSUNG_MZ7\nE:ID_SERIAL_SHORT=S3Z1\nE:ID_FS_TYPE=ext4\nE:ID_FS_UUID=abcd\n",
+        );
+        write(
+            dir,
+            "proc/net/dev",
+            "Inter-|   Receive                                                |  Transmit\n face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n  eth9: 1000 10 1 2 3 4 5 6 2000 20 7 8 9 10 11 12\n",
+        );
+        for (file, text) in [
+            ("operstate", "up\n"),
+            ("mtu", "9000\n"),
+            ("speed", "100000\n"),
+            ("carrier", "1\n"),
+            ("flags", "0x1003\n"),
+            ("address", "02:00:00:00:00:09\n"),
+            ("statistics/rx_nohandler", "42\n"),
+        ] {
+            write(dir, &format!("sys/class/net/eth9/{file}"), text);
+        }
+        write(
+            dir,
+            "root/etc/os-release",
+            "NAME=\"Ubuntu\"\nID=ubuntu\nID_LIKE=debian\nVERSION_ID=\"22.04\"\n",
+        );
+    }
+
+    #[test]
+    fn a_host_tree_at_configured_paths_is_read_as_node_exporter_reads_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        fake_host(dir);
+        let config = format!(
+            r#"{{"procfs":"{0}/proc","sysfs":"{0}/sys","rootfs":"{0}/root","udev_data":"{0}/udev","temperatures":false}}"#,
+            dir.display()
+        );
+        let mut h = CollectorHarness::new::<SystemCollector>("fake", &config).expect("instance");
+        let b = h.collect().expect("collect");
+
+        // Read-only from the host's mount table, not from this process's statvfs flags.
+        let ro = |mp| value(&b, "node_filesystem_readonly", &[("mountpoint", mp)]);
+        assert_eq!(ro("/data"), Some(1.0));
+        assert_eq!(ro("/"), Some(0.0));
+        assert_eq!(ro("/boot"), Some(0.0), "rootfs prefix stripped");
+        assert!(ro("/proc").is_none());
+        let root_series = b
+            .samples
+            .iter()
+            .filter(|s| {
+                b.family_of(s)
+                    .is_some_and(|f| f.name.as_str() == "node_filesystem_readonly")
+                    && b.own_labels_of(s)
+                        .iter()
+                        .any(|l| l.name.as_str() == "mountpoint" && l.value.as_str() == "/")
+            })
+            .count();
+        assert_eq!(root_series, 1, "a mount listed twice is one series");
+        assert_eq!(
+            value(
+                &b,
+                "node_filesystem_device_error",
+                &[("mountpoint", "/data")]
+            ),
+            Some(0.0)
+        );
+
+        // Whole disks only: sysfs says sda1 is a partition, the name pattern says
+        // nvme0n1p1 is one (no sysfs entry for it), loop devices are excluded.
+        let reads = |d| value(&b, "node_disk_reads_completed_total", &[("device", d)]);
+        assert_eq!(reads("sda"), Some(10.0));
+        assert!(reads("sda1").is_none());
+        assert!(reads("nvme0n1p1").is_none());
+        assert!(reads("loop0").is_none());
+        let weighted = value(
+            &b,
+            "node_disk_io_time_weighted_seconds_total",
+            &[("device", "sda")],
+        );
+        assert!(
+            weighted.is_some_and(|v| (v - 0.013).abs() < 1e-12),
+            "{weighted:?}"
+        );
+        assert_eq!(
+            value(&b, "node_disk_flush_requests_total", &[("device", "sda")]),
+            Some(4.0)
+        );
+        assert_eq!(
+            value(&b, "node_disk_read_bytes_total", &[("device", "sda")]),
+            Some(80.0 * 512.0)
+        );
+        assert_eq!(
+            value(
+                &b,
+                "node_disk_info",
+                &[
+                    ("device", "sda"),
+                    ("model", "SAMSUNG_MZ7"),
+                    ("serial", "S3Z1"),
+                    ("major", "8")
+                ]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &b,
+                "node_disk_filesystem_info",
+                &[("device", "sda"), ("type", "ext4")]
+            ),
+            Some(1.0)
+        );
+
+        // /proc/stat and /proc/meminfo of the tree, not of this machine.
+        let tps = procfs::ticks_per_second() as f64;
+        assert_eq!(
+            value(
+                &b,
+                "node_cpu_guest_seconds_total",
+                &[("cpu", "0"), ("mode", "nice")]
+            ),
+            Some(40.0 / tps)
+        );
+        assert_eq!(value(&b, "node_intr_total", &[]), Some(1234.0));
+        assert_eq!(value(&b, "node_boot_time_seconds", &[]), Some(1.7e9));
+        assert_eq!(
+            value(&b, "node_memory_MemTotal_bytes", &[]),
+            Some(1000.0 * 1024.0)
+        );
+        assert_eq!(
+            value(&b, "node_memory_Active_anon_bytes", &[]),
+            Some(5.0 * 1024.0)
+        );
+        assert_eq!(value(&b, "node_memory_HugePages_Total", &[]), Some(3.0));
+
+        // Interfaces: /proc/net/dev counters and the sysfs class.
+        let eth = [("device", "eth9")];
+        assert_eq!(
+            value(&b, "node_network_transmit_colls_total", &eth),
+            Some(10.0)
+        );
+        assert_eq!(
+            value(&b, "node_network_receive_nohandler_total", &eth),
+            Some(42.0)
+        );
+        assert_eq!(value(&b, "node_network_up", &eth), Some(1.0));
+        assert_eq!(value(&b, "node_network_mtu_bytes", &eth), Some(9000.0));
+        assert_eq!(value(&b, "node_network_speed_bytes", &eth), Some(1.25e10));
+        assert_eq!(value(&b, "node_network_flags", &eth), Some(4099.0));
+        assert!(
+            value(&b, "node_network_dormant", &eth).is_none(),
+            "absent attribute"
+        );
+        assert_eq!(
+            value(
+                &b,
+                "node_network_info",
+                &[("device", "eth9"), ("address", "02:00:00:00:00:09")]
+            ),
+            Some(1.0)
+        );
+
+        // The host's os-release under rootfs.
+        assert_eq!(
+            value(
+                &b,
+                "node_os_version",
+                &[("id", "ubuntu"), ("id_like", "debian")]
+            ),
+            Some(22.04)
+        );
+        assert_eq!(
+            value(&b, "node_os_info", &[("name", "Ubuntu"), ("variant", "")]),
+            Some(1.0)
+        );
+
+        // Sources the tree does not have are "no data", not failures: success 0, nothing
+        // logged above debug.
+        let success = |c| value(&b, "node_scrape_collector_success", &[("collector", c)]);
+        assert_eq!(success("conntrack"), Some(0.0));
+        assert_eq!(success("pressure"), Some(0.0));
+        assert_eq!(success("diskstats"), Some(1.0));
+        let loud: Vec<_> = logs_of("fake")
+            .into_iter()
+            .filter(|r| r.1 <= LogLevel::WARN)
+            .collect();
+        assert!(loud.is_empty(), "{loud:?}");
+
+        // With `partitions = true` the partition is reported too.
+        let config = format!(
+            r#"{{"procfs":"{0}/proc","sysfs":"{0}/sys","rootfs":"{0}/root","udev_data":"{0}/udev","temperatures":false,"partitions":true}}"#,
+            dir.display()
+        );
+        let mut h = CollectorHarness::new::<SystemCollector>("fake2", &config).expect("instance");
+        let b = h.collect().expect("collect");
+        assert_eq!(
+            value(&b, "node_disk_reads_completed_total", &[("device", "sda1")]),
+            Some(10.0)
+        );
+    }
+
+    #[test]
+    fn a_broken_source_degrades_and_names_its_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        fake_host(dir);
+        write(dir, "proc/sys/fs/file-nr", "garbage\n");
+        let config = format!(
+            r#"{{"procfs":"{0}/proc","sysfs":"{0}/sys","rootfs":"{0}/root","temperatures":false}}"#,
+            dir.display()
+        );
+        let mut h = CollectorHarness::new::<SystemCollector>("broken", &config).expect("instance");
+        let b = h.collect().expect("the other sources still report");
+        assert_eq!(
+            value(
+                &b,
+                "node_scrape_collector_success",
+                &[("collector", "filefd")]
+            ),
+            Some(0.0)
+        );
+        assert!(value(&b, "node_intr_total", &[]).is_some());
+        let warned = logs_of("broken")
+            .into_iter()
+            .any(|r| r.1 == LogLevel::WARN && r.3.contains("file-nr"));
+        assert!(warned, "{:?}", logs_of("broken"));
     }
 }

@@ -1,0 +1,449 @@
+//! node_exporter's `filesystem` and `diskstats` collectors.
+
+use std::collections::{BTreeMap, HashSet};
+
+use metricsd_plugin_api::BatchBuilder;
+use procfs::FromRead;
+
+use crate::source::{self, Missing, Outcome};
+use crate::SystemCollector;
+
+/// One line of a mount table.
+#[derive(Debug, PartialEq)]
+pub struct Mount {
+    pub device: String,
+    pub mount_point: String,
+    pub fs_type: String,
+    pub options: String,
+}
+
+/// A mount table (`/proc/1/mounts` format, fstab(5) escapes in the mount point).
+pub fn parse_mounts(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.split_ascii_whitespace();
+            Some(Mount {
+                device: f.next()?.to_string(),
+                mount_point: unescape(f.next()?),
+                fs_type: f.next()?.to_string(),
+                options: f.next()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Undoes the kernel's octal escapes (`\040` for a space) in a mount table field.
+fn unescape(field: &str) -> String {
+    if !field.contains('\\') {
+        return field.to_string();
+    }
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            if let Some(v) = std::str::from_utf8(&bytes[i + 1..i + 4])
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `filesystem`: size, free and available space, inodes, read-only flag and device error of
+/// each mounted filesystem, from the host's mount table (`/proc/1/mounts`, the mounts of
+/// PID 1's namespace: a sandboxed or containerised agent sees its own read-only view in
+/// `/proc/self/mounts`); `statvfs(3)` on the mount point under `rootfs`.
+pub fn filesystem(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let mut path = c.host.proc("1/mounts");
+    let text = match source::read(&path) {
+        Ok(t) => t,
+        // Without PID 1's table (hidepid, another PID namespace): this process's own.
+        Err(Missing::Absent) | Err(Missing::Failed(_)) => {
+            path = c.host.proc("self/mounts");
+            source::read(&path)?
+        }
+    };
+    let size = out.gauge(
+        "node_filesystem_size_bytes",
+        "Filesystem size in bytes.",
+        "bytes",
+    );
+    let free = out.gauge(
+        "node_filesystem_free_bytes",
+        "Filesystem free space in bytes.",
+        "bytes",
+    );
+    let avail = out.gauge(
+        "node_filesystem_avail_bytes",
+        "Filesystem space available to non-root users in bytes.",
+        "bytes",
+    );
+    let files = out.gauge("node_filesystem_files", "Filesystem total file nodes.", "");
+    let files_free = out.gauge(
+        "node_filesystem_files_free",
+        "Filesystem total free file nodes.",
+        "",
+    );
+    let readonly = out.gauge(
+        "node_filesystem_readonly",
+        "Filesystem read-only status.",
+        "",
+    );
+    let device_error = out.gauge(
+        "node_filesystem_device_error",
+        "Whether an error occurred while getting statistics for the given device.",
+        "",
+    );
+    let mut seen = HashSet::new();
+    for m in parse_mounts(&text) {
+        let mount_point = c.host.strip_root(&m.mount_point);
+        if c.fs_types_exclude.is_match(&m.fs_type)
+            || c.mount_points_exclude.is_match(&mount_point)
+            // The same filesystem mounted over itself at one place is one series.
+            || !seen.insert((m.device.clone(), mount_point.clone()))
+        {
+            continue;
+        }
+        let set = out.label_set(&[
+            ("device", m.device.as_str()),
+            ("fstype", m.fs_type.as_str()),
+            ("mountpoint", mount_point.as_str()),
+        ]);
+        // statvfs may block on a dead network filesystem; the host's timeout covers it.
+        let st = match nix::sys::statvfs::statvfs(&c.host.root(&mount_point)) {
+            Ok(st) => st,
+            Err(e) => {
+                tracing::debug!(mountpoint = %mount_point, "statvfs failed: {e}");
+                out.sample_in(device_error, set, 1.0);
+                continue;
+            }
+        };
+        let frag = st.fragment_size() as f64;
+        out.sample_in(size, set, st.blocks() as f64 * frag);
+        out.sample_in(free, set, st.blocks_free() as f64 * frag);
+        out.sample_in(avail, set, st.blocks_available() as f64 * frag);
+        out.sample_in(files, set, st.files() as f64);
+        out.sample_in(files_free, set, st.files_free() as f64);
+        // The mount's own flags in the host's table, not statvfs's: under a sandbox
+        // (`ProtectSystem=strict`) every filesystem is read-only to this process only.
+        let ro = m.options.split(',').any(|o| o == "ro");
+        out.sample_in(readonly, set, if ro { 1.0 } else { 0.0 });
+        out.sample_in(device_error, set, 0.0);
+    }
+    Ok(())
+}
+
+/// node_exporter's default `--collector.diskstats.device-exclude`, used to tell partitions
+/// where sysfs does not say.
+const PARTITION_PATTERN: &str = r"^((h|s|v|xv)d[a-z]+|nvme\d+n\d+p|mmcblk\d+p)\d+$";
+
+/// The per-device counters of `/proc/diskstats`: family, help, unit, whether it is a counter,
+/// and the scale from the kernel's unit.
+const DISK_FIELDS: [(&str, &str, &str, bool, f64); 17] = [
+    (
+        "node_disk_reads_completed_total",
+        "The total number of reads completed successfully.",
+        "",
+        true,
+        1.0,
+    ),
+    (
+        "node_disk_reads_merged_total",
+        "The total number of reads merged.",
+        "",
+        true,
+        1.0,
+    ),
+    (
+        "node_disk_read_bytes_total",
+        "The total number of bytes read successfully.",
+        "bytes",
+        true,
+        512.0,
+    ),
+    (
+        "node_disk_read_time_seconds_total",
+        "The total number of seconds spent by all reads.",
+        "seconds",
+        true,
+        0.001,
+    ),
+    (
+        "node_disk_writes_completed_total",
+        "The total number of writes completed successfully.",
+        "",
+        true,
+        1.0,
+    ),
+    (
+        "node_disk_writes_merged_total",
+        "The number of writes merged.",
+        "",
+        true,
+        1.0,
+    ),
+    (
+        "node_disk_written_bytes_total",
+        "The total number of bytes written successfully.",
+        "bytes",
+        true,
+        512.0,
+    ),
+    (
+        "node_disk_write_time_seconds_total",
+        "This is the total number of seconds spent by all writes.",
+        "seconds",
+        true,
+        0.001,
+    ),
+    (
+        "node_disk_io_now",
+        "The number of I/Os currently in progress.",
+        "",
+        false,
+        1.0,
+    ),
+    (
+        "node_disk_io_time_seconds_total",
+        "Total seconds spent doing I/Os.",
+        "seconds",
+        true,
+        0.001,
+    ),
+    (
+        "node_disk_io_time_weighted_seconds_total",
+        "The weighted # of seconds spent doing I/Os.",
+        "seconds",
+        true,
+        0.001,
+    ),
+    (
+        "node_disk_discards_completed_total",
+        "The total number of discards completed successfully.",
+        "",
+        true,
+        1.0,
+    ),
+    (
+        "node_disk_discards_merged_total",
+        "The total number of discards merged.",
+        "",
+        true,
+        1.0,
+    ),
+    (
+        "node_disk_discarded_sectors_total",
+        "The total number of sectors discarded successfully.",
+        "",
+        true,
+        1.0,
+    ),
+    (
+        "node_disk_discard_time_seconds_total",
+        "This is the total number of seconds spent by all discards.",
+        "seconds",
+        true,
+        0.001,
+    ),
+    (
+        "node_disk_flush_requests_total",
+        "The total number of flush requests completed successfully",
+        "",
+        true,
+        1.0,
+    ),
+    (
+        "node_disk_flush_requests_time_seconds_total",
+        "This is the total number of seconds spent by all flush requests.",
+        "seconds",
+        true,
+        0.001,
+    ),
+];
+
+/// `diskstats`: the I/O counters of each whole disk (partitions are left out unless
+/// `partitions = true`: they would count every I/O twice in a sum), with `node_disk_info`
+/// and, where udev knows them, filesystem, device-mapper and ATA details.
+pub fn diskstats(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let disks = procfs::DiskStats::from_file(c.host.proc("diskstats")).map_err(Missing::procfs)?;
+    let fields = DISK_FIELDS.map(|(name, help, unit, counter, _)| {
+        if counter {
+            out.counter(name, help, unit)
+        } else {
+            out.gauge(name, help, unit)
+        }
+    });
+    for d in disks.0 {
+        if c.disks_exclude.is_match(&d.name) || (!c.partitions && c.is_partition(&d.name)) {
+            continue;
+        }
+        let udev = udev_properties(c, d.major, d.minor);
+        let get = |key: &str| udev.get(key).map(String::as_str).unwrap_or("");
+        let major = d.major.to_string();
+        let minor = d.minor.to_string();
+        let f = out.info("node_disk_info", "Info of /sys/block/<block_device>.");
+        out.sample(
+            f,
+            &[
+                ("device", d.name.as_str()),
+                ("major", major.as_str()),
+                ("minor", minor.as_str()),
+                ("path", get("ID_PATH")),
+                ("wwn", get("ID_WWN")),
+                ("model", get("ID_MODEL")),
+                ("serial", get("ID_SERIAL_SHORT")),
+                ("revision", get("ID_REVISION")),
+            ],
+            1.0,
+        );
+        let set = out.label_set(&[("device", d.name.as_str())]);
+        let values = [
+            Some(d.reads),
+            Some(d.merged),
+            Some(d.sectors_read),
+            Some(d.time_reading),
+            Some(d.writes),
+            Some(d.writes_merged),
+            Some(d.sectors_written),
+            Some(d.time_writing),
+            Some(d.in_progress),
+            Some(d.time_in_progress),
+            Some(d.weighted_time_in_progress),
+            d.discards,
+            d.discards_merged,
+            d.sectors_discarded,
+            d.time_discarding,
+            d.flushes,
+            d.time_flushing,
+        ];
+        for ((family, field), v) in fields.iter().zip(DISK_FIELDS).zip(values) {
+            if let Some(v) = v {
+                out.sample_in(*family, set, v as f64 * field.4);
+            }
+        }
+        if !get("ID_FS_TYPE").is_empty() {
+            let f = out.info("node_disk_filesystem_info", "Info about disk filesystem.");
+            out.sample(
+                f,
+                &[
+                    ("device", d.name.as_str()),
+                    ("type", get("ID_FS_TYPE")),
+                    ("usage", get("ID_FS_USAGE")),
+                    ("uuid", get("ID_FS_UUID")),
+                    ("version", get("ID_FS_VERSION")),
+                ],
+                1.0,
+            );
+        }
+        if !get("DM_NAME").is_empty() {
+            let f = out.info(
+                "node_disk_device_mapper_info",
+                "Info about disk device mapper.",
+            );
+            out.sample(
+                f,
+                &[
+                    ("device", d.name.as_str()),
+                    ("name", get("DM_NAME")),
+                    ("uuid", get("DM_UUID")),
+                    ("vg_name", get("DM_VG_NAME")),
+                    ("lv_name", get("DM_LV_NAME")),
+                    ("lv_layer", get("DM_LV_LAYER")),
+                ],
+                1.0,
+            );
+        }
+        if !get("ID_ATA").is_empty() {
+            for (key, name, help) in [
+                (
+                    "ID_ATA_WRITE_CACHE",
+                    "node_disk_ata_write_cache",
+                    "ATA disk has a write cache.",
+                ),
+                (
+                    "ID_ATA_WRITE_CACHE_ENABLED",
+                    "node_disk_ata_write_cache_enabled",
+                    "ATA disk has its write cache enabled.",
+                ),
+                (
+                    "ID_ATA_ROTATION_RATE_RPM",
+                    "node_disk_ata_rotation_rate_rpm",
+                    "ATA disk rotation rate in RPMs (0 for SSDs).",
+                ),
+            ] {
+                if let Ok(v) = get(key).parse::<f64>() {
+                    let f = out.gauge(name, help, "");
+                    out.sample_in(f, set, v);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `E:KEY=value` properties of a block device in the udev database; empty when udev has
+/// none (containers without `/run/udev`, virtual devices).
+fn udev_properties(c: &SystemCollector, major: i32, minor: i32) -> BTreeMap<String, String> {
+    let Some(text) = source::attribute(&c.host.udev(&format!("b{major}:{minor}"))) else {
+        return BTreeMap::new();
+    };
+    text.lines()
+        .filter_map(|l| l.strip_prefix("E:")?.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+impl SystemCollector {
+    /// Whether a block device is a partition: sysfs says so with a `partition` attribute;
+    /// where sysfs has no entry for it, node_exporter's name pattern decides.
+    fn is_partition(&self, name: &str) -> bool {
+        let dir = self.host.sys(&format!("class/block/{name}"));
+        if dir.exists() {
+            return dir.join("partition").exists();
+        }
+        self.partition_pattern.is_match(name)
+    }
+}
+
+/// The compiled [`PARTITION_PATTERN`].
+pub fn partition_pattern() -> regex::Regex {
+    regex::Regex::new(PARTITION_PATTERN).expect("a valid constant pattern")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_table_lines_and_escapes() {
+        let m = parse_mounts("/dev/sda1 /mnt/my\\040disk ext4 ro,relatime 0 0\nshort line\n");
+        assert_eq!(
+            m,
+            vec![Mount {
+                device: "/dev/sda1".into(),
+                mount_point: "/mnt/my disk".into(),
+                fs_type: "ext4".into(),
+                options: "ro,relatime".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn partition_names_without_sysfs() {
+        let p = partition_pattern();
+        for yes in ["sda1", "vdb12", "nvme0n1p2", "xvda1", "mmcblk0p1"] {
+            assert!(p.is_match(yes), "{yes}");
+        }
+        for no in ["sda", "nvme0n1", "dm-0", "md0", "vda"] {
+            assert!(!p.is_match(no), "{no}");
+        }
+    }
+}

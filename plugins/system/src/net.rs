@@ -1,0 +1,379 @@
+//! node_exporter's network collectors: `netdev`, `netclass`, `netstat`, `sockstat`,
+//! `softnet`, `udp_queues`, `arp` and `conntrack`.
+
+use std::collections::BTreeMap;
+
+use metricsd_plugin_api::{BatchBuilder, MetricKind};
+use procfs::FromRead;
+
+use crate::source::{self, Missing, Outcome};
+use crate::SystemCollector;
+
+/// `netdev`: the counters of `/proc/net/dev` for each interface, and `rx_nohandler` from
+/// sysfs.
+pub fn netdev(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let devices = procfs::net::InterfaceDeviceStatus::from_file(c.host.proc("net/dev"))
+        .map_err(Missing::procfs)?;
+    let mut devices: Vec<_> = devices.0.into_values().collect();
+    devices.sort_by(|a, b| a.name.cmp(&b.name));
+    for d in devices {
+        if c.interfaces_exclude.is_match(&d.name) {
+            continue;
+        }
+        let set = out.label_set(&[("device", d.name.as_str())]);
+        let nohandler = source::number_attribute(
+            &c.host
+                .sys(&format!("class/net/{}/statistics/rx_nohandler", d.name)),
+        );
+        let values = [
+            ("receive", "bytes", Some(d.recv_bytes as f64)),
+            ("receive", "packets", Some(d.recv_packets as f64)),
+            ("receive", "errs", Some(d.recv_errs as f64)),
+            ("receive", "drop", Some(d.recv_drop as f64)),
+            ("receive", "fifo", Some(d.recv_fifo as f64)),
+            ("receive", "frame", Some(d.recv_frame as f64)),
+            ("receive", "compressed", Some(d.recv_compressed as f64)),
+            ("receive", "multicast", Some(d.recv_multicast as f64)),
+            ("receive", "nohandler", nohandler),
+            ("transmit", "bytes", Some(d.sent_bytes as f64)),
+            ("transmit", "packets", Some(d.sent_packets as f64)),
+            ("transmit", "errs", Some(d.sent_errs as f64)),
+            ("transmit", "drop", Some(d.sent_drop as f64)),
+            ("transmit", "fifo", Some(d.sent_fifo as f64)),
+            ("transmit", "colls", Some(d.sent_colls as f64)),
+            ("transmit", "carrier", Some(d.sent_carrier as f64)),
+            ("transmit", "compressed", Some(d.sent_compressed as f64)),
+        ];
+        for (direction, stat, v) in values {
+            let Some(v) = v else { continue };
+            let unit = if stat == "bytes" { "bytes" } else { "" };
+            let f = out.counter(
+                &format!("node_network_{direction}_{stat}_total"),
+                &format!("Network device statistic {direction}_{stat}."),
+                unit,
+            );
+            out.sample_in(f, set, v);
+        }
+    }
+    Ok(())
+}
+
+/// `/sys/class/net/<iface>` number attributes: file, family suffix, counter.
+const NETCLASS_NUMBERS: [(&str, &str, bool); 16] = [
+    ("addr_assign_type", "address_assign_type", false),
+    ("carrier", "carrier", false),
+    ("carrier_changes", "carrier_changes_total", true),
+    ("carrier_up_count", "carrier_up_changes_total", true),
+    ("carrier_down_count", "carrier_down_changes_total", true),
+    ("dev_id", "device_id", false),
+    ("dormant", "dormant", false),
+    ("flags", "flags", false),
+    ("ifindex", "iface_id", false),
+    ("iflink", "iface_link", false),
+    ("link_mode", "iface_link_mode", false),
+    ("mtu", "mtu_bytes", false),
+    ("name_assign_type", "name_assign_type", false),
+    ("netdev_group", "net_dev_group", false),
+    ("tx_queue_len", "transmit_queue_length", false),
+    ("type", "protocol_type", false),
+];
+
+/// `netclass`: each interface's state and properties from `/sys/class/net`: up, carrier,
+/// speed, MTU, address, duplex and the rest. An attribute the device does not answer (the
+/// carrier of a link that is down) is left out.
+pub fn netclass(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let base = c.host.sys("class/net");
+    for name in source::entries(&base)? {
+        let dir = base.join(&name);
+        if !dir.is_dir() || c.interfaces_exclude.is_match(&name) {
+            continue;
+        }
+        let text = |file: &str| source::attribute(&dir.join(file)).unwrap_or_default();
+        let operstate = text("operstate");
+        let set = out.label_set(&[("device", name.as_str())]);
+        let f = out.gauge(
+            "node_network_up",
+            "Value is 1 if operstate is 'up', 0 otherwise.",
+            "",
+        );
+        out.sample_in(f, set, if operstate == "up" { 1.0 } else { 0.0 });
+        let f = out.info(
+            "node_network_info",
+            "Non-numeric data from /sys/class/net/<iface>, value is always 1.",
+        );
+        out.sample(
+            f,
+            &[
+                ("device", name.as_str()),
+                ("address", &text("address")),
+                ("broadcast", &text("broadcast")),
+                ("duplex", &text("duplex")),
+                ("operstate", &operstate),
+                ("ifalias", &text("ifalias")),
+            ],
+            1.0,
+        );
+        for (file, suffix, counter) in NETCLASS_NUMBERS {
+            let Some(v) = source::number_attribute(&dir.join(file)) else {
+                continue;
+            };
+            let name = format!("node_network_{suffix}");
+            let help = format!("Network device property: {suffix}");
+            let unit = if suffix == "mtu_bytes" { "bytes" } else { "" };
+            let f = if counter {
+                out.counter(&name, &help, unit)
+            } else {
+                out.gauge(&name, &help, unit)
+            };
+            out.sample_in(f, set, v);
+        }
+        // Mbit/s in sysfs; -1 (unknown) is reported as node_exporter reports it.
+        if let Some(speed) = source::number_attribute(&dir.join("speed")) {
+            let f = out.gauge(
+                "node_network_speed_bytes",
+                "Network device property: speed_bytes",
+                "bytes",
+            );
+            out.sample_in(f, set, speed * 125_000.0);
+        }
+    }
+    Ok(())
+}
+
+/// `netstat`: the fields of `/proc/net/netstat`, `/proc/net/snmp` and `/proc/net/snmp6`
+/// that `netstat_fields` selects, untyped as node_exporter reports them.
+pub fn netstat(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let mut stats: BTreeMap<String, f64> = BTreeMap::new();
+    for file in ["net/netstat", "net/snmp"] {
+        let path = c.host.proc(file);
+        let text = source::read(&path)?;
+        let mut lines = text.lines();
+        while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+            let mut names = names.split_ascii_whitespace();
+            let mut values = values.split_ascii_whitespace();
+            let (Some(protocol), Some(_)) = (names.next(), values.next()) else {
+                continue;
+            };
+            let protocol = protocol.trim_end_matches(':');
+            for (name, value) in names.zip(values) {
+                let Ok(v) = value.parse::<f64>() else {
+                    return Err(Missing::parse(
+                        &path,
+                        format!("{protocol} {name} is `{value}`"),
+                    ));
+                };
+                stats.insert(format!("{protocol}_{name}"), v);
+            }
+        }
+    }
+    // Absent on a kernel without IPv6.
+    if let Some(text) = source::attribute(&c.host.proc("net/snmp6")) {
+        for line in text.lines() {
+            let mut f = line.split_ascii_whitespace();
+            let (Some(key), Some(value)) = (f.next(), f.next()) else {
+                continue;
+            };
+            let Some(six) = key.find('6') else { continue };
+            if let Ok(v) = value.parse::<f64>() {
+                stats.insert(format!("{}_{}", &key[..=six], &key[six + 1..]), v);
+            }
+        }
+    }
+    for (key, v) in stats {
+        if !c.netstat_fields.is_match(&key) {
+            continue;
+        }
+        let (protocol, name) = key.split_once('_').unwrap_or((&key, ""));
+        let f = out.family(
+            &format!("node_netstat_{key}"),
+            &format!("Statistic {protocol}{name}."),
+            "",
+            MetricKind::UNTYPED,
+        );
+        out.sample(f, &[], v);
+    }
+    Ok(())
+}
+
+/// `sockstat`: sockets in use per protocol, and the memory they hold (`/proc/net/sockstat`,
+/// `/proc/net/sockstat6`).
+pub fn sockstat(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let path = c.host.proc("net/sockstat");
+    let mut text = source::read(&path)?;
+    // Absent on a kernel without IPv6.
+    if let Some(six) = source::attribute(&c.host.proc("net/sockstat6")) {
+        text.push('\n');
+        text.push_str(&six);
+    }
+    for line in text.lines() {
+        let Some((protocol, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+        for pair in fields.chunks(2) {
+            let [field, value] = pair else { continue };
+            let Ok(v) = value.parse::<f64>() else {
+                return Err(Missing::parse(
+                    &path,
+                    format!("{protocol} {field} is `{value}`"),
+                ));
+            };
+            if protocol == "sockets" {
+                let f = out.gauge(
+                    &format!("node_sockstat_sockets_{field}"),
+                    &format!("Number of IPv4 sockets in use ({field})."),
+                    "",
+                );
+                out.sample(f, &[], v);
+                continue;
+            }
+            let f = out.gauge(
+                &format!("node_sockstat_{protocol}_{field}"),
+                &format!("Number of {protocol} sockets in state {field}."),
+                "",
+            );
+            out.sample(f, &[], v);
+            if *field == "mem" {
+                let f = out.gauge(
+                    &format!("node_sockstat_{protocol}_mem_bytes"),
+                    &format!("Number of {protocol} sockets in state mem_bytes."),
+                    "bytes",
+                );
+                out.sample(f, &[], v * c.page_size);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `softnet`: per-CPU packets processed, dropped, and times the budget ran out
+/// (`/proc/net/softnet_stat`, hexadecimal columns).
+pub fn softnet(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let path = c.host.proc("net/softnet_stat");
+    let text = source::read(&path)?;
+    let families = [
+        (
+            "node_softnet_processed_total",
+            "Number of processed packets",
+        ),
+        ("node_softnet_dropped_total", "Number of dropped packets"),
+        (
+            "node_softnet_times_squeezed_total",
+            "Number of times processing packets ran out of quota",
+        ),
+    ]
+    .map(|(name, help)| out.counter(name, help, ""));
+    for (cpu, line) in text.lines().enumerate() {
+        let cpu = cpu.to_string();
+        let set = out.label_set(&[("cpu", cpu.as_str())]);
+        for (family, column) in families.iter().zip(line.split_ascii_whitespace()) {
+            let Ok(v) = u64::from_str_radix(column, 16) else {
+                return Err(Missing::parse(
+                    &path,
+                    format!("`{column}` is not hexadecimal"),
+                ));
+            };
+            out.sample_in(*family, set, v as f64);
+        }
+    }
+    Ok(())
+}
+
+/// `udp_queues`: bytes queued in UDP sockets, receive and transmit, IPv4 and IPv6.
+pub fn udp_queues(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let f = out.gauge(
+        "node_udp_queues",
+        "Number of allocated memory in the kernel for UDP datagrams in bytes.",
+        "",
+    );
+    for (file, ip) in [("net/udp", "v4"), ("net/udp6", "v6")] {
+        let path = c.host.proc(file);
+        let text = match source::read(&path) {
+            Ok(t) => t,
+            Err(Missing::Absent) if ip == "v6" => continue,
+            Err(e) => return Err(e),
+        };
+        let (mut tx, mut rx) = (0u64, 0u64);
+        for line in text.lines().skip(1) {
+            let Some((t, r)) = line
+                .split_ascii_whitespace()
+                .nth(4)
+                .and_then(|q| q.split_once(':'))
+            else {
+                continue;
+            };
+            tx += u64::from_str_radix(t, 16).unwrap_or(0);
+            rx += u64::from_str_radix(r, 16).unwrap_or(0);
+        }
+        out.sample(f, &[("ip", ip), ("queue", "tx")], tx as f64);
+        out.sample(f, &[("ip", ip), ("queue", "rx")], rx as f64);
+    }
+    Ok(())
+}
+
+/// `arp`: ARP table entries per interface (`/proc/net/arp`).
+pub fn arp(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let text = source::read(&c.host.proc("net/arp"))?;
+    let mut per_device: BTreeMap<&str, u64> = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        if let Some(device) = line.split_ascii_whitespace().nth(5) {
+            *per_device.entry(device).or_default() += 1;
+        }
+    }
+    let f = out.gauge("node_arp_entries", "ARP entries by device", "");
+    for (device, n) in per_device {
+        out.sample(f, &[("device", device)], n as f64);
+    }
+    Ok(())
+}
+
+/// `conntrack`: connection-tracking table use and limit, and the kernel's conntrack
+/// statistics summed over CPUs. Absent when the `nf_conntrack` module is not loaded.
+pub fn conntrack(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let count = source::read_number(&c.host.proc("sys/net/netfilter/nf_conntrack_count"))?;
+    let f = out.gauge(
+        "node_nf_conntrack_entries",
+        "Number of currently allocated flow entries for connection tracking.",
+        "",
+    );
+    out.sample(f, &[], count);
+    let max = source::read_number(&c.host.proc("sys/net/netfilter/nf_conntrack_max"))?;
+    let f = out.gauge(
+        "node_nf_conntrack_entries_limit",
+        "Maximum size of connection tracking table.",
+        "",
+    );
+    out.sample(f, &[], max);
+    let path = c.host.proc("net/stat/nf_conntrack");
+    let Some(text) = source::attribute(&path) else {
+        return Ok(());
+    };
+    let mut lines = text.lines();
+    let Some(header) = lines.next() else {
+        return Ok(());
+    };
+    let columns: Vec<&str> = header.split_ascii_whitespace().collect();
+    let mut sums = vec![0u64; columns.len()];
+    for line in lines {
+        for (sum, value) in sums.iter_mut().zip(line.split_ascii_whitespace()) {
+            *sum += u64::from_str_radix(value, 16).unwrap_or(0);
+        }
+    }
+    for (stat, help) in [
+        ("found", "Number of searched entries which were successful."),
+        ("invalid", "Number of packets seen which can not be tracked."),
+        ("ignore", "Number of packets seen which are already connected to a conntrack entry."),
+        ("insert", "Number of entries inserted into the list."),
+        ("insert_failed", "Number of entries for which list insertion was attempted but failed."),
+        ("drop", "Number of packets dropped due to conntrack failure."),
+        ("early_drop", "Number of dropped conntrack entries to make room for new ones, if maximum table size was reached."),
+        ("search_restart", "Number of conntrack table lookups which had to be restarted due to hashtable resizes."),
+    ] {
+        let Some(i) = columns.iter().position(|c| *c == stat) else {
+            continue;
+        };
+        let f = out.gauge(&format!("node_nf_conntrack_stat_{stat}"), help, "");
+        out.sample(f, &[], sums[i] as f64);
+    }
+    Ok(())
+}
