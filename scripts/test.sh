@@ -5,12 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The real servers the tests talk to: prometheus (the server and promtool), influxdb (InfluxDB
-# 1.x, influxd) and victoria-metrics. A missing one fails the tests that need it (they never
-# skip), so install them here.
+# 1.x, influxd), victoria-metrics and prometheus-node-exporter. A missing one fails the tests
+# that need it (they never skip), so install them here.
 missing=()
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v influxd >/dev/null 2>&1 || missing+=(influxdb)
 command -v victoria-metrics >/dev/null 2>&1 || missing+=(victoria-metrics)
+# node_exporter, which the system collector is compared against.
+command -v prometheus-node-exporter >/dev/null 2>&1 || missing+=(prometheus-node-exporter)
 if [ "${#missing[@]}" -gt 0 ]; then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
