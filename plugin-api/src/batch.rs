@@ -208,6 +208,13 @@ impl BatchBuilder {
         self.batch
     }
 
+    /// The family already declared under `name`, if any: for a plugin that passes on
+    /// families it does not define itself (files, another exporter) and must not redeclare
+    /// one of its own with another kind, help or unit.
+    pub fn declared(&self, name: &str) -> Option<&MetricFamily> {
+        self.batch.families.iter().find(|f| f.name.as_str() == name)
+    }
+
     /// The first family declared twice with a different kind, help or unit, described for
     /// the operator; `None` when every declaration agreed.
     pub fn conflict(&self) -> Option<&str> {

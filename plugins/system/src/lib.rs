@@ -20,6 +20,7 @@ pub mod kernel;
 pub mod memory;
 pub mod net;
 pub mod source;
+pub mod textfile;
 
 use source::{Host, Missing, Outcome};
 
@@ -65,6 +66,10 @@ pub struct Config {
     /// `vmstat` fields reported (a regular expression).
     #[serde(default = "default_vmstat_fields")]
     pub vmstat_fields: String,
+    /// Directory of `*.prom` files for the `textfile` source (`--collector.textfile.directory`;
+    /// empty: none).
+    #[serde(default)]
+    pub textfile_directory: String,
     /// Report hwmon and thermal-zone temperatures (the same as `collectors.hwmon`).
     #[serde(default = "yes")]
     pub temperatures: bool,
@@ -190,132 +195,34 @@ pub struct Source {
 }
 
 /// Every source, in collection order.
+#[rustfmt::skip]
 pub const SOURCES: &[Source] = &[
-    Source {
-        name: "arp",
-        default: true,
-        run: net::arp,
-    },
-    Source {
-        name: "conntrack",
-        default: true,
-        run: net::conntrack,
-    },
-    Source {
-        name: "cpu",
-        default: true,
-        run: cpu::cpu,
-    },
-    Source {
-        name: "cpufreq",
-        default: true,
-        run: cpu::cpufreq,
-    },
-    Source {
-        name: "diskstats",
-        default: true,
-        run: fs::diskstats,
-    },
-    Source {
-        name: "entropy",
-        default: true,
-        run: kernel::entropy,
-    },
-    Source {
-        name: "filefd",
-        default: true,
-        run: kernel::filefd,
-    },
-    Source {
-        name: "filesystem",
-        default: true,
-        run: fs::filesystem,
-    },
-    Source {
-        name: "hwmon",
-        default: true,
-        run: hwmon::temperatures,
-    },
-    Source {
-        name: "loadavg",
-        default: true,
-        run: kernel::loadavg,
-    },
-    Source {
-        name: "meminfo",
-        default: true,
-        run: memory::meminfo,
-    },
-    Source {
-        name: "netclass",
-        default: true,
-        run: net::netclass,
-    },
-    Source {
-        name: "netdev",
-        default: true,
-        run: net::netdev,
-    },
-    Source {
-        name: "netstat",
-        default: true,
-        run: net::netstat,
-    },
-    Source {
-        name: "os",
-        default: true,
-        run: kernel::os,
-    },
-    Source {
-        name: "pressure",
-        default: true,
-        run: kernel::pressure,
-    },
-    Source {
-        name: "processes",
-        default: false,
-        run: kernel::processes,
-    },
-    Source {
-        name: "selinux",
-        default: true,
-        run: kernel::selinux,
-    },
-    Source {
-        name: "sockstat",
-        default: true,
-        run: net::sockstat,
-    },
-    Source {
-        name: "softnet",
-        default: true,
-        run: net::softnet,
-    },
-    Source {
-        name: "stat",
-        default: true,
-        run: cpu::stat,
-    },
-    Source {
-        name: "time",
-        default: true,
-        run: kernel::time,
-    },
-    Source {
-        name: "udp_queues",
-        default: true,
-        run: net::udp_queues,
-    },
-    Source {
-        name: "uname",
-        default: true,
-        run: kernel::uname,
-    },
-    Source {
-        name: "vmstat",
-        default: true,
-        run: memory::vmstat,
-    },
+    Source { name: "arp", default: true, run: net::arp },
+    Source { name: "conntrack", default: true, run: net::conntrack },
+    Source { name: "cpu", default: true, run: cpu::cpu },
+    Source { name: "cpufreq", default: true, run: cpu::cpufreq },
+    Source { name: "diskstats", default: true, run: fs::diskstats },
+    Source { name: "entropy", default: true, run: kernel::entropy },
+    Source { name: "filefd", default: true, run: kernel::filefd },
+    Source { name: "filesystem", default: true, run: fs::filesystem },
+    Source { name: "hwmon", default: true, run: hwmon::temperatures },
+    Source { name: "loadavg", default: true, run: kernel::loadavg },
+    Source { name: "meminfo", default: true, run: memory::meminfo },
+    Source { name: "netclass", default: true, run: net::netclass },
+    Source { name: "netdev", default: true, run: net::netdev },
+    Source { name: "netstat", default: true, run: net::netstat },
+    Source { name: "os", default: true, run: kernel::os },
+    Source { name: "pressure", default: true, run: kernel::pressure },
+    Source { name: "processes", default: false, run: kernel::processes },
+    Source { name: "selinux", default: true, run: kernel::selinux },
+    Source { name: "sockstat", default: true, run: net::sockstat },
+    Source { name: "softnet", default: true, run: net::softnet },
+    Source { name: "stat", default: true, run: cpu::stat },
+    Source { name: "textfile", default: true, run: textfile::textfile },
+    Source { name: "time", default: true, run: kernel::time },
+    Source { name: "udp_queues", default: true, run: net::udp_queues },
+    Source { name: "uname", default: true, run: kernel::uname },
+    Source { name: "vmstat", default: true, run: memory::vmstat },
 ];
 
 /// The sources a config runs, checked against [`SOURCES`].
@@ -353,6 +260,9 @@ pub struct SystemCollector {
     ticks_per_second: f64,
     page_size: f64,
     components: Option<sysinfo::Components>,
+    textfile_directory: String,
+    /// Text files that failed to parse (each is logged once until it parses again).
+    textfile_errors: std::collections::HashSet<std::path::PathBuf>,
     /// Sources that failed in this collection, with the error.
     failing_now: BTreeMap<&'static str, String>,
     /// Sources that failed in the last collection.
@@ -443,6 +353,8 @@ impl Collector for SystemCollector {
             vmstat_fields: pattern("vmstat_fields", &config.vmstat_fields)?,
             ticks_per_second: procfs::ticks_per_second().max(1) as f64,
             page_size,
+            textfile_directory: config.textfile_directory,
+            textfile_errors: Default::default(),
             failing_now: BTreeMap::new(),
             failing: BTreeSet::new(),
         })
@@ -922,5 +834,78 @@ mod tests {
             .into_iter()
             .any(|r| r.1 == LogLevel::WARN && r.3.contains("file-nr"));
         assert!(warned, "{:?}", logs_of("broken"));
+    }
+    #[test]
+    fn textfiles_are_passed_on_and_a_bad_one_is_left_out_whole() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        write(
+            dir,
+            "good.prom",
+            "# HELP backup_age_seconds Age of the last backup.\n# TYPE backup_age_seconds gauge\nbackup_age_seconds{job=\"db\"} 12\nraid_ok 1\n",
+        );
+        write(dir, "stamped.prom", "stamped_value 1 1700000000000\n");
+        // Redefines a family the loadavg source reports: left out, node_load1 stays loadavg's.
+        write(
+            dir,
+            "clash.prom",
+            "# HELP node_load1 mine\nnode_load1 99\nclash_other 1\n",
+        );
+        write(dir, "ignored.txt", "not_read 1\n");
+        let config = format!(
+            r#"{{"textfile_directory":"{}","temperatures":false}}"#,
+            dir.display()
+        );
+        let mut h = CollectorHarness::new::<SystemCollector>("text", &config).expect("instance");
+        let b = h.collect().expect("collect");
+        assert_eq!(
+            value(&b, "backup_age_seconds", &[("job", "db")]),
+            Some(12.0)
+        );
+        assert_eq!(kind(&b, "backup_age_seconds"), Some(MetricKind::GAUGE));
+        assert_eq!(kind(&b, "raid_ok"), Some(MetricKind::UNTYPED));
+        assert!(value(&b, "stamped_value", &[]).is_none());
+        assert!(
+            value(&b, "clash_other", &[]).is_none(),
+            "a clashing file is left out whole"
+        );
+        assert!(value(&b, "not_read", &[]).is_none());
+        assert_ne!(value(&b, "node_load1", &[]), Some(99.0));
+        assert_eq!(value(&b, "node_textfile_scrape_error", &[]), Some(1.0));
+        let good = dir.join("good.prom").display().to_string();
+        assert!(
+            value(&b, "node_textfile_mtime_seconds", &[("file", &good)]).is_some_and(|t| t > 1.0e9)
+        );
+        let stamped = dir.join("stamped.prom").display().to_string();
+        assert!(value(&b, "node_textfile_mtime_seconds", &[("file", &stamped)]).is_none());
+        let warnings: Vec<String> = logs_of("text")
+            .into_iter()
+            .filter(|r| r.1 == LogLevel::WARN)
+            .map(|r| r.3)
+            .collect();
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("stamped.prom") && w.contains("timestamp")),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("clash.prom") && w.contains("node_load1")),
+            "{warnings:?}"
+        );
+        // Each bad file is logged once, not at every collection.
+        h.collect().expect("collect");
+        let again = logs_of("text")
+            .iter()
+            .filter(|r| r.1 == LogLevel::WARN)
+            .count();
+        assert_eq!(again, warnings.len());
+        // Fixed files are read again and the error clears.
+        std::fs::remove_file(dir.join("stamped.prom")).expect("rm");
+        std::fs::remove_file(dir.join("clash.prom")).expect("rm");
+        let b = h.collect().expect("collect");
+        assert_eq!(value(&b, "node_textfile_scrape_error", &[]), Some(0.0));
     }
 }
