@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 pub mod cpu;
 pub mod fs;
+pub mod hardware;
 pub mod hwmon;
 pub mod kernel;
 pub mod memory;
@@ -70,7 +71,8 @@ pub struct Config {
     /// empty: none).
     #[serde(default)]
     pub textfile_directory: String,
-    /// Report hwmon and thermal-zone temperatures (the same as `collectors.hwmon`).
+    /// Report hardware sensors and thermal zones (`false` is the same as `hwmon = false` and
+    /// `thermal_zone = false` in `collectors`).
     #[serde(default = "yes")]
     pub temperatures: bool,
 }
@@ -202,23 +204,31 @@ pub const SOURCES: &[Source] = &[
     Source { name: "cpu", default: true, run: cpu::cpu },
     Source { name: "cpufreq", default: true, run: cpu::cpufreq },
     Source { name: "diskstats", default: true, run: fs::diskstats },
+    Source { name: "edac", default: true, run: hardware::edac },
     Source { name: "entropy", default: true, run: kernel::entropy },
     Source { name: "filefd", default: true, run: kernel::filefd },
     Source { name: "filesystem", default: true, run: fs::filesystem },
-    Source { name: "hwmon", default: true, run: hwmon::temperatures },
+    Source { name: "hwmon", default: true, run: hwmon::hwmon },
+    Source { name: "infiniband", default: true, run: hardware::infiniband },
     Source { name: "loadavg", default: true, run: kernel::loadavg },
+    Source { name: "mdadm", default: true, run: hardware::mdadm },
     Source { name: "meminfo", default: true, run: memory::meminfo },
     Source { name: "netclass", default: true, run: net::netclass },
     Source { name: "netdev", default: true, run: net::netdev },
     Source { name: "netstat", default: true, run: net::netstat },
+    Source { name: "nvme", default: true, run: hardware::nvme },
     Source { name: "os", default: true, run: kernel::os },
+    Source { name: "powersupplyclass", default: true, run: hardware::powersupplyclass },
     Source { name: "pressure", default: true, run: kernel::pressure },
     Source { name: "processes", default: false, run: kernel::processes },
+    Source { name: "rapl", default: true, run: hardware::rapl },
+    Source { name: "schedstat", default: true, run: hardware::schedstat },
     Source { name: "selinux", default: true, run: kernel::selinux },
     Source { name: "sockstat", default: true, run: net::sockstat },
     Source { name: "softnet", default: true, run: net::softnet },
     Source { name: "stat", default: true, run: cpu::stat },
     Source { name: "textfile", default: true, run: textfile::textfile },
+    Source { name: "thermal_zone", default: true, run: hwmon::thermal_zone },
     Source { name: "time", default: true, run: kernel::time },
     Source { name: "udp_queues", default: true, run: net::udp_queues },
     Source { name: "uname", default: true, run: kernel::uname },
@@ -240,7 +250,7 @@ fn enabled_sources(config: &Config) -> Result<Vec<&'static Source>> {
         .iter()
         .filter(|s| {
             let on = config.collectors.get(s.name).copied().unwrap_or(s.default);
-            on && (s.name != "hwmon" || config.temperatures)
+            on && (config.temperatures || !matches!(s.name, "hwmon" | "thermal_zone"))
         })
         .collect())
 }
@@ -259,7 +269,6 @@ pub struct SystemCollector {
     vmstat_fields: regex::Regex,
     ticks_per_second: f64,
     page_size: f64,
-    components: Option<sysinfo::Components>,
     textfile_directory: String,
     /// Text files that failed to parse (each is logged once until it parses again).
     textfile_errors: std::collections::HashSet<std::path::PathBuf>,
@@ -338,10 +347,6 @@ impl Collector for SystemCollector {
                 &config.rootfs,
                 &config.udev_data,
             ),
-            components: sources
-                .iter()
-                .any(|s| s.name == "hwmon")
-                .then(sysinfo::Components::new_with_refreshed_list),
             sources,
             fs_types_exclude: globs("fs_types_exclude", &config.fs_types_exclude)?,
             mount_points_exclude: globs("mount_points_exclude", &config.mount_points_exclude)?,

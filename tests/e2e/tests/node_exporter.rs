@@ -160,6 +160,10 @@ struct NodeExporter {
 
 impl NodeExporter {
     fn start(work: &Workdir, wrapper: &[String]) -> NodeExporter {
+        Self::start_with(work, wrapper, &[])
+    }
+
+    fn start_with(work: &Workdir, wrapper: &[String], args: &[String]) -> NodeExporter {
         let binary = require_tool("prometheus-node-exporter", "prometheus-node-exporter");
         let port = free_port();
         let mut argv: Vec<String> = wrapper.to_vec();
@@ -168,6 +172,7 @@ impl NodeExporter {
         // Debian's build reads /var/lib/prometheus/node-exporter; the agent reads no
         // directory by default.
         argv.push("--collector.textfile.directory=".into());
+        argv.extend(args.iter().cloned());
         let log = std::fs::File::create(work.path("node_exporter.log")).expect("log file");
         let child = Command::new(&argv[0])
             .args(&argv[1..])
@@ -203,19 +208,26 @@ impl Drop for NodeExporter {
     }
 }
 
-const CONFIG: &str = r#"
+/// The agent's config: the system collector with `system` as its config table.
+fn config(system: &str) -> String {
+    format!(
+        r#"
 [agent]
 interval = "1s"
 [http]
-health_listen = "127.0.0.1:{health}"
-metrics_listen = "127.0.0.1:{metrics}"
+health_listen = "127.0.0.1:{{health}}"
+metrics_listen = "127.0.0.1:{{metrics}}"
 [[collectors]]
 name = "system"
 plugin = "system"
+[collectors.config]
+{system}
 [[sinks]]
 name = "prom"
 plugin = "prometheus"
-"#;
+"#
+    )
+}
 
 /// The agent's exposition once the system collector has reported.
 fn scrape_agent(agent: &Agent) -> Exposition {
@@ -237,7 +249,7 @@ fn scrape_agent(agent: &Agent) -> Exposition {
 fn every_node_exporter_family_is_emitted_with_its_type_and_labels_and_values_agree() {
     let work = Workdir::new();
     let ne = NodeExporter::start(&work, &[]);
-    let mut agent = Agent::start(&work, CONFIG, &[]).expect("start");
+    let mut agent = Agent::start(&work, &config(""), &[]).expect("start");
     agent.wait_ready().expect("ready");
     let ours = scrape_agent(&agent);
     let theirs = ne.scrape();
@@ -390,7 +402,7 @@ fn a_read_only_sandbox_does_not_make_filesystems_read_only() {
     let work = Workdir::new();
     let sandbox = read_only_namespace();
     let ne = NodeExporter::start(&work, &sandbox);
-    let mut agent = Agent::start_wrapped(&work, CONFIG, &[], &sandbox).expect("start");
+    let mut agent = Agent::start_wrapped(&work, &config(""), &[], &sandbox).expect("start");
     agent.wait_ready().expect("ready");
     let ours = scrape_agent(&agent);
     let theirs = ne.scrape();
@@ -421,5 +433,86 @@ fn a_read_only_sandbox_does_not_make_filesystems_read_only() {
         compared += 1;
     }
     assert!(compared > 0, "node_exporter reported no filesystem");
+    agent.terminate().expect("stop");
+}
+
+/// Families of the collectors that read hardware this machine lacks (sensors, InfiniBand,
+/// EDAC, NVMe, RAPL, batteries, md RAID, scheduler statistics).
+const HARDWARE: &[&str] = &[
+    "node_hwmon_",
+    "node_thermal_zone_",
+    "node_cooling_device_",
+    "node_infiniband_",
+    "node_edac_",
+    "node_nvme_",
+    "node_rapl_",
+    "node_power_supply_",
+    "node_md_",
+    "node_schedstat_",
+];
+
+#[test]
+fn hardware_collectors_match_node_exporter_on_a_host_tree() {
+    // tests/fixtures/host-tree: a procfs and sysfs as such hardware shows them; both read it
+    // through their path options (node_exporter's --path.procfs/--path.sysfs).
+    let tree = metricsd_e2e::root().join("tests/fixtures/host-tree");
+    let (proc, sys, root) = (tree.join("proc"), tree.join("sys"), tree.join("root"));
+    let work = Workdir::new();
+    let ne = NodeExporter::start_with(
+        &work,
+        &[],
+        &[
+            format!("--path.procfs={}", proc.display()),
+            format!("--path.sysfs={}", sys.display()),
+            format!("--path.rootfs={}", root.display()),
+        ],
+    );
+    let config = config(&format!(
+        "procfs = \"{}\"\nsysfs = \"{}\"\nrootfs = \"{}\"",
+        proc.display(),
+        sys.display(),
+        root.display()
+    ));
+    let mut agent = Agent::start(&work, &config, &[]).expect("start");
+    agent.wait_ready().expect("ready");
+    let body = wait_for("the hardware series", Duration::from_secs(30), || {
+        http_get(agent.metrics_port, "/metrics")
+            .ok()
+            .map(|(_, b)| b)
+            .filter(|b| b.contains("node_infiniband_info{"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let ours = Exposition::parse(&body);
+    let theirs = ne.scrape();
+    let hardware = |name: &str| HARDWARE.iter().any(|p| name.starts_with(p));
+
+    let families: Vec<&String> = theirs.types.keys().filter(|n| hardware(n)).collect();
+    assert!(families.len() >= 60, "node_exporter read only {families:?}");
+    for family in families {
+        assert_eq!(
+            ours.types.get(family),
+            theirs.types.get(family),
+            "type of {family}"
+        );
+    }
+    let pick = |e: &Exposition| -> BTreeMap<(String, Vec<(String, String)>), f64> {
+        e.series
+            .iter()
+            .filter(|((n, _), _)| hardware(n))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    };
+    let (mine, theirs) = (pick(&ours), pick(&theirs));
+    let differ: Vec<String> = theirs
+        .iter()
+        .filter(|(k, v)| mine.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k:?}: node_exporter {v}, metricsd {:?}", mine.get(k)))
+        .chain(
+            mine.keys()
+                .filter(|k| !theirs.contains_key(*k))
+                .map(|k| format!("{k:?}: only metricsd")),
+        )
+        .collect();
+    assert!(differ.is_empty(), "{}", differ.join("\n"));
     agent.terminate().expect("stop");
 }
