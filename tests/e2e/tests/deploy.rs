@@ -476,13 +476,14 @@ fn the_image_compose_file_and_configs_agree() {
             svc["build"]["dockerfile"].as_str(),
             Some("deploy/docker/Dockerfile")
         );
-        let published: BTreeSet<u16> = svc["ports"]
-            .as_vec()
-            .expect("ports")
-            .iter()
-            .filter_map(|p| p.as_str()?.rsplit(':').next()?.parse().ok())
-            .collect();
-        assert_eq!(published, exposed, "{s}: ports");
+        // The node's view: host PID and network namespaces (the agent's listeners are the
+        // host's ports, nothing to publish), the host's `/` read-only for `rootfs`.
+        assert_eq!(svc["pid"].as_str(), Some("host"), "{s}");
+        assert_eq!(svc["network_mode"].as_str(), Some("host"), "{s}");
+        assert!(
+            svc["ports"].is_badvalue(),
+            "{s}: ports with host networking"
+        );
         let volumes: Vec<&str> = svc["volumes"]
             .as_vec()
             .expect("volumes")
@@ -497,7 +498,9 @@ fn the_image_compose_file_and_configs_agree() {
             volumes.iter().any(|v| v.ends_with(":/var/lib/metricsd")),
             "{volumes:?}"
         );
+        assert!(volumes.contains(&"/:/host/root:ro,rslave"), "{volumes:?}");
     }
+    assert!(compose_config.contains("rootfs = \"/host/root\""));
     assert_eq!(
         [
             listen_port(&compose_config, "metrics_listen"),
@@ -537,7 +540,7 @@ fn the_image_compose_file_and_configs_agree() {
 }
 
 #[test]
-fn the_kubernetes_manifests_parse_and_run_least_privileged_on_gpu_nodes() {
+fn the_kubernetes_manifests_parse_and_see_the_node_with_least_privilege_on_gpu_nodes() {
     build();
     let docs = yaml(&deploy().join("kubernetes/metricsd.yaml"));
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
@@ -563,7 +566,25 @@ fn the_kubernetes_manifests_parse_and_run_least_privileged_on_gpu_nodes() {
         Some("true")
     );
     assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
-    assert!(pod["hostPID"].as_bool() != Some(true) && pod["hostNetwork"].as_bool() != Some(true));
+    // The node's view, as node_exporter's chart has it: host PID and network namespaces and
+    // the node's `/` read-only at /host/root, which the config reads as `rootfs`.
+    assert_eq!(pod["hostPID"].as_bool(), Some(true));
+    assert_eq!(pod["hostNetwork"].as_bool(), Some(true));
+    assert_eq!(pod["dnsPolicy"].as_str(), Some("ClusterFirstWithHostNet"));
+    let root_volume = pod["volumes"]
+        .as_vec()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["hostPath"]["path"].as_str() == Some("/"))
+        .expect("the node's / as a hostPath volume");
+    let root_mount = pod["containers"][0]["volumeMounts"]
+        .as_vec()
+        .expect("mounts")
+        .iter()
+        .find(|m| m["name"] == root_volume["name"])
+        .expect("the root volume is mounted");
+    assert_eq!(root_mount["mountPath"].as_str(), Some("/host/root"));
+    assert_eq!(root_mount["readOnly"].as_bool(), Some(true));
     let c = &pod["containers"][0];
     let sc = &c["securityContext"];
     assert_eq!(sc["privileged"].as_bool(), Some(false));
@@ -604,6 +625,7 @@ fn the_kubernetes_manifests_parse_and_run_least_privileged_on_gpu_nodes() {
         .collect();
     assert!(mounts.contains(&"/etc/metricsd") && mounts.contains(&"/var/lib/metricsd"));
     assert!(config_text.contains("spool_dir = \"/var/lib/metricsd/spool\""));
+    assert!(config_text.contains("rootfs = \"/host/root\""));
     // The ServiceMonitor scrapes the Service's metrics port.
     let sm = by_kind("ServiceMonitor");
     assert_eq!(sm["spec"]["endpoints"][0]["port"].as_str(), Some("metrics"));
