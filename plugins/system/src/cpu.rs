@@ -13,7 +13,7 @@ const MODES: [&str; 8] = [
 /// `cpu`: per-CPU time in each mode, and time spent running guests.
 pub fn cpu(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let path = c.host.proc("stat");
-    let text = source::read(&path)?;
+    let text = c.files.read(&path)?;
     let seconds = out.counter(
         "node_cpu_seconds_total",
         "Seconds the CPUs spent in each mode.",
@@ -51,7 +51,7 @@ pub fn cpu(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
 /// `stat`: boot time, context switches, forks, interrupts, runnable and blocked processes.
 pub fn stat(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let path = c.host.proc("stat");
-    let text = source::read(&path)?;
+    let text = c.files.read(&path)?;
     for line in text.lines() {
         let mut fields = line.split_ascii_whitespace();
         let (Some(key), Some(value)) = (fields.next(), fields.next()) else {
@@ -150,13 +150,15 @@ pub fn cpufreq(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
             ),
         ] {
             // kHz in sysfs; cpuinfo_cur_freq is readable by root only.
-            if let Some(khz) = source::number_attribute(&dir.join(file)) {
+            if let Some(khz) = c.files.number(&dir.join(file)) {
                 let f = out.gauge(family, help, "hertz");
                 out.sample(f, &[("cpu", cpu)], khz * 1000.0);
             }
         }
-        if let Some(current) = source::attribute(&dir.join("scaling_governor")) {
-            let available = source::attribute(&dir.join("scaling_available_governors"))
+        if let Some(current) = c.files.attribute(&dir.join("scaling_governor")) {
+            let available = c
+                .files
+                .attribute(&dir.join("scaling_available_governors"))
                 .unwrap_or_else(|| current.clone());
             let f = out.gauge(
                 "node_cpu_scaling_governor",

@@ -63,12 +63,12 @@ fn unescape(field: &str) -> String {
 /// `/proc/self/mounts`); `statvfs(3)` on the mount point under `rootfs`.
 pub fn filesystem(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let mut path = c.host.proc("1/mounts");
-    let text = match source::read(&path) {
+    let text = match c.files.read(&path) {
         Ok(t) => t,
         // Without PID 1's table (hidepid, another PID namespace): this process's own.
         Err(Missing::Absent) | Err(Missing::Failed(_)) => {
             path = c.host.proc("self/mounts");
-            source::read(&path)?
+            c.files.read(&path)?
         }
     };
     let size = out.gauge(
@@ -273,7 +273,8 @@ const DISK_FIELDS: [(&str, &str, &str, bool, f64); 17] = [
 /// `partitions = true`: they would count every I/O twice in a sum), with `node_disk_info`
 /// and, where udev knows them, filesystem, device-mapper and ATA details.
 pub fn diskstats(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
-    let disks = procfs::DiskStats::from_file(c.host.proc("diskstats")).map_err(Missing::procfs)?;
+    let text = c.files.read(&c.host.proc("diskstats"))?;
+    let disks = procfs::DiskStats::from_read(text.as_bytes()).map_err(Missing::procfs)?;
     let fields = DISK_FIELDS.map(|(name, help, unit, counter, _)| {
         if counter {
             out.counter(name, help, unit)
@@ -392,7 +393,7 @@ pub fn diskstats(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
 /// The `E:KEY=value` properties of a block device in the udev database; empty when udev has
 /// none (containers without `/run/udev`, virtual devices).
 fn udev_properties(c: &SystemCollector, major: i32, minor: i32) -> BTreeMap<String, String> {
-    let Some(text) = source::attribute(&c.host.udev(&format!("b{major}:{minor}"))) else {
+    let Some(text) = source::optional(&c.host.udev(&format!("b{major}:{minor}"))) else {
         return BTreeMap::new();
     };
     text.lines()

@@ -82,7 +82,7 @@ pub fn infiniband(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
         for port in ports {
             let pdir = dir.join("ports").join(&port);
             let set = out.label_set(&[("device", device.as_str()), ("port", port.as_str())]);
-            let port_attr = |f: &str| source::attribute(&pdir.join(f));
+            let mut port_attr = |f: &str| c.files.attribute(&pdir.join(f));
             for (name, help, value) in [
                 (
                     "node_infiniband_state_id",
@@ -107,7 +107,7 @@ pub fn infiniband(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
             }
             for (file, suffix, help, words) in IB_COUNTERS {
                 // "N/A (no PMA)" and absent counters are left out.
-                let Some(v) = source::number_attribute(&pdir.join(file)) else {
+                let Some(v) = c.files.number(&pdir.join(file)) else {
                     continue;
                 };
                 let unit = if suffix.ends_with("bytes_total") {

@@ -44,7 +44,11 @@ fn clean(name: &str) -> String {
 }
 
 /// The sensors of one directory: `temp1` → property → raw value.
-fn sensor_data(dir: &Path, data: &mut BTreeMap<String, BTreeMap<String, String>>) {
+fn sensor_data(
+    dir: &Path,
+    data: &mut BTreeMap<String, BTreeMap<String, String>>,
+    open: &mut source::Files,
+) {
     let Ok(files) = source::entries(dir) else {
         return;
     };
@@ -75,7 +79,7 @@ fn sensor_data(dir: &Path, data: &mut BTreeMap<String, BTreeMap<String, String>>
         let Some((kind, num, property)) = parsed else {
             continue;
         };
-        let Some(value) = source::attribute(&dir.join(&file)) else {
+        let Some(value) = open.attribute(&dir.join(&file)) else {
             continue;
         };
         let num: u32 = num.parse().unwrap_or(0);
@@ -124,8 +128,8 @@ pub fn hwmon(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
             continue;
         };
         let mut data = BTreeMap::new();
-        sensor_data(&dir, &mut data);
-        sensor_data(&dir.join("device"), &mut data);
+        sensor_data(&dir, &mut data, &mut c.files);
+        sensor_data(&dir.join("device"), &mut data, &mut c.files);
         if let Some(name) = source::attribute(&dir.join("name")).map(|n| clean(&n)) {
             if !name.is_empty() {
                 let f = out.info(
@@ -313,8 +317,8 @@ pub fn thermal_zone(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome 
         let dir = base.join(&entry);
         if let Some(zone) = entry.strip_prefix("thermal_zone") {
             let (Some(kind), Some(temp)) = (
-                source::attribute(&dir.join("type")),
-                source::number_attribute(&dir.join("temp")),
+                c.files.attribute(&dir.join("type")),
+                c.files.number(&dir.join("temp")),
             ) else {
                 continue;
             };
@@ -326,7 +330,7 @@ pub fn thermal_zone(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome 
             );
             out.sample(f, &[("zone", zone), ("type", kind.trim())], temp / 1000.0);
         } else if let Some(device) = entry.strip_prefix("cooling_device") {
-            let Some(kind) = source::attribute(&dir.join("type")) else {
+            let Some(kind) = c.files.attribute(&dir.join("type")) else {
                 continue;
             };
             any = true;
@@ -342,7 +346,7 @@ pub fn thermal_zone(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome 
                     "Maximum throttle state of the cooling device",
                 ),
             ] {
-                if let Some(v) = source::number_attribute(&dir.join(file)) {
+                if let Some(v) = c.files.number(&dir.join(file)) {
                     let f = out.gauge(name, help, "");
                     out.sample(f, &[("name", device), ("type", kind.trim())], v);
                 }

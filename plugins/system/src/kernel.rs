@@ -11,7 +11,8 @@ use crate::SystemCollector;
 
 /// `loadavg`: 1, 5 and 15 minute load averages.
 pub fn loadavg(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
-    let load = procfs::LoadAverage::from_file(c.host.proc("loadavg")).map_err(Missing::procfs)?;
+    let text = c.files.read(&c.host.proc("loadavg"))?;
+    let load = procfs::LoadAverage::from_read(text.as_bytes()).map_err(Missing::procfs)?;
     for (name, help, v) in [
         ("node_load1", "1m load average.", load.one),
         ("node_load5", "5m load average.", load.five),
@@ -54,7 +55,7 @@ pub fn processes(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
 /// `filefd`: allocated and maximum file handles (`/proc/sys/fs/file-nr`).
 pub fn filefd(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let path = c.host.proc("sys/fs/file-nr");
-    let text = source::read(&path)?;
+    let text = c.files.read(&path)?;
     let fields: Vec<f64> = text
         .split_ascii_whitespace()
         .filter_map(|f| f.parse().ok())
@@ -79,14 +80,18 @@ pub fn filefd(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
 
 /// `entropy`: bits in the kernel's entropy pool and its size.
 pub fn entropy(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
-    let avail = source::read_number(&c.host.proc("sys/kernel/random/entropy_avail"))?;
+    let avail = c
+        .files
+        .read_number(&c.host.proc("sys/kernel/random/entropy_avail"))?;
     let f = out.gauge(
         "node_entropy_available_bits",
         "Bits of available entropy.",
         "",
     );
     out.sample(f, &[], avail);
-    let size = source::read_number(&c.host.proc("sys/kernel/random/poolsize"))?;
+    let size = c
+        .files
+        .read_number(&c.host.proc("sys/kernel/random/poolsize"))?;
     let f = out.gauge("node_entropy_pool_size_bits", "Bits of entropy pool.", "");
     out.sample(f, &[], size);
     Ok(())
@@ -127,7 +132,7 @@ pub fn pressure(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
         ),
     ] {
         let path = c.host.proc(&format!("pressure/{resource}"));
-        let text = source::read(&path)?;
+        let text = c.files.read(&path)?;
         for line in text.lines() {
             let mut fields = line.split_ascii_whitespace();
             let family = match fields.next() {

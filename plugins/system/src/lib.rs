@@ -265,11 +265,13 @@ pub struct SystemCollector {
     partitions: bool,
     partition_pattern: regex::Regex,
     interfaces_exclude: GlobSet,
-    netstat_fields: regex::Regex,
-    vmstat_fields: regex::Regex,
+    netstat_fields: source::Selection,
+    vmstat_fields: source::Selection,
     ticks_per_second: f64,
     page_size: f64,
     textfile_directory: String,
+    /// Files kept open between collections.
+    files: source::Files,
     /// Text files that failed to parse (each is logged once until it parses again).
     textfile_errors: std::collections::HashSet<std::path::PathBuf>,
     /// Sources that failed in this collection, with the error.
@@ -286,7 +288,7 @@ impl SystemCollector {
         for (source, err) in &self.failing_now {
             if !self.failing.contains(source) {
                 tracing::warn!(
-                    "cannot read {source}: {err}; its metrics are left out until it can be read again"
+                    "{source}: cannot read {err}; its metrics are left out until it can be read again"
                 );
             }
         }
@@ -298,7 +300,7 @@ impl SystemCollector {
         if let Some(err) = self.failing_now.values().next() {
             let sources: Vec<&str> = self.failing_now.keys().copied().collect();
             metricsd_plugin_api::log::report_degraded(&format!(
-                "cannot read {} ({err}); their metrics are left out",
+                "cannot read {err} (sources failing: {}); their metrics are left out",
                 sources.join(", ")
             ));
         } else if !self.failing.is_empty() {
@@ -354,11 +356,15 @@ impl Collector for SystemCollector {
             partitions: config.partitions,
             partition_pattern: fs::partition_pattern(),
             interfaces_exclude: globs("interfaces_exclude", &config.interfaces_exclude)?,
-            netstat_fields: pattern("netstat_fields", &config.netstat_fields)?,
-            vmstat_fields: pattern("vmstat_fields", &config.vmstat_fields)?,
+            netstat_fields: source::Selection::new(pattern(
+                "netstat_fields",
+                &config.netstat_fields,
+            )?),
+            vmstat_fields: source::Selection::new(pattern("vmstat_fields", &config.vmstat_fields)?),
             ticks_per_second: procfs::ticks_per_second().max(1) as f64,
             page_size,
             textfile_directory: config.textfile_directory,
+            files: source::Files::default(),
             textfile_errors: Default::default(),
             failing_now: BTreeMap::new(),
             failing: BTreeSet::new(),
@@ -399,6 +405,7 @@ impl Collector for SystemCollector {
             out.sample_in(duration, set, elapsed);
             out.sample_in(success, set, if ok { 1.0 } else { 0.0 });
         }
+        self.files.sweep();
         self.report_sources();
         if !useful {
             return Err(Error::transient("no system source could be read"));

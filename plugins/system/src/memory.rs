@@ -3,14 +3,14 @@
 
 use metricsd_plugin_api::{BatchBuilder, MetricKind};
 
-use crate::source::{self, Missing, Outcome};
+use crate::source::{Missing, Outcome};
 use crate::SystemCollector;
 
 /// `meminfo`: `node_memory_<Field>_bytes` for each field in kB (× 1024), `node_memory_<Field>`
 /// for the counts (`HugePages_Total`); `Active(anon)` is named `Active_anon`.
 pub fn meminfo(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let path = c.host.proc("meminfo");
-    let text = source::read(&path)?;
+    let text = c.files.read(&path)?;
     for line in text.lines() {
         let Some((key, rest)) = line.split_once(':') else {
             continue;
@@ -39,12 +39,12 @@ pub fn meminfo(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
 /// node_exporter reports them (some are counters, some gauges).
 pub fn vmstat(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let path = c.host.proc("vmstat");
-    let text = source::read(&path)?;
+    let text = c.files.read(&path)?;
     for line in text.lines() {
         let Some((key, value)) = line.split_once(' ') else {
             continue;
         };
-        if !c.vmstat_fields.is_match(key) {
+        if !c.vmstat_fields.selects(key) {
             continue;
         }
         let Ok(v) = value.trim().parse::<f64>() else {

@@ -12,8 +12,9 @@ use crate::SystemCollector;
 /// `netdev`: the counters of `/proc/net/dev` for each interface, and `rx_nohandler` from
 /// sysfs.
 pub fn netdev(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
-    let devices = procfs::net::InterfaceDeviceStatus::from_file(c.host.proc("net/dev"))
-        .map_err(Missing::procfs)?;
+    let text = c.files.read(&c.host.proc("net/dev"))?;
+    let devices =
+        procfs::net::InterfaceDeviceStatus::from_read(text.as_bytes()).map_err(Missing::procfs)?;
     let mut devices: Vec<_> = devices.0.into_values().collect();
     devices.sort_by(|a, b| a.name.cmp(&b.name));
     for d in devices {
@@ -21,7 +22,7 @@ pub fn netdev(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
             continue;
         }
         let set = out.label_set(&[("device", d.name.as_str())]);
-        let nohandler = source::number_attribute(
+        let nohandler = c.files.number(
             &c.host
                 .sys(&format!("class/net/{}/statistics/rx_nohandler", d.name)),
         );
@@ -84,11 +85,15 @@ const NETCLASS_NUMBERS: [(&str, &str, bool); 16] = [
 pub fn netclass(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let base = c.host.sys("class/net");
     for name in source::entries(&base)? {
-        let dir = base.join(&name);
-        if !dir.is_dir() || c.interfaces_exclude.is_match(&name) {
+        if c.interfaces_exclude.is_match(&name) {
             continue;
         }
-        let text = |file: &str| source::attribute(&dir.join(file)).unwrap_or_default();
+        let dir = base.join(&name);
+        // Entries that are not directories (`bonding_masters`) are not interfaces.
+        if !dir.is_dir() {
+            continue;
+        }
+        let mut text = |file: &str| c.files.attribute(&dir.join(file)).unwrap_or_default();
         let operstate = text("operstate");
         let set = out.label_set(&[("device", name.as_str())]);
         let f = out.gauge(
@@ -114,7 +119,7 @@ pub fn netclass(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
             1.0,
         );
         for (file, suffix, counter) in NETCLASS_NUMBERS {
-            let Some(v) = source::number_attribute(&dir.join(file)) else {
+            let Some(v) = c.files.number(&dir.join(file)) else {
                 continue;
             };
             let name = format!("node_network_{suffix}");
@@ -128,7 +133,7 @@ pub fn netclass(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
             out.sample_in(f, set, v);
         }
         // Mbit/s in sysfs; -1 (unknown) is reported as node_exporter reports it.
-        if let Some(speed) = source::number_attribute(&dir.join("speed")) {
+        if let Some(speed) = c.files.number(&dir.join("speed")) {
             let f = out.gauge(
                 "node_network_speed_bytes",
                 "Network device property: speed_bytes",
@@ -143,10 +148,10 @@ pub fn netclass(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
 /// `netstat`: the fields of `/proc/net/netstat`, `/proc/net/snmp` and `/proc/net/snmp6`
 /// that `netstat_fields` selects, untyped as node_exporter reports them.
 pub fn netstat(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
-    let mut stats: BTreeMap<String, f64> = BTreeMap::new();
+    let mut key = String::new();
     for file in ["net/netstat", "net/snmp"] {
         let path = c.host.proc(file);
-        let text = source::read(&path)?;
+        let text = c.files.read(&path)?;
         let mut lines = text.lines();
         while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
             let mut names = names.split_ascii_whitespace();
@@ -156,52 +161,64 @@ pub fn netstat(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
             };
             let protocol = protocol.trim_end_matches(':');
             for (name, value) in names.zip(values) {
+                key.clear();
+                key.push_str(protocol);
+                key.push('_');
+                key.push_str(name);
+                if !c.netstat_fields.selects(&key) {
+                    continue;
+                }
                 let Ok(v) = value.parse::<f64>() else {
                     return Err(Missing::parse(
                         &path,
                         format!("{protocol} {name} is `{value}`"),
                     ));
                 };
-                stats.insert(format!("{protocol}_{name}"), v);
+                netstat_sample(out, protocol, name, v);
             }
         }
     }
     // Absent on a kernel without IPv6.
-    if let Some(text) = source::attribute(&c.host.proc("net/snmp6")) {
+    if let Some(text) = c.files.optional(&c.host.proc("net/snmp6")) {
         for line in text.lines() {
             let mut f = line.split_ascii_whitespace();
-            let (Some(key), Some(value)) = (f.next(), f.next()) else {
+            let (Some(field), Some(value)) = (f.next(), f.next()) else {
                 continue;
             };
-            let Some(six) = key.find('6') else { continue };
+            let Some(six) = field.find('6') else { continue };
+            let (protocol, name) = (&field[..=six], &field[six + 1..]);
+            key.clear();
+            key.push_str(protocol);
+            key.push('_');
+            key.push_str(name);
+            if !c.netstat_fields.selects(&key) {
+                continue;
+            }
             if let Ok(v) = value.parse::<f64>() {
-                stats.insert(format!("{}_{}", &key[..=six], &key[six + 1..]), v);
+                netstat_sample(out, protocol, name, v);
             }
         }
     }
-    for (key, v) in stats {
-        if !c.netstat_fields.is_match(&key) {
-            continue;
-        }
-        let (protocol, name) = key.split_once('_').unwrap_or((&key, ""));
-        let f = out.family(
-            &format!("node_netstat_{key}"),
-            &format!("Statistic {protocol}{name}."),
-            "",
-            MetricKind::UNTYPED,
-        );
-        out.sample(f, &[], v);
-    }
     Ok(())
+}
+
+fn netstat_sample(out: &mut BatchBuilder, protocol: &str, name: &str, v: f64) {
+    let f = out.family(
+        &format!("node_netstat_{protocol}_{name}"),
+        &format!("Statistic {protocol}{name}."),
+        "",
+        MetricKind::UNTYPED,
+    );
+    out.sample(f, &[], v);
 }
 
 /// `sockstat`: sockets in use per protocol, and the memory they hold (`/proc/net/sockstat`,
 /// `/proc/net/sockstat6`).
 pub fn sockstat(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let path = c.host.proc("net/sockstat");
-    let mut text = source::read(&path)?;
+    let mut text = c.files.read(&path)?;
     // Absent on a kernel without IPv6.
-    if let Some(six) = source::attribute(&c.host.proc("net/sockstat6")) {
+    if let Some(six) = c.files.optional(&c.host.proc("net/sockstat6")) {
         text.push('\n');
         text.push_str(&six);
     }
@@ -250,7 +267,7 @@ pub fn sockstat(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
 /// (`/proc/net/softnet_stat`, hexadecimal columns).
 pub fn softnet(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let path = c.host.proc("net/softnet_stat");
-    let text = source::read(&path)?;
+    let text = c.files.read(&path)?;
     let families = [
         (
             "node_softnet_processed_total",
@@ -288,7 +305,7 @@ pub fn udp_queues(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     );
     for (file, ip) in [("net/udp", "v4"), ("net/udp6", "v6")] {
         let path = c.host.proc(file);
-        let text = match source::read(&path) {
+        let text = match c.files.read(&path) {
             Ok(t) => t,
             Err(Missing::Absent) if ip == "v6" => continue,
             Err(e) => return Err(e),
@@ -313,7 +330,7 @@ pub fn udp_queues(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
 
 /// `arp`: ARP table entries per interface (`/proc/net/arp`).
 pub fn arp(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
-    let text = source::read(&c.host.proc("net/arp"))?;
+    let text = c.files.read(&c.host.proc("net/arp"))?;
     let mut per_device: BTreeMap<&str, u64> = BTreeMap::new();
     for line in text.lines().skip(1) {
         if let Some(device) = line.split_ascii_whitespace().nth(5) {
@@ -330,14 +347,18 @@ pub fn arp(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
 /// `conntrack`: connection-tracking table use and limit, and the kernel's conntrack
 /// statistics summed over CPUs. Absent when the `nf_conntrack` module is not loaded.
 pub fn conntrack(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
-    let count = source::read_number(&c.host.proc("sys/net/netfilter/nf_conntrack_count"))?;
+    let count = c
+        .files
+        .read_number(&c.host.proc("sys/net/netfilter/nf_conntrack_count"))?;
     let f = out.gauge(
         "node_nf_conntrack_entries",
         "Number of currently allocated flow entries for connection tracking.",
         "",
     );
     out.sample(f, &[], count);
-    let max = source::read_number(&c.host.proc("sys/net/netfilter/nf_conntrack_max"))?;
+    let max = c
+        .files
+        .read_number(&c.host.proc("sys/net/netfilter/nf_conntrack_max"))?;
     let f = out.gauge(
         "node_nf_conntrack_entries_limit",
         "Maximum size of connection tracking table.",
@@ -345,7 +366,7 @@ pub fn conntrack(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     );
     out.sample(f, &[], max);
     let path = c.host.proc("net/stat/nf_conntrack");
-    let Some(text) = source::attribute(&path) else {
+    let Some(text) = c.files.optional(&path) else {
         return Ok(());
     };
     let mut lines = text.lines();
