@@ -143,7 +143,7 @@ pub fn filesystem(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
 
 /// node_exporter's default `--collector.diskstats.device-exclude`, used to tell partitions
 /// where sysfs does not say.
-const PARTITION_PATTERN: &str = r"^((h|s|v|xv)d[a-z]+|nvme\d+n\d+p|mmcblk\d+p)\d+$";
+const PARTITION_PATTERN: &str = r"^((h|s|v|xv)d[a-z]+|nvme[0-9]+n[0-9]+p|mmcblk[0-9]+p)[0-9]+$";
 
 /// The per-device counters of `/proc/diskstats`: family, help, unit, whether it is a counter,
 /// and the scale from the kernel's unit.
