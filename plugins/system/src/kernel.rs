@@ -35,21 +35,20 @@ pub fn processes(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
         .count();
     let f = out.gauge("node_processes_pids", "Number of PIDs.", "");
     out.sample(f, &[], pids as f64);
-    let max = source::read_number(&c.host.proc("sys/kernel/pid_max"))?;
-    let f = out.gauge(
+    number_gauge(
+        c,
+        out,
+        "sys/kernel/pid_max",
         "node_processes_max_processes",
         "Number of max PIDs limit.",
-        "",
-    );
-    out.sample(f, &[], max);
-    let max = source::read_number(&c.host.proc("sys/kernel/threads-max"))?;
-    let f = out.gauge(
+    )?;
+    number_gauge(
+        c,
+        out,
+        "sys/kernel/threads-max",
         "node_processes_max_threads",
         "Limit of threads in the system.",
-        "",
-    );
-    out.sample(f, &[], max);
-    Ok(())
+    )
 }
 
 /// `filefd`: allocated and maximum file handles (`/proc/sys/fs/file-nr`).
@@ -80,20 +79,33 @@ pub fn filefd(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
 
 /// `entropy`: bits in the kernel's entropy pool and its size.
 pub fn entropy(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
-    let avail = c
-        .files
-        .read_number(&c.host.proc("sys/kernel/random/entropy_avail"))?;
-    let f = out.gauge(
+    number_gauge(
+        c,
+        out,
+        "sys/kernel/random/entropy_avail",
         "node_entropy_available_bits",
         "Bits of available entropy.",
-        "",
-    );
-    out.sample(f, &[], avail);
-    let size = c
-        .files
-        .read_number(&c.host.proc("sys/kernel/random/poolsize"))?;
-    let f = out.gauge("node_entropy_pool_size_bits", "Bits of entropy pool.", "");
-    out.sample(f, &[], size);
+    )?;
+    number_gauge(
+        c,
+        out,
+        "sys/kernel/random/poolsize",
+        "node_entropy_pool_size_bits",
+        "Bits of entropy pool.",
+    )
+}
+
+/// A procfs file holding one number (`rel` under procfs), as the gauge `name`.
+pub fn number_gauge(
+    c: &mut SystemCollector,
+    out: &mut BatchBuilder,
+    rel: &str,
+    name: &str,
+    help: &str,
+) -> Outcome {
+    let v = c.files.read_number(&c.host.proc(rel))?;
+    let f = out.gauge(name, help, "");
+    out.sample(f, &[], v);
     Ok(())
 }
 

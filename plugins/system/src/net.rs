@@ -7,7 +7,7 @@ use metricsd_plugin_api::{BatchBuilder, MetricKind};
 use procfs::FromRead;
 
 use crate::source::{self, Missing, Outcome};
-use crate::SystemCollector;
+use crate::{kernel, SystemCollector};
 
 /// `netdev`: the counters of `/proc/net/dev` for each interface, and `rx_nohandler` from
 /// sysfs.
@@ -347,24 +347,20 @@ pub fn arp(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
 /// `conntrack`: connection-tracking table use and limit, and the kernel's conntrack
 /// statistics summed over CPUs. Absent when the `nf_conntrack` module is not loaded.
 pub fn conntrack(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
-    let count = c
-        .files
-        .read_number(&c.host.proc("sys/net/netfilter/nf_conntrack_count"))?;
-    let f = out.gauge(
+    kernel::number_gauge(
+        c,
+        out,
+        "sys/net/netfilter/nf_conntrack_count",
         "node_nf_conntrack_entries",
         "Number of currently allocated flow entries for connection tracking.",
-        "",
-    );
-    out.sample(f, &[], count);
-    let max = c
-        .files
-        .read_number(&c.host.proc("sys/net/netfilter/nf_conntrack_max"))?;
-    let f = out.gauge(
+    )?;
+    kernel::number_gauge(
+        c,
+        out,
+        "sys/net/netfilter/nf_conntrack_max",
         "node_nf_conntrack_entries_limit",
         "Maximum size of connection tracking table.",
-        "",
-    );
-    out.sample(f, &[], max);
+    )?;
     let path = c.host.proc("net/stat/nf_conntrack");
     let Some(text) = c.files.optional(&path) else {
         return Ok(());

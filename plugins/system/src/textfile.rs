@@ -134,6 +134,20 @@ fn family_of(sample: &str, families: &[Family]) -> Option<usize> {
     None
 }
 
+/// The index of the family `found` picks, or of a new untyped family `name` without help.
+fn family_index(families: &mut Vec<Family>, name: &str, found: impl Fn(&Family) -> bool) -> usize {
+    if let Some(i) = families.iter().position(found) {
+        return i;
+    }
+    families.push(Family {
+        name: name.to_string(),
+        help: None,
+        kind: Kind::Untyped,
+        samples: Vec::new(),
+    });
+    families.len() - 1
+}
+
 /// A whole file; the first error refuses it (line number and what is wrong).
 pub fn parse(text: &str) -> Result<Vec<Family>, String> {
     let mut families: Vec<Family> = Vec::new();
@@ -157,18 +171,7 @@ pub fn parse(text: &str) -> Result<Vec<Family>, String> {
             if !declared.insert((name.to_string(), key)) {
                 return Err(at(format!("second {keyword} line for `{name}`")));
             }
-            let i = match families.iter().position(|f| f.name == name) {
-                Some(i) => i,
-                None => {
-                    families.push(Family {
-                        name: name.to_string(),
-                        help: None,
-                        kind: Kind::Untyped,
-                        samples: Vec::new(),
-                    });
-                    families.len() - 1
-                }
-            };
+            let i = family_index(&mut families, name, |f| f.name == name);
             if keyword == "HELP" {
                 families[i].help = Some(unescape(rest.trim(), false).map_err(at)?);
             } else {
@@ -207,15 +210,7 @@ pub fn parse(text: &str) -> Result<Vec<Family>, String> {
         }
         let i = match family_of(name, &families) {
             Some(i) => i,
-            None => {
-                families.push(Family {
-                    name: name.to_string(),
-                    help: None,
-                    kind: Kind::Untyped,
-                    samples: Vec::new(),
-                });
-                families.len() - 1
-            }
+            None => family_index(&mut families, name, |_| false),
         };
         families[i].samples.push((name.to_string(), labels, value));
     }
