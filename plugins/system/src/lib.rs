@@ -196,7 +196,7 @@ pub struct Source {
     run: fn(&mut SystemCollector, &mut BatchBuilder) -> Outcome,
 }
 
-/// Every source, in collection order.
+/// Every source, in collection order (by name, `textfile` last).
 #[rustfmt::skip]
 pub const SOURCES: &[Source] = &[
     Source { name: "arp", default: true, run: net::arp },
@@ -227,12 +227,14 @@ pub const SOURCES: &[Source] = &[
     Source { name: "sockstat", default: true, run: net::sockstat },
     Source { name: "softnet", default: true, run: net::softnet },
     Source { name: "stat", default: true, run: cpu::stat },
-    Source { name: "textfile", default: true, run: textfile::textfile },
     Source { name: "thermal_zone", default: true, run: hwmon::thermal_zone },
     Source { name: "time", default: true, run: kernel::time },
     Source { name: "udp_queues", default: true, run: net::udp_queues },
     Source { name: "uname", default: true, run: kernel::uname },
     Source { name: "vmstat", default: true, run: memory::vmstat },
+    // Last: it passes on families it does not define, and must not take a name another
+    // source declares later.
+    Source { name: "textfile", default: true, run: textfile::textfile },
 ];
 
 /// The sources a config runs, checked against [`SOURCES`].
@@ -372,6 +374,19 @@ impl Collector for SystemCollector {
     }
 
     fn collect(&mut self, out: &mut BatchBuilder) -> Result<()> {
+        // Declared first, and `textfile` runs last (SOURCES lists it last): a text file that
+        // redefines one of this collector's families is refused, it never makes the
+        // collector's own declaration conflict.
+        let duration = out.gauge(
+            "node_scrape_collector_duration_seconds",
+            "node_exporter: Duration of a collector scrape.",
+            "seconds",
+        );
+        let success = out.gauge(
+            "node_scrape_collector_success",
+            "node_exporter: Whether a collector succeeded.",
+            "",
+        );
         let mut results = Vec::with_capacity(self.sources.len());
         for source in self.sources.clone() {
             let start = Instant::now();
@@ -390,16 +405,6 @@ impl Collector for SystemCollector {
             }
         }
         let useful = results.iter().any(|r| r.2);
-        let duration = out.gauge(
-            "node_scrape_collector_duration_seconds",
-            "node_exporter: Duration of a collector scrape.",
-            "seconds",
-        );
-        let success = out.gauge(
-            "node_scrape_collector_success",
-            "node_exporter: Whether a collector succeeded.",
-            "",
-        );
         for (name, elapsed, ok) in results {
             let set = out.label_set(&[("collector", name)]);
             out.sample_in(duration, set, elapsed);
@@ -915,6 +920,33 @@ mod tests {
             .filter(|r| r.1 == LogLevel::WARN)
             .count();
         assert_eq!(again, warnings.len());
+        // Families of later sources and of the collector itself are refused too: the
+        // collection still reports them as the sources define them.
+        write(
+            dir,
+            "late.prom",
+            "# HELP node_time_seconds mine\nnode_time_seconds 1\n",
+        );
+        write(
+            dir,
+            "own.prom",
+            "# HELP node_scrape_collector_success mine\nnode_scrape_collector_success 5\n",
+        );
+        let b = h
+            .collect()
+            .expect("a careless text file does not fail the collection");
+        assert!(value(&b, "node_time_seconds", &[]).is_some_and(|t| t > 1.0e9));
+        let own = b.samples.iter().any(|s| {
+            b.family_of(s)
+                .is_some_and(|f| f.name.as_str() == "node_scrape_collector_success")
+                && s.value == 5.0
+        });
+        assert!(
+            !own,
+            "the text file's node_scrape_collector_success is refused"
+        );
+        std::fs::remove_file(dir.join("late.prom")).expect("rm");
+        std::fs::remove_file(dir.join("own.prom")).expect("rm");
         // Fixed files are read again and the error clears.
         std::fs::remove_file(dir.join("stamped.prom")).expect("rm");
         std::fs::remove_file(dir.join("clash.prom")).expect("rm");
