@@ -110,6 +110,9 @@ fn parse_labels(s: &str) -> Result<(Labels, &str), String> {
             }
         }
         let end = end.ok_or_else(|| format!("label `{name}`: the value is not closed"))?;
+        if labels.iter().any(|(n, _)| n == name) {
+            return Err(format!("label `{name}` given twice"));
+        }
         labels.push((name.to_string(), unescape(&after[..end], true)?));
         rest = &after[end + 1..];
     }
@@ -393,6 +396,7 @@ mod tests {
             ("1a 1\n", "not a metric name"),
             ("# TYPE a bogus\na 1\n", "unknown type"),
             ("a 1\n# TYPE a gauge\n", "after its samples"),
+            ("a{b=\"1\",b=\"2\"} 1\n", "given twice"),
         ] {
             let err = parse(text).expect_err(text);
             assert!(err.contains(what), "{text:?}: {err}");
