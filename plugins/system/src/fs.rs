@@ -143,7 +143,8 @@ pub fn filesystem(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
 
 /// node_exporter's default `--collector.diskstats.device-exclude`, used to tell partitions
 /// where sysfs does not say.
-const PARTITION_PATTERN: &str = r"^((h|s|v|xv)d[a-z]+|nvme[0-9]+n[0-9]+p|mmcblk[0-9]+p)[0-9]+$";
+pub(crate) const PARTITION_PATTERN: &str =
+    r"^((h|s|v|xv)d[a-z]+|nvme[0-9]+n[0-9]+p|mmcblk[0-9]+p)[0-9]+$";
 
 /// The per-device counters of `/proc/diskstats`: family, help, unit, whether it is a counter,
 /// and the scale from the kernel's unit.
@@ -414,11 +415,6 @@ impl SystemCollector {
     }
 }
 
-/// The compiled [`PARTITION_PATTERN`].
-pub fn partition_pattern() -> regex::Regex {
-    regex::Regex::new(PARTITION_PATTERN).expect("a valid constant pattern")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,7 +435,7 @@ mod tests {
 
     #[test]
     fn partition_names_without_sysfs() {
-        let p = partition_pattern();
+        let p = regex::Regex::new(PARTITION_PATTERN).expect("valid");
         for yes in ["sda1", "vdb12", "nvme0n1p2", "xvda1", "mmcblk0p1"] {
             assert!(p.is_match(yes), "{yes}");
         }

@@ -356,7 +356,7 @@ impl Collector for SystemCollector {
             mount_points_exclude: globs("mount_points_exclude", &config.mount_points_exclude)?,
             disks_exclude: globs("disks_exclude", &config.disks_exclude)?,
             partitions: config.partitions,
-            partition_pattern: fs::partition_pattern(),
+            partition_pattern: pattern("partition pattern", fs::PARTITION_PATTERN)?,
             interfaces_exclude: globs("interfaces_exclude", &config.interfaces_exclude)?,
             netstat_fields: source::Selection::new(pattern(
                 "netstat_fields",
