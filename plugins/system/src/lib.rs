@@ -577,7 +577,6 @@ mod tests {
         for (config, key) in [
             (r#"{"disks_exclude":["[x"]}"#, "`disks_exclude`"),
             (r#"{"netstat_fields":"("}"#, "`netstat_fields`"),
-            (r#"{"vmstat_fields":"^pg\\d"}"#, "`vmstat_fields`"),
             (r#"{"collectors":{"nosuch":true}}"#, "`collectors.nosuch`"),
             (r#"{"rootfs":"host"}"#, "`rootfs`"),
         ] {
