@@ -106,10 +106,7 @@ pub fn cpufreq(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let base = c.host.sys("devices/system/cpu");
     let mut any = false;
     for name in source::entries(&base)? {
-        let Some(cpu) = name
-            .strip_prefix("cpu")
-            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        else {
+        let Some(cpu) = source::numbered(&name, "cpu") else {
             continue;
         };
         let dir = base.join(&name).join("cpufreq");

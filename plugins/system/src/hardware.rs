@@ -129,15 +129,12 @@ pub fn edac(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let base = c.host.sys("devices/system/edac/mc");
     let mut any = false;
     for mc in source::entries(&base)? {
-        let Some(controller) = mc
-            .strip_prefix("mc")
-            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        else {
+        let Some(controller) = source::numbered(&mc, "mc") else {
             continue;
         };
         any = true;
         let dir = base.join(&mc);
-        let num = |f: &str| source::read_number(&dir.join(f));
+        let mut num = |f: &str| c.files.read_number(&dir.join(f));
         for (file, name, help) in [
             (
                 "ce_count",
@@ -169,10 +166,7 @@ pub fn edac(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
             }
         }
         for row in source::entries(&dir)? {
-            let Some(csrow) = row
-                .strip_prefix("csrow")
-                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-            else {
+            let Some(csrow) = source::numbered(&row, "csrow") else {
                 continue;
             };
             for (file, name, help) in [
@@ -187,7 +181,7 @@ pub fn edac(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
                     "Total uncorrectable memory errors for this csrow.",
                 ),
             ] {
-                let v = source::read_number(&dir.join(&row).join(file))?;
+                let v = c.files.read_number(&dir.join(&row).join(file))?;
                 let f = out.counter(name, help, "");
                 out.sample(f, &[("controller", controller), ("csrow", csrow)], v);
             }
@@ -277,7 +271,7 @@ pub fn powersupplyclass(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outc
     let base = c.host.sys("class/power_supply");
     for supply in source::entries(&base)? {
         let dir = base.join(&supply);
-        let num = |f: &str| source::number_attribute(&dir.join(f));
+        let mut num = |f: &str| c.files.number(&dir.join(f));
         // (sysfs file, family suffix, scale): plain numbers, µ-units, tenths of a degree.
         let fields: [(&str, &str, f64); 47] = [
             ("authentic", "authentic", 1.0),

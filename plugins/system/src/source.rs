@@ -283,6 +283,13 @@ impl Selection {
     }
 }
 
+/// The number of a numbered entry (`cpu12` with prefix `cpu` → `12`); `None` for other names
+/// (`cpufreq`, `cpuidle`).
+pub fn numbered<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
+    name.strip_prefix(prefix)
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Decimal (integer or float) or `0x` hexadecimal.
 pub fn parse_number(s: &str) -> Option<f64> {
     if let Some(hex) = s.strip_prefix("0x") {
