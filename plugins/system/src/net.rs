@@ -394,3 +394,172 @@ pub fn conntrack(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     }
     Ok(())
 }
+
+/// `bonding`: per bonding interface, its configured slaves and those whose link (MII status) is
+/// up.
+pub fn bonding(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let net = c.host.sys("class/net");
+    let masters = c.files.read(&net.join("bonding_masters"))?;
+    let slaves_f = out.gauge(
+        "node_bonding_slaves",
+        "Number of configured slaves per bonding interface.",
+        "",
+    );
+    let active_f = out.gauge(
+        "node_bonding_active",
+        "Number of active slaves per bonding interface.",
+        "",
+    );
+    for master in masters.split_ascii_whitespace() {
+        let path = net.join(master).join("bonding/slaves");
+        let slaves = c.files.read(&path)?;
+        let (mut configured, mut active) = (0, 0);
+        for slave in slaves.split_ascii_whitespace() {
+            // `lower_NAME` since Linux 4.?, `slave_NAME` before.
+            let status = ["lower_", "slave_"].iter().find_map(|prefix| {
+                c.files.attribute(
+                    &net.join(master)
+                        .join(format!("{prefix}{slave}"))
+                        .join("bonding_slave/mii_status"),
+                )
+            });
+            let Some(status) = status else {
+                return Err(Missing::Failed(format!(
+                    "{}: no MII status for slave {slave}",
+                    net.join(master).display()
+                )));
+            };
+            configured += 1;
+            if status.trim() == "up" {
+                active += 1;
+            }
+        }
+        out.sample(slaves_f, &[("master", master)], configured as f64);
+        out.sample(active_f, &[("master", master)], active as f64);
+    }
+    Ok(())
+}
+
+/// An `ADDRESS:PORT` of `/proc/net/ip_vs`: IPv4 as 8 hex digits, IPv6 in brackets, the port in
+/// 4 hex digits.
+fn ipvs_address(s: &str) -> Option<(String, u16)> {
+    let (addr, port) = s.rsplit_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let addr = if let Some(v6) = addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().ok()?.to_string()
+    } else if addr.len() == 8 {
+        std::net::Ipv4Addr::from(u32::from_str_radix(addr, 16).ok()?).to_string()
+    } else {
+        return None;
+    };
+    Some((addr, port))
+}
+
+/// `ipvs`: the IP Virtual Server's totals (`/proc/net/ip_vs_stats`) and, per backend, its
+/// active and inactive connections and weight (`/proc/net/ip_vs`); kube-proxy in IPVS mode
+/// programs it.
+pub fn ipvs(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let path = c.host.proc("net/ip_vs_stats");
+    let text = c.files.read(&path)?;
+    let totals: Vec<&str> = text
+        .lines()
+        .nth(2)
+        .map(|l| l.split_ascii_whitespace().collect())
+        .unwrap_or_default();
+    if totals.len() != 5 {
+        return Err(Missing::parse(&path, "no line of five totals"));
+    }
+    for (i, (name, help)) in [
+        ("connections", "The total number of connections made."),
+        ("incoming_packets", "The total number of incoming packets."),
+        ("outgoing_packets", "The total number of outgoing packets."),
+        ("incoming_bytes", "The total amount of incoming data."),
+        ("outgoing_bytes", "The total amount of outgoing data."),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let v = u64::from_str_radix(totals[i], 16)
+            .map_err(|_| Missing::parse(&path, format!("{name} is `{}`", totals[i])))?;
+        let unit = if name.ends_with("bytes") { "bytes" } else { "" };
+        let f = out.counter(&format!("node_ipvs_{name}_total"), help, unit);
+        out.sample(f, &[], v as f64);
+    }
+
+    let path = c.host.proc("net/ip_vs");
+    let text = c.files.read(&path)?;
+    // Backends with the same labels (the same service reached twice) are summed.
+    let mut backends: BTreeMap<[String; 6], [f64; 3]> = BTreeMap::new();
+    let (mut proto, mut local, mut local_port, mut mark) =
+        (String::new(), String::new(), 0u16, String::new());
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_ascii_whitespace().collect();
+        match f.as_slice() {
+            [p @ ("TCP" | "UDP"), addr, ..] => {
+                let (a, port) = ipvs_address(addr)
+                    .ok_or_else(|| Missing::parse(&path, format!("`{addr}` is not an address")))?;
+                (proto, local, local_port, mark) = (p.to_string(), a, port, String::new());
+            }
+            ["FWM", m, ..] => {
+                (proto, local, local_port, mark) = ("FWM".into(), String::new(), 0, m.to_string());
+            }
+            ["->", addr, _forward, weight, active, inactive, ..] => {
+                let Some((remote, remote_port)) = ipvs_address(addr) else {
+                    // The column header `-> RemoteAddress:Port`.
+                    continue;
+                };
+                let num = |s: &str| {
+                    s.parse::<f64>()
+                        .map_err(|_| Missing::parse(&path, format!("`{line}`")))
+                };
+                let key = [
+                    local.clone(),
+                    local_port.to_string(),
+                    remote,
+                    remote_port.to_string(),
+                    proto.clone(),
+                    mark.clone(),
+                ];
+                let sums = backends.entry(key).or_default();
+                sums[0] += num(active)?;
+                sums[1] += num(inactive)?;
+                sums[2] += num(weight)?;
+            }
+            _ => {}
+        }
+    }
+    let families = [
+        out.gauge(
+            "node_ipvs_backend_connections_active",
+            "The current active connections by local and remote address.",
+            "",
+        ),
+        out.gauge(
+            "node_ipvs_backend_connections_inactive",
+            "The current inactive connections by local and remote address.",
+            "",
+        ),
+        out.gauge(
+            "node_ipvs_backend_weight",
+            "The current backend weight by local and remote address.",
+            "",
+        ),
+    ];
+    for (key, sums) in &backends {
+        let labels: Vec<(&str, &str)> = [
+            "local_address",
+            "local_port",
+            "remote_address",
+            "remote_port",
+            "proto",
+            "local_mark",
+        ]
+        .into_iter()
+        .zip(key.iter().map(String::as_str))
+        .collect();
+        for (f, v) in families.iter().zip(sums) {
+            out.sample(*f, &labels, *v);
+        }
+    }
+    Ok(())
+}

@@ -283,6 +283,22 @@ impl Selection {
     }
 }
 
+/// The lines of a statistics file made of a keyword and numbers (`/proc/net/rpc/nfs`, XFS's
+/// `stats`): each keyword with its numbers. A field that is not a number fails the file.
+pub fn keyed_numbers(path: &Path, text: &str) -> Result<HashMap<String, Vec<f64>>, Missing> {
+    let mut lines = HashMap::new();
+    for line in text.lines() {
+        let mut fields = line.split_ascii_whitespace();
+        let Some(key) = fields.next() else { continue };
+        let values: Result<Vec<f64>, _> = fields.map(|f| f.parse::<f64>()).collect();
+        let values = values.map_err(|_| {
+            Missing::parse(path, format!("`{line}` has a field that is not a number"))
+        })?;
+        lines.insert(key.to_string(), values);
+    }
+    Ok(lines)
+}
+
 /// The number of a numbered entry (`cpu12` with prefix `cpu` → `12`); `None` for other names
 /// (`cpufreq`, `cpuidle`).
 pub fn numbered<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {

@@ -449,6 +449,40 @@ const HARDWARE: &[&str] = &[
     "node_power_supply_",
     "node_md_",
     "node_schedstat_",
+    "node_nfs_",
+    "node_nfsd_",
+    "node_xfs_",
+    "node_btrfs_",
+    "node_zfs_",
+    "node_bonding_",
+    "node_ipvs_",
+    "node_dmi_",
+    "node_fibrechannel_",
+    "node_tape_",
+];
+
+/// node_exporter's collectors that the host tree gives data to: each must succeed there, so
+/// that a fixture node_exporter cannot read does not leave its families out of the comparison.
+const TREE_COLLECTORS: &[&str] = &[
+    "bonding",
+    "btrfs",
+    "dmi",
+    "edac",
+    "fibrechannel",
+    "hwmon",
+    "infiniband",
+    "ipvs",
+    "mdadm",
+    "nfs",
+    "nfsd",
+    "nvme",
+    "powersupplyclass",
+    "rapl",
+    "schedstat",
+    "tapestats",
+    "thermal_zone",
+    "xfs",
+    "zfs",
 ];
 
 #[test]
@@ -486,8 +520,27 @@ fn hardware_collectors_match_node_exporter_on_a_host_tree() {
     let theirs = ne.scrape();
     let hardware = |name: &str| HARDWARE.iter().any(|p| name.starts_with(p));
 
+    for collector in TREE_COLLECTORS {
+        let key = (
+            "node_scrape_collector_success".to_string(),
+            vec![("collector".to_string(), collector.to_string())],
+        );
+        assert_eq!(
+            theirs.series.get(&key),
+            Some(&1.0),
+            "node_exporter's {collector} collector failed on the host tree"
+        );
+        assert_eq!(
+            ours.series.get(&key),
+            Some(&1.0),
+            "metricsd's {collector} source failed on the host tree"
+        );
+    }
     let families: Vec<&String> = theirs.types.keys().filter(|n| hardware(n)).collect();
-    assert!(families.len() >= 60, "node_exporter read only {families:?}");
+    assert!(
+        families.len() >= 150,
+        "node_exporter read only {families:?}"
+    );
     for family in families {
         assert_eq!(
             ours.types.get(family),
@@ -514,5 +567,19 @@ fn hardware_collectors_match_node_exporter_on_a_host_tree() {
         )
         .collect();
     assert!(differ.is_empty(), "{}", differ.join("\n"));
+    // node_exporter 1.5 has no watchdog collector; metricsd reports 1.10's names.
+    let watchdog = |name: &str| {
+        ours.series
+            .get(&(
+                name.to_string(),
+                vec![("name".to_string(), "watchdog0".to_string())],
+            ))
+            .copied()
+    };
+    assert_eq!(watchdog("node_watchdog_timeout_seconds"), Some(60.0));
+    assert_eq!(watchdog("node_watchdog_timeleft_seconds"), Some(300.0));
+    assert_eq!(watchdog("node_watchdog_bootstatus"), Some(1.0));
+    assert!(ours.series.keys().any(|(n, l)| n == "node_watchdog_info"
+        && l.contains(&("identity".to_string(), "Software Watchdog".to_string()))));
     agent.terminate().expect("stop");
 }

@@ -1,0 +1,371 @@
+//! Statistics of particular filesystems: node_exporter's `xfs` (`/sys/fs/xfs/DEV/stats/stats`),
+//! `btrfs` (`/sys/fs/btrfs/UUID`) and `zfs` (the ZFS module's kstats, `/proc/spl/kstat/zfs`).
+
+use std::path::Path;
+
+use metricsd_plugin_api::{BatchBuilder, MetricKind};
+
+use crate::source::{self, Missing, Outcome};
+use crate::SystemCollector;
+
+/// The XFS counters node_exporter reports: the stats line, the position on it, the name after
+/// `node_xfs_`, and the help.
+#[rustfmt::skip]
+const XFS: &[(&str, usize, &str, &str)] = &[
+    ("extent_alloc", 0, "extent_allocation_extents_allocated_total", "Number of extents allocated for a filesystem."),
+    ("extent_alloc", 1, "extent_allocation_blocks_allocated_total", "Number of blocks allocated for a filesystem."),
+    ("extent_alloc", 2, "extent_allocation_extents_freed_total", "Number of extents freed for a filesystem."),
+    ("extent_alloc", 3, "extent_allocation_blocks_freed_total", "Number of blocks freed for a filesystem."),
+    ("abt", 0, "allocation_btree_lookups_total", "Number of allocation B-tree lookups for a filesystem."),
+    ("abt", 1, "allocation_btree_compares_total", "Number of allocation B-tree compares for a filesystem."),
+    ("abt", 2, "allocation_btree_records_inserted_total", "Number of allocation B-tree records inserted for a filesystem."),
+    ("abt", 3, "allocation_btree_records_deleted_total", "Number of allocation B-tree records deleted for a filesystem."),
+    ("blk_map", 0, "block_mapping_reads_total", "Number of block map for read operations for a filesystem."),
+    ("blk_map", 1, "block_mapping_writes_total", "Number of block map for write operations for a filesystem."),
+    ("blk_map", 2, "block_mapping_unmaps_total", "Number of block unmaps (deletes) for a filesystem."),
+    ("blk_map", 3, "block_mapping_extent_list_insertions_total", "Number of extent list insertions for a filesystem."),
+    ("blk_map", 4, "block_mapping_extent_list_deletions_total", "Number of extent list deletions for a filesystem."),
+    ("blk_map", 5, "block_mapping_extent_list_lookups_total", "Number of extent list lookups for a filesystem."),
+    ("blk_map", 6, "block_mapping_extent_list_compares_total", "Number of extent list compares for a filesystem."),
+    ("bmbt", 0, "block_map_btree_lookups_total", "Number of block map B-tree lookups for a filesystem."),
+    ("bmbt", 1, "block_map_btree_compares_total", "Number of block map B-tree compares for a filesystem."),
+    ("bmbt", 2, "block_map_btree_records_inserted_total", "Number of block map B-tree records inserted for a filesystem."),
+    ("bmbt", 3, "block_map_btree_records_deleted_total", "Number of block map B-tree records deleted for a filesystem."),
+    ("dir", 0, "directory_operation_lookup_total", "Number of file name directory lookups which miss the operating systems directory name lookup cache."),
+    ("dir", 1, "directory_operation_create_total", "Number of times a new directory entry was created for a filesystem."),
+    ("dir", 2, "directory_operation_remove_total", "Number of times an existing directory entry was created for a filesystem."),
+    ("dir", 3, "directory_operation_getdents_total", "Number of times the directory getdents operation was performed for a filesystem."),
+    ("ig", 0, "inode_operation_attempts_total", "Number of times the OS looked for an XFS inode in the inode cache."),
+    ("ig", 1, "inode_operation_found_total", "Number of times the OS looked for and found an XFS inode in the inode cache."),
+    ("ig", 2, "inode_operation_recycled_total", "Number of times the OS found an XFS inode in the cache, but could not use it as it was being recycled."),
+    ("ig", 3, "inode_operation_missed_total", "Number of times the OS looked for an XFS inode in the cache, but did not find it."),
+    ("ig", 4, "inode_operation_duplicates_total", "Number of times the OS tried to add a missing XFS inode to the inode cache, but found it had already been added by another process."),
+    ("ig", 5, "inode_operation_reclaims_total", "Number of times the OS reclaimed an XFS inode from the inode cache to free memory for another purpose."),
+    ("ig", 6, "inode_operation_attribute_changes_total", "Number of times the OS explicitly changed the attributes of an XFS inode."),
+    ("rw", 0, "write_calls_total", "Number of write(2) system calls made to files in a filesystem."),
+    ("rw", 1, "read_calls_total", "Number of read(2) system calls made to files in a filesystem."),
+    ("vnodes", 0, "vnode_active_total", "Number of vnodes not on free lists for a filesystem."),
+    ("vnodes", 1, "vnode_allocate_total", "Number of times vn_alloc called for a filesystem."),
+    ("vnodes", 2, "vnode_get_total", "Number of times vn_get called for a filesystem."),
+    ("vnodes", 3, "vnode_hold_total", "Number of times vn_hold called for a filesystem."),
+    ("vnodes", 4, "vnode_release_total", "Number of times vn_rele called for a filesystem."),
+    ("vnodes", 5, "vnode_reclaim_total", "Number of times vn_reclaim called for a filesystem."),
+    ("vnodes", 6, "vnode_remove_total", "Number of times vn_remove called for a filesystem."),
+];
+
+/// `xfs`: each mounted XFS filesystem's counters, labelled with its block device. A host
+/// without XFS reports nothing and succeeds, as node_exporter's collector does.
+pub fn xfs(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let base = c.host.sys("fs/xfs");
+    let devices = match source::entries(&base) {
+        Ok(devices) => devices,
+        Err(Missing::Absent) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    // `/sys/fs/xfs/stats/stats` is the totals of all filesystems, a file where a device has
+    // a directory.
+    for device in devices
+        .into_iter()
+        .filter(|d| base.join(d).join("stats").is_dir())
+    {
+        let path = base.join(&device).join("stats/stats");
+        let text = match c.files.read(&path) {
+            Ok(text) => text,
+            Err(Missing::Absent) => continue,
+            Err(e) => return Err(e),
+        };
+        let lines = source::keyed_numbers(&path, &text)?;
+        for (key, i, name, help) in XFS {
+            let f = out.counter(&format!("node_xfs_{name}"), help, "");
+            let v = lines.get(*key).and_then(|v| v.get(*i)).copied();
+            out.sample(f, &[("device", &device)], v.unwrap_or(0.0));
+        }
+    }
+    Ok(())
+}
+
+/// A btrfs sysfs attribute holding a number; 0 where it is absent or not a number (as
+/// node_exporter reads them).
+fn btrfs_number(dir: &Path, rel: &str) -> f64 {
+    source::number_attribute(&dir.join(rel)).unwrap_or(0.0)
+}
+
+/// The allocation ratio of a block-group profile on `devices` devices: the raw bytes written
+/// per byte stored (node_exporter's values; 0 for profiles it does not know).
+fn allocation_ratio(mode: &str, devices: usize) -> f64 {
+    let n = devices as f64;
+    match mode {
+        "single" | "raid0" => 1.0,
+        "dup" | "raid1" | "raid10" => 2.0,
+        "raid5" => n / (n - 1.0),
+        "raid6" => n / (n - 2.0),
+        _ => 0.0,
+    }
+}
+
+/// `btrfs`: each btrfs filesystem's allocation by block-group type and profile, its global
+/// reserve and its devices' sizes (`/sys/fs/btrfs/UUID`).
+pub fn btrfs(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let base = c.host.sys("fs/btrfs");
+    let filesystems = match source::entries(&base) {
+        Ok(entries) => entries,
+        Err(Missing::Absent) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    // Filesystems are named by UUID; `features` (the module's) is not one.
+    for fs in filesystems.iter().filter(|n| n.contains('-')) {
+        let dir = base.join(fs);
+        let uuid = source::attribute(&dir.join("metadata_uuid"))
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| fs.clone());
+        let label = source::attribute(&dir.join("label")).unwrap_or_default();
+        let devices = source::entries(&dir.join("devices")).unwrap_or_default();
+        let info = out.gauge("node_btrfs_info", "Filesystem information", "");
+        out.sample(info, &[("uuid", &uuid), ("label", label.trim())], 1.0);
+        let rsv = out.gauge(
+            "node_btrfs_global_rsv_size_bytes",
+            "Size of global reserve.",
+            "bytes",
+        );
+        out.sample(
+            rsv,
+            &[("uuid", &uuid)],
+            btrfs_number(&dir, "allocation/global_rsv_size"),
+        );
+        for group in ["data", "metadata", "system"] {
+            let alloc = dir.join("allocation").join(group);
+            let reserved = out.gauge(
+                "node_btrfs_reserved_bytes",
+                "Amount of space reserved for a data type",
+                "bytes",
+            );
+            out.sample(
+                reserved,
+                &[("uuid", &uuid), ("block_group_type", group)],
+                btrfs_number(&alloc, "bytes_reserved"),
+            );
+            let Ok(entries) = std::fs::read_dir(&alloc) else {
+                continue;
+            };
+            let mut modes: Vec<String> = entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect();
+            modes.sort();
+            for mode in modes {
+                let labels = [
+                    ("uuid", uuid.as_str()),
+                    ("block_group_type", group),
+                    ("mode", mode.as_str()),
+                ];
+                let layout = alloc.join(&mode);
+                for (name, help, v) in [
+                    (
+                        "node_btrfs_used_bytes",
+                        "Amount of used space by a layout/data type",
+                        btrfs_number(&layout, "used_bytes"),
+                    ),
+                    (
+                        "node_btrfs_size_bytes",
+                        "Amount of space allocated for a layout/data type",
+                        btrfs_number(&layout, "total_bytes"),
+                    ),
+                    (
+                        "node_btrfs_allocation_ratio",
+                        "Data allocation ratio for a layout/data type",
+                        allocation_ratio(&mode, devices.len()),
+                    ),
+                ] {
+                    let unit = if name.ends_with("_bytes") {
+                        "bytes"
+                    } else {
+                        ""
+                    };
+                    let f = out.gauge(name, help, unit);
+                    out.sample(f, &labels, v);
+                }
+            }
+        }
+        let size = out.gauge(
+            "node_btrfs_device_size_bytes",
+            "Size of a device that is part of the filesystem.",
+            "bytes",
+        );
+        for device in &devices {
+            // In 512-byte sectors, whatever the device's block size.
+            let sectors = btrfs_number(&dir.join("devices").join(device), "size");
+            out.sample(
+                size,
+                &[("uuid", &uuid), ("device", device)],
+                sectors * 512.0,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The ZFS kstat files node_exporter reads, and the subsystem each becomes (`arcstats` →
+/// `node_zfs_arc_*`).
+const ZFS_KSTATS: [(&str, &str); 11] = [
+    ("abdstats", "zfs_abd"),
+    ("arcstats", "zfs_arc"),
+    ("dbuf_stats", "zfs_dbuf"),
+    ("dmu_tx", "zfs_dmu_tx"),
+    ("dnodestats", "zfs_dnode"),
+    ("fm", "zfs_fm"),
+    ("vdev_cache_stats", "zfs_vdev_cache"),
+    ("vdev_mirror_stats", "zfs_vdev_mirror"),
+    ("xuio_stats", "zfs_xuio"),
+    ("zfetchstats", "zfs_zfetch"),
+    ("zil", "zfs_zil"),
+];
+
+/// The pool states `node_zfs_zpool_state` has a series for.
+const ZPOOL_STATES: [&str; 6] = [
+    "online", "degraded", "faulted", "offline", "removed", "unavail",
+];
+
+/// The unsigned 64-bit values (kstat data type 4) of a named kstat: `(name, value)` after the
+/// `name type data` header.
+fn kstat_values(path: &Path, text: &str) -> Result<Vec<(String, f64)>, Missing> {
+    let mut lines = text.lines();
+    if !lines
+        .by_ref()
+        .any(|l| l.split_ascii_whitespace().eq(["name", "type", "data"]))
+    {
+        return Err(Missing::parse(path, "no `name type data` header"));
+    }
+    let mut values = Vec::new();
+    for line in lines {
+        let f: Vec<&str> = line.split_ascii_whitespace().collect();
+        if f.len() < 3 || f[1] != "4" {
+            continue;
+        }
+        let v = f[2]
+            .parse::<u64>()
+            .map_err(|_| Missing::parse(path, format!("{} is `{}`", f[0], f[2])))?;
+        values.push((f[0].to_string(), v as f64));
+    }
+    Ok(values)
+}
+
+/// A kstat name as a metric name's last part.
+fn kstat_name(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+fn untyped(out: &mut BatchBuilder, name: &str, help: &str) -> metricsd_plugin_api::FamilyId {
+    out.family(name, help, "", MetricKind::UNTYPED)
+}
+
+/// `zfs`: the ZFS module's statistics (ARC, dbuf, dnode, ZIL, prefetch, …) as node_exporter
+/// names them, untyped, and per pool its I/O kstats, its datasets' object-set kstats and its
+/// state.
+pub fn zfs(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let base = c.host.proc("spl/kstat/zfs");
+    if !base.is_dir() {
+        return Err(Missing::Absent);
+    }
+    for (file, subsystem) in ZFS_KSTATS {
+        let path = base.join(file);
+        let text = match c.files.read(&path) {
+            Ok(text) => text,
+            Err(Missing::Absent) => continue,
+            Err(e) => return Err(e),
+        };
+        for (name, v) in kstat_values(&path, &text)? {
+            let f = untyped(
+                out,
+                &format!("node_{subsystem}_{}", kstat_name(&name)),
+                &format!("kstat.zfs.misc.{file}.{name}"),
+            );
+            out.sample(f, &[], v);
+        }
+    }
+    for pool in source::entries(&base)? {
+        let dir = base.join(&pool);
+        if !dir.is_dir() {
+            continue;
+        }
+        // The pool's I/O kstat (ZFS before 2.1): a header line of names, then their values.
+        if let Some(text) = c.files.optional(&dir.join("io")) {
+            let mut lines = text.lines().map(|l| l.split_ascii_whitespace());
+            let header = lines.find(|l| l.clone().next() == Some("nread"));
+            if let (Some(names), Some(values)) = (header, lines.next()) {
+                for (name, value) in names.zip(values) {
+                    let v = value.parse::<u64>().map_err(|_| {
+                        Missing::parse(&dir.join("io"), format!("{name} is `{value}`"))
+                    })?;
+                    let f = untyped(
+                        out,
+                        &format!("node_zfs_zpool_{}", kstat_name(name)),
+                        &format!("kstat.zfs.misc.io.{name}"),
+                    );
+                    out.sample(f, &[("zpool", &pool)], v as f64);
+                }
+            }
+        }
+        for objset in source::entries(&dir)?
+            .iter()
+            .filter(|n| n.starts_with("objset-"))
+        {
+            let path = dir.join(objset);
+            let text = c.files.read(&path)?;
+            let dataset = text
+                .lines()
+                .map(|l| l.split_ascii_whitespace().collect::<Vec<_>>())
+                .find(|f| f.len() >= 3 && f[0] == "dataset_name")
+                .map(|f| f[2].to_string())
+                .unwrap_or_default();
+            for (name, v) in kstat_values(&path, &text)? {
+                let f = untyped(
+                    out,
+                    &format!("node_zfs_zpool_dataset_{}", kstat_name(&name)),
+                    &format!("kstat.zfs.misc.objset.{name}"),
+                );
+                out.sample(f, &[("zpool", &pool), ("dataset", &dataset)], v);
+            }
+        }
+        if let Some(state) = c.files.optional(&dir.join("state")) {
+            let state = state.lines().next().unwrap_or("").trim().to_lowercase();
+            let f = out.gauge("node_zfs_zpool_state", "kstat.zfs.misc.state", "");
+            for name in ZPOOL_STATES {
+                let v = if state == name { 1.0 } else { 0.0 };
+                out.sample(f, &[("zpool", &pool), ("state", name)], v);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kstat_values_are_the_unsigned_ones_after_the_header() {
+        let text = "13 1 0x01 3 816 3305213226 39393034542\nname                            type data\nhits                            4    8772612\nc_min                           4    33554432\nmeta_limit_pct                  3    -1\ndemand_data_hits                4    7221032\n";
+        let v = kstat_values(Path::new("arcstats"), text).expect("parses");
+        assert_eq!(
+            v,
+            vec![
+                ("hits".to_string(), 8772612.0),
+                ("c_min".to_string(), 33554432.0),
+                ("demand_data_hits".to_string(), 7221032.0)
+            ]
+        );
+        assert!(kstat_values(Path::new("arcstats"), "hits 4 1\n").is_err());
+        assert!(kstat_values(Path::new("arcstats"), "name type data\nhits 4 x\n").is_err());
+    }
+
+    #[test]
+    fn btrfs_ratios_by_profile() {
+        assert_eq!(allocation_ratio("single", 1), 1.0);
+        assert_eq!(allocation_ratio("raid1", 2), 2.0);
+        assert_eq!(allocation_ratio("raid5", 4), 4.0 / 3.0);
+        assert_eq!(allocation_ratio("raid6", 4), 2.0);
+        assert_eq!(allocation_ratio("raid1c3", 3), 0.0);
+    }
+}
