@@ -1,8 +1,12 @@
 //! node_exporter's `filesystem` and `diskstats` collectors.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::Duration;
 
 use metricsd_plugin_api::BatchBuilder;
+use nix::sys::statvfs::Statvfs;
 use procfs::FromRead;
 
 use crate::source::{self, Missing, Outcome};
@@ -55,6 +59,115 @@ fn unescape(field: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What `statvfs` on a mount point came to.
+pub enum Stat {
+    /// Its numbers.
+    Done(Statvfs),
+    /// The call failed.
+    Failed(nix::Error),
+    /// The call has not returned within the timeout, now or in an earlier collection (a
+    /// network filesystem whose server is gone): the mount is skipped until it returns.
+    Stuck,
+}
+
+type StatResult = nix::Result<Statvfs>;
+
+/// `statvfs` with a deadline. A dead NFS server makes `statvfs` on its mount block for as long
+/// as the mount's retries last, possibly for ever; made in the collection, that call would take
+/// every other source of the collector down with it. The calls run on a helper thread; one that
+/// does not return within the timeout leaves its mount marked *stuck*, the helper is left to
+/// it, and a new helper takes the next calls. A stuck mount is reported with
+/// `node_filesystem_device_error` 1 and not asked again until the blocked call returns (as
+/// node_exporter's `--collector.filesystem.mount-timeout` does).
+pub struct Statfs {
+    timeout: Duration,
+    /// The helper: where calls go, and where their results come back.
+    helper: Option<(Sender<PathBuf>, Receiver<StatResult>)>,
+    /// Mounts whose call has not returned, with the channel its result will come back on.
+    stuck: HashMap<PathBuf, Receiver<StatResult>>,
+}
+
+impl Statfs {
+    /// Calls that wait at most `timeout`.
+    pub fn new(timeout: Duration) -> Statfs {
+        Statfs {
+            timeout,
+            helper: None,
+            stuck: HashMap::new(),
+        }
+    }
+
+    fn spawn_helper() -> std::io::Result<(Sender<PathBuf>, Receiver<StatResult>)> {
+        let (calls, calls_rx) = mpsc::channel::<PathBuf>();
+        let (results_tx, results) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("system-statfs".into())
+            .spawn(move || {
+                // Ends when the collector drops its sender: after a stuck call has returned,
+                // or when the collector goes away.
+                for path in calls_rx {
+                    if results_tx.send(nix::sys::statvfs::statvfs(&path)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok((calls, results))
+    }
+
+    /// `statvfs(path)`, waited for at most the timeout.
+    pub fn stat(&mut self, path: &Path) -> Stat {
+        if let Some(pending) = self.stuck.get(path) {
+            match pending.try_recv() {
+                Err(mpsc::TryRecvError::Empty) => return Stat::Stuck,
+                // The blocked call returned: the mount is asked again.
+                _ => {
+                    self.stuck.remove(path);
+                    tracing::info!("{}: the filesystem responds again", path.display());
+                }
+            }
+        }
+        if self.helper.is_none() {
+            match Statfs::spawn_helper() {
+                Ok(helper) => self.helper = Some(helper),
+                // No thread to be had (the process's limit): called here, without a deadline.
+                Err(e) => {
+                    tracing::debug!("no statfs helper thread ({e}); calling statvfs directly");
+                    return match nix::sys::statvfs::statvfs(path) {
+                        Ok(st) => Stat::Done(st),
+                        Err(e) => Stat::Failed(e),
+                    };
+                }
+            }
+        }
+        let Some((calls, results)) = &self.helper else {
+            return Stat::Failed(nix::Error::EAGAIN);
+        };
+        if calls.send(path.to_path_buf()).is_err() {
+            self.helper = None;
+            return Stat::Failed(nix::Error::EAGAIN);
+        }
+        match results.recv_timeout(self.timeout) {
+            Ok(Ok(st)) => Stat::Done(st),
+            Ok(Err(e)) => Stat::Failed(e),
+            Err(RecvTimeoutError::Timeout) => {
+                tracing::warn!(
+                    "{}: statvfs did not return within {:?}; the filesystem is reported with node_filesystem_device_error 1 and skipped until it responds",
+                    path.display(),
+                    self.timeout
+                );
+                if let Some((_, results)) = self.helper.take() {
+                    self.stuck.insert(path.to_path_buf(), results);
+                }
+                Stat::Stuck
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                self.helper = None;
+                Stat::Failed(nix::Error::EAGAIN)
+            }
+        }
+    }
 }
 
 /// `filesystem`: size, free and available space, inodes, read-only flag and device error of
@@ -117,11 +230,14 @@ pub fn filesystem(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
             ("fstype", m.fs_type.as_str()),
             ("mountpoint", mount_point.as_str()),
         ]);
-        // statvfs may block on a dead network filesystem; the host's timeout covers it.
-        let st = match nix::sys::statvfs::statvfs(&c.host.root(&mount_point)) {
-            Ok(st) => st,
-            Err(e) => {
+        let st = match c.statfs.stat(&c.host.root(&mount_point)) {
+            Stat::Done(st) => st,
+            Stat::Failed(e) => {
                 tracing::debug!(mountpoint = %mount_point, "statvfs failed: {e}");
+                out.sample_in(device_error, set, 1.0);
+                continue;
+            }
+            Stat::Stuck => {
                 out.sample_in(device_error, set, 1.0);
                 continue;
             }

@@ -7,7 +7,7 @@
 //! an agent in a container with the host's `/` at `/host/root` reports the node.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use metricsd_plugin_api::{export_plugin, BatchBuilder, Collector, Context, Error, Result};
@@ -74,6 +74,13 @@ pub struct Config {
     /// empty: none).
     #[serde(default)]
     pub textfile_directory: String,
+    /// How long a filesystem's `statvfs` may take before the mount is reported stuck and
+    /// skipped until it responds (`--collector.filesystem.mount-timeout`).
+    #[serde(
+        default = "default_mount_timeout",
+        with = "metricsd_plugin_api::duration"
+    )]
+    pub mount_timeout: Duration,
     /// Report hardware sensors and thermal zones (`false` is the same as `hwmon = false` and
     /// `thermal_zone = false` in `collectors`).
     #[serde(default = "yes")]
@@ -82,6 +89,10 @@ pub struct Config {
 
 fn yes() -> bool {
     true
+}
+
+fn default_mount_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_procfs() -> String {
@@ -288,6 +299,8 @@ pub struct SystemCollector {
     textfile_directory: String,
     /// Files kept open between collections.
     files: source::Files,
+    /// `statvfs` with a deadline.
+    statfs: fs::Statfs,
     /// Text files that failed to parse (each is logged once until it parses again).
     textfile_errors: std::collections::HashSet<std::path::PathBuf>,
     /// `node_dmi_info`'s labels, read at the first collection.
@@ -340,6 +353,11 @@ impl Collector for SystemCollector {
         pattern("netstat_fields", &config.netstat_fields)?;
         pattern("vmstat_fields", &config.vmstat_fields)?;
         enabled_sources(config)?;
+        if config.mount_timeout.is_zero() {
+            return Err(Error::config(
+                "`mount_timeout`: must be longer than 0s (a filesystem needs time to answer)",
+            ));
+        }
         for (key, path) in [
             ("procfs", &config.procfs),
             ("sysfs", &config.sysfs),
@@ -383,6 +401,7 @@ impl Collector for SystemCollector {
             page_size,
             textfile_directory: config.textfile_directory,
             files: source::Files::default(),
+            statfs: fs::Statfs::new(config.mount_timeout),
             textfile_errors: Default::default(),
             dmi: None,
             failing_now: BTreeMap::new(),
