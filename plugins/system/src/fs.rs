@@ -74,6 +74,14 @@ pub enum Stat {
 
 type StatResult = nix::Result<Statvfs>;
 
+/// Filesystem types whose `statvfs` reads counters in memory and cannot wait on a device or
+/// a server. Every other type (NFS, CIFS, Ceph, Lustre, GPFS, FUSE, ZFS, …) is asked with the
+/// deadline.
+const LOCAL_FS_TYPES: [&str; 12] = [
+    "btrfs", "erofs", "exfat", "ext2", "ext3", "ext4", "f2fs", "ramfs", "squashfs", "tmpfs",
+    "vfat", "xfs",
+];
+
 /// `statvfs` with a deadline. A dead NFS server makes `statvfs` on its mount block for as long
 /// as the mount's retries last, possibly for ever; made in the collection, that call would take
 /// every other source of the collector down with it. The calls run on a helper thread; one that
@@ -116,8 +124,17 @@ impl Statfs {
         Ok((calls, results))
     }
 
-    /// `statvfs(path)`, waited for at most the timeout.
-    pub fn stat(&mut self, path: &Path) -> Stat {
+    /// `statvfs(path)` on a filesystem of type `fs_type`, waited for at most the timeout.
+    pub fn stat(&mut self, path: &Path, fs_type: &str) -> Stat {
+        // Local filesystems answer from counters in memory, without I/O: asked here. The
+        // round trip to the helper costs about 30 µs per mount (measured with the criterion
+        // bench: 1.05 ms a collection with 5 local mounts through it, 0.89 ms without).
+        if LOCAL_FS_TYPES.contains(&fs_type) {
+            return match nix::sys::statvfs::statvfs(path) {
+                Ok(st) => Stat::Done(st),
+                Err(e) => Stat::Failed(e),
+            };
+        }
         if let Some(pending) = self.stuck.get(path) {
             match pending.try_recv() {
                 Err(mpsc::TryRecvError::Empty) => return Stat::Stuck,
@@ -230,7 +247,7 @@ pub fn filesystem(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
             ("fstype", m.fs_type.as_str()),
             ("mountpoint", mount_point.as_str()),
         ]);
-        let st = match c.statfs.stat(&c.host.root(&mount_point)) {
+        let st = match c.statfs.stat(&c.host.root(&mount_point), &m.fs_type) {
             Stat::Done(st) => st,
             Stat::Failed(e) => {
                 tracing::debug!(mountpoint = %mount_point, "statvfs failed: {e}");
