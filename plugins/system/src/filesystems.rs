@@ -1,5 +1,6 @@
-//! Statistics of particular filesystems: node_exporter's `xfs` (`/sys/fs/xfs/DEV/stats/stats`),
-//! `btrfs` (`/sys/fs/btrfs/UUID`) and `zfs` (the ZFS module's kstats, `/proc/spl/kstat/zfs`).
+//! Statistics of particular filesystems and block caches: node_exporter's `xfs`
+//! (`/sys/fs/xfs/DEV/stats/stats`), `btrfs` (`/sys/fs/btrfs/UUID`), `zfs` (the ZFS module's
+//! kstats, `/proc/spl/kstat/zfs`) and `bcache` (`/sys/fs/bcache/UUID`).
 
 use std::path::Path;
 
@@ -367,5 +368,213 @@ mod tests {
         assert_eq!(allocation_ratio("raid5", 4), 4.0 / 3.0);
         assert_eq!(allocation_ratio("raid6", 4), 2.0);
         assert_eq!(allocation_ratio("raid1c3", 3), 0.0);
+    }
+}
+
+/// A bcache sysfs value as `bch_hprint` writes it: a number with an optional binary-prefix
+/// suffix (`k`, `M`, `G`, … of 1024) and one decimal digit counting 1024ths ×10 (`1.5k` is
+/// 1 + 5/10.24 KiB), as node_exporter reads it. A suffix it does not know gives 0.
+fn dehumanize(s: &str) -> Option<f64> {
+    let (digits, negative) = match s.strip_prefix('-') {
+        Some(rest) => (rest, true),
+        None => (s, false),
+    };
+    let last = digits.chars().last()?;
+    let value = if last.is_ascii_digit() {
+        digits.parse::<f64>().ok()?
+    } else {
+        let mantissa = &digits[..digits.len() - last.len_utf8()];
+        let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        let mut m = int.parse::<f64>().ok()?;
+        if !frac.is_empty() {
+            m += frac.parse::<f64>().ok()? / 10.24;
+        }
+        let power = "kMGTPEZY".find(last).map(|i| i as i32 + 1);
+        (m * power.map_or(0.0, |p| 1024f64.powi(p))).trunc()
+    };
+    Some(if negative { -value } else { value })
+}
+
+/// A bcache attribute of `dir`: 0 where it is absent, as node_exporter reads them; one that
+/// does not parse fails the source.
+fn bcache_value(c: &mut SystemCollector, dir: &Path, file: &str) -> Result<f64, Missing> {
+    let path = dir.join(file);
+    match c.files.attribute(&path) {
+        None => Ok(0.0),
+        Some(text) => dehumanize(text.trim())
+            .ok_or_else(|| Missing::parse(&path, format!("`{}` is not a size", text.trim()))),
+    }
+}
+
+/// bcache cache-set attributes: the file, the name after `node_bcache_`, whether it is a
+/// counter, the factor to the metric's unit, and the help.
+#[rustfmt::skip]
+const BCACHE_SET: [(&str, &str, bool, f64, &str); 10] = [
+    ("average_key_size", "average_key_size_sectors", false, 1.0, "Average data per key in the btree (sectors)."),
+    ("btree_cache_size", "btree_cache_size_bytes", false, 1.0, "Amount of memory currently used by the btree cache."),
+    ("cache_available_percent", "cache_available_percent", false, 1.0, "Percentage of cache device without dirty data, usable for writeback (may contain clean cached data)."),
+    ("congested", "congested", false, 1.0, "Congestion."),
+    ("root_usage_percent", "root_usage_percent", false, 1.0, "Percentage of the root btree node in use (tree depth increases if too high)."),
+    ("tree_depth", "tree_depth", false, 1.0, "Depth of the btree."),
+    ("internal/active_journal_entries", "active_journal_entries", false, 1.0, "Number of journal entries that are newer than the index."),
+    ("internal/btree_nodes", "btree_nodes", false, 1.0, "Total nodes in the btree."),
+    // Microseconds (node_exporter 1.5 scales them as nanoseconds, 1000 times too small).
+    ("internal/btree_read_average_duration_us", "btree_read_average_duration_seconds", false, 1e-6, "Average btree read duration."),
+    ("internal/cache_read_races", "cache_read_races_total", true, 1.0, "Counts instances where while data was being read from the cache, the bucket was reused and invalidated - i.e. where the pointer was stale after the read completed."),
+];
+
+/// A backing device's hit and miss counters (`stats_total/`): the file, the name after
+/// `node_bcache_`, and the help.
+#[rustfmt::skip]
+const BCACHE_PERIOD: [(&str, &str, &str); 7] = [
+    ("bypassed", "bypassed_bytes_total", "Amount of IO (both reads and writes) that has bypassed the cache."),
+    ("cache_hits", "cache_hits_total", "Hits counted per individual IO as bcache sees them."),
+    ("cache_misses", "cache_misses_total", "Misses counted per individual IO as bcache sees them."),
+    ("cache_bypass_hits", "cache_bypass_hits_total", "Hits for IO intended to skip the cache."),
+    ("cache_bypass_misses", "cache_bypass_misses_total", "Misses for IO intended to skip the cache."),
+    ("cache_miss_collisions", "cache_miss_collisions_total", "Instances where data insertion from cache miss raced with write (data already present)."),
+    ("cache_readaheads", "cache_readaheads_total", "Count of times readahead occurred."),
+];
+
+/// The writeback controller's state (`writeback_rate_debug`): the line, the name after
+/// `node_bcache_`, and the help.
+#[rustfmt::skip]
+const BCACHE_WRITEBACK: [(&str, &str, &str); 5] = [
+    ("target", "dirty_target_bytes", "Current dirty data target threshold for this backing device in bytes."),
+    ("rate", "writeback_rate", "Current writeback rate for this backing device in bytes."),
+    ("proportional", "writeback_rate_proportional_term", "Current result of proportional controller, part of writeback rate"),
+    ("integral", "writeback_rate_integral_term", "Current result of integral controller, part of writeback rate"),
+    ("change", "writeback_change", "Last writeback rate change step for this backing device."),
+];
+
+/// `bcache`: each cache set's btree and journal state, its backing devices' dirty data,
+/// writeback controller and hit/miss counters, and its cache devices' errors and writes
+/// (`/sys/fs/bcache/<uuid>`).
+pub fn bcache(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
+    let base = c.host.sys("fs/bcache");
+    let sets = match source::entries(&base) {
+        Ok(entries) => entries,
+        Err(Missing::Absent) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for uuid in sets.iter().filter(|n| n.contains('-')) {
+        let dir = base.join(uuid);
+        for (file, name, counter, factor, help) in BCACHE_SET {
+            let v = bcache_value(c, &dir, file)? * factor;
+            let name = format!("node_bcache_{name}");
+            let unit = if name.ends_with("_bytes") {
+                "bytes"
+            } else if name.ends_with("_seconds") {
+                "seconds"
+            } else {
+                ""
+            };
+            let f = if counter {
+                out.counter(&name, help, unit)
+            } else {
+                out.gauge(&name, help, unit)
+            };
+            out.sample(f, &[("uuid", uuid)], v);
+        }
+        let entries = source::entries(&dir)?;
+        for bdev in entries
+            .iter()
+            .filter(|n| source::numbered(n, "bdev").is_some())
+        {
+            let bdir = dir.join(bdev);
+            let labels = [("uuid", uuid.as_str()), ("backing_device", bdev.as_str())];
+            let dirty = bcache_value(c, &bdir, "dirty_data")?;
+            let f = out.gauge(
+                "node_bcache_dirty_data_bytes",
+                "Amount of dirty data for this backing device in the cache.",
+                "bytes",
+            );
+            out.sample(f, &labels, dirty);
+            let debug = c
+                .files
+                .attribute(&bdir.join("writeback_rate_debug"))
+                .unwrap_or_default();
+            for (key, name, help) in BCACHE_WRITEBACK {
+                let value = debug
+                    .lines()
+                    .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))
+                    .and_then(|l| l.split_ascii_whitespace().last())
+                    .map(|v| v.trim_end_matches("/sec"));
+                let v = match value {
+                    None => 0.0,
+                    Some(v) => dehumanize(v).ok_or_else(|| {
+                        Missing::parse(
+                            &bdir.join("writeback_rate_debug"),
+                            format!("{key} is `{v}`"),
+                        )
+                    })?,
+                };
+                let unit = if name.ends_with("_bytes") {
+                    "bytes"
+                } else {
+                    ""
+                };
+                let f = out.gauge(&format!("node_bcache_{name}"), help, unit);
+                out.sample(f, &labels, v);
+            }
+            let totals = bdir.join("stats_total");
+            for (file, name, help) in BCACHE_PERIOD {
+                let v = bcache_value(c, &totals, file)?;
+                let unit = if name.contains("_bytes") { "bytes" } else { "" };
+                let f = out.counter(&format!("node_bcache_{name}"), help, unit);
+                out.sample(f, &labels, v);
+            }
+        }
+        for cache in entries
+            .iter()
+            .filter(|n| source::numbered(n, "cache").is_some())
+        {
+            let cdir = dir.join(cache);
+            let labels = [("uuid", uuid.as_str()), ("cache_device", cache.as_str())];
+            let f = out.gauge(
+                "node_bcache_io_errors",
+                "Number of errors that have occurred, decayed by io_error_halflife.",
+                "",
+            );
+            out.sample(f, &labels, bcache_value(c, &cdir, "io_errors")?);
+            for (file, name, help) in [
+                (
+                    "metadata_written",
+                    "node_bcache_metadata_written_bytes_total",
+                    "Sum of all non data writes (btree writes and all other metadata).",
+                ),
+                (
+                    "written",
+                    "node_bcache_written_bytes_total",
+                    "Sum of all data that has been written to the cache.",
+                ),
+            ] {
+                let f = out.counter(name, help, "bytes");
+                out.sample(f, &labels, bcache_value(c, &cdir, file)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod bcache_tests {
+    use super::dehumanize;
+
+    #[test]
+    fn bcache_sizes_as_bch_hprint_writes_them() {
+        assert_eq!(dehumanize("542"), Some(542.0));
+        assert_eq!(
+            dehumanize("2.5k"),
+            Some((1024.0f64 * (2.0 + 5.0 / 10.24)).trunc())
+        );
+        assert_eq!(
+            dehumanize("1.1M"),
+            Some((1048576.0f64 * (1.0 + 1.0 / 10.24)).trunc())
+        );
+        assert_eq!(dehumanize("-3.0k"), Some(-3072.0));
+        assert_eq!(dehumanize("7Q"), Some(0.0));
+        assert_eq!(dehumanize("x"), None);
+        assert_eq!(dehumanize(""), None);
     }
 }

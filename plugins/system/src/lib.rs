@@ -214,6 +214,7 @@ pub struct Source {
 #[rustfmt::skip]
 pub const SOURCES: &[Source] = &[
     Source { name: "arp", default: true, run: net::arp },
+    Source { name: "bcache", default: true, run: filesystems::bcache },
     Source { name: "bonding", default: true, run: net::bonding },
     Source { name: "btrfs", default: true, run: filesystems::btrfs },
     Source { name: "conntrack", default: true, run: net::conntrack },
