@@ -5,7 +5,7 @@
 use metricsd_plugin_api::BatchBuilder;
 
 use crate::source::{self, Missing, Outcome};
-use crate::SystemCollector;
+use crate::{info_sample, numeric_family, SystemCollector};
 
 /// DMI attributes (`/sys/class/dmi/id/FILE`) and the `node_dmi_info` label each becomes.
 const DMI: [(&str, &str); 20] = [
@@ -51,16 +51,21 @@ pub fn dmi(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     if labels.is_empty() {
         return Err(Missing::Absent);
     }
-    let labels: Vec<(&str, &str)> = labels
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
-    let f = out.info(
+    info_sample(
+        out,
         "node_dmi_info",
         "A metric with a constant '1' value labeled by bios_date, bios_release, bios_vendor, bios_version, board_asset_tag, board_name, board_serial, board_vendor, board_version, chassis_asset_tag, chassis_serial, chassis_vendor, chassis_version, product_family, product_name, product_serial, product_sku, product_uuid, product_version, system_vendor if provided by DMI.",
+        labels,
     );
-    out.sample(f, &labels, 1.0);
     Ok(())
+}
+
+/// A string attribute of `dir`, trimmed; empty where the driver does not have it.
+fn text_attribute(c: &mut SystemCollector, dir: &std::path::Path, file: &str) -> String {
+    c.files
+        .attribute(&dir.join(file))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Fibre Channel host counters: the `statistics/` file and the name after
@@ -89,12 +94,7 @@ pub fn fibrechannel(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome 
     let base = c.host.sys("class/fc_host");
     for host in source::entries(&base)? {
         let dir = base.join(&host);
-        let text = |c: &mut SystemCollector, f: &str| {
-            c.files
-                .attribute(&dir.join(f))
-                .map(|s| s.trim().to_string())
-                .unwrap_or_default()
-        };
+        let text = |c: &mut SystemCollector, f: &str| text_attribute(c, &dir, f);
         // World Wide Names and the port ID without their `0x`.
         let hex = |s: String| s.get(2..).map(str::to_string).unwrap_or(s);
         let info = [
@@ -110,12 +110,12 @@ pub fn fibrechannel(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome 
             ("supported_speeds", text(c, "supported_speeds")),
             ("dev_loss_tmo", text(c, "dev_loss_tmo")),
         ];
-        let labels: Vec<(&str, &str)> = info.iter().map(|(n, v)| (*n, v.as_str())).collect();
-        let f = out.info(
+        info_sample(
+            out,
             "node_fibrechannel_info",
             "Non-numeric data from /sys/class/fc_host/<host>, value is always 1.",
+            &info,
         );
-        out.sample(f, &labels, 1.0);
         for (file, name, help) in FC_COUNTERS {
             // Counters the driver does not keep read as all ones, or fail (`EOPNOTSUPP`).
             let v = c
@@ -157,19 +157,7 @@ pub fn tapestats(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
         }
         let stats = base.join(&tape).join("stats");
         for (file, name, counter, factor, help) in TAPE {
-            let name = format!("node_tape_{name}");
-            let unit = if name.contains("_seconds") {
-                "seconds"
-            } else if name.contains("_bytes") {
-                "bytes"
-            } else {
-                ""
-            };
-            let f = if counter {
-                out.counter(&name, help, unit)
-            } else {
-                out.gauge(&name, help, unit)
-            };
+            let f = numeric_family(out, &format!("node_tape_{name}"), help, counter);
             let v = c.files.number(&stats.join(file)).unwrap_or(0.0);
             out.sample(f, &[("device", &tape)], v * factor);
         }
@@ -197,25 +185,16 @@ pub fn watchdog(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
         let dir = base.join(&wd);
         for (file, name) in WATCHDOG_NUMBERS {
             if let Some(v) = c.files.number(&dir.join(file)) {
-                let unit = if name.ends_with("_seconds") {
-                    "seconds"
-                } else {
-                    ""
-                };
-                let f = out.gauge(
+                let f = numeric_family(
+                    out,
                     &format!("node_watchdog_{name}"),
                     &format!("Value of /sys/class/watchdog/<watchdog>/{file}"),
-                    unit,
+                    false,
                 );
                 out.sample(f, &[("name", &wd)], v);
             }
         }
-        let text = |c: &mut SystemCollector, f: &str| {
-            c.files
-                .attribute(&dir.join(f))
-                .map(|s| s.trim().to_string())
-                .unwrap_or_default()
-        };
+        let text = |c: &mut SystemCollector, f: &str| text_attribute(c, &dir, f);
         let info = [
             ("name", wd.clone()),
             ("options", text(c, "options")),
@@ -224,12 +203,12 @@ pub fn watchdog(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
             ("status", text(c, "status")),
             ("pretimeout_governor", text(c, "pretimeout_governor")),
         ];
-        let labels: Vec<(&str, &str)> = info.iter().map(|(n, v)| (*n, v.as_str())).collect();
-        let f = out.info(
+        info_sample(
+            out,
             "node_watchdog_info",
             "Info of /sys/class/watchdog/<watchdog>",
+            &info,
         );
-        out.sample(f, &labels, 1.0);
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use metricsd_plugin_api::{BatchBuilder, MetricKind};
 
 use crate::source::{self, Missing, Outcome};
-use crate::SystemCollector;
+use crate::{numeric_family, SystemCollector};
 
 /// The XFS counters node_exporter reports: the stats line, the position on it, the name after
 /// `node_xfs_`, and the help.
@@ -58,11 +58,7 @@ const XFS: &[(&str, usize, &str, &str)] = &[
 /// without XFS reports nothing and succeeds, as node_exporter's collector does.
 pub fn xfs(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let base = c.host.sys("fs/xfs");
-    let devices = match source::entries(&base) {
-        Ok(devices) => devices,
-        Err(Missing::Absent) => return Ok(()),
-        Err(e) => return Err(e),
-    };
+    let devices = source::entries_if_present(&base)?;
     // `/sys/fs/xfs/stats/stats` is the totals of all filesystems, a file where a device has
     // a directory.
     for device in devices
@@ -108,11 +104,7 @@ fn allocation_ratio(mode: &str, devices: usize) -> f64 {
 /// reserve and its devices' sizes (`/sys/fs/btrfs/UUID`).
 pub fn btrfs(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let base = c.host.sys("fs/btrfs");
-    let filesystems = match source::entries(&base) {
-        Ok(entries) => entries,
-        Err(Missing::Absent) => return Ok(()),
-        Err(e) => return Err(e),
-    };
+    let filesystems = source::entries_if_present(&base)?;
     // Filesystems are named by UUID; `features` (the module's) is not one.
     for fs in filesystems.iter().filter(|n| n.contains('-')) {
         let dir = base.join(fs);
@@ -179,12 +171,7 @@ pub fn btrfs(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
                         allocation_ratio(&mode, devices.len()),
                     ),
                 ] {
-                    let unit = if name.ends_with("_bytes") {
-                        "bytes"
-                    } else {
-                        ""
-                    };
-                    let f = out.gauge(name, help, unit);
+                    let f = numeric_family(out, name, help, false);
                     out.sample(f, &labels, v);
                 }
             }
@@ -452,28 +439,12 @@ const BCACHE_WRITEBACK: [(&str, &str, &str); 5] = [
 /// (`/sys/fs/bcache/<uuid>`).
 pub fn bcache(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let base = c.host.sys("fs/bcache");
-    let sets = match source::entries(&base) {
-        Ok(entries) => entries,
-        Err(Missing::Absent) => return Ok(()),
-        Err(e) => return Err(e),
-    };
+    let sets = source::entries_if_present(&base)?;
     for uuid in sets.iter().filter(|n| n.contains('-')) {
         let dir = base.join(uuid);
         for (file, name, counter, factor, help) in BCACHE_SET {
             let v = bcache_value(c, &dir, file)? * factor;
-            let name = format!("node_bcache_{name}");
-            let unit = if name.ends_with("_bytes") {
-                "bytes"
-            } else if name.ends_with("_seconds") {
-                "seconds"
-            } else {
-                ""
-            };
-            let f = if counter {
-                out.counter(&name, help, unit)
-            } else {
-                out.gauge(&name, help, unit)
-            };
+            let f = numeric_family(out, &format!("node_bcache_{name}"), help, counter);
             out.sample(f, &[("uuid", uuid)], v);
         }
         let entries = source::entries(&dir)?;
@@ -509,19 +480,13 @@ pub fn bcache(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
                         )
                     })?,
                 };
-                let unit = if name.ends_with("_bytes") {
-                    "bytes"
-                } else {
-                    ""
-                };
-                let f = out.gauge(&format!("node_bcache_{name}"), help, unit);
+                let f = numeric_family(out, &format!("node_bcache_{name}"), help, false);
                 out.sample(f, &labels, v);
             }
             let totals = bdir.join("stats_total");
             for (file, name, help) in BCACHE_PERIOD {
                 let v = bcache_value(c, &totals, file)?;
-                let unit = if name.contains("_bytes") { "bytes" } else { "" };
-                let f = out.counter(&format!("node_bcache_{name}"), help, unit);
+                let f = numeric_family(out, &format!("node_bcache_{name}"), help, true);
                 out.sample(f, &labels, v);
             }
         }

@@ -238,11 +238,16 @@ pub fn rapl(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
             _ => (*uses.get(name).unwrap_or(&0), name.to_string()),
         };
         uses.insert(name.clone(), index + 1);
-        let microjoules = match source::read_number(&dir.join("energy_uj")) {
-            Ok(v) => v,
-            // Readable by root only since Linux 5.10.
-            Err(Missing::Failed(e)) if e.contains("ermission") => return Err(Missing::Absent),
-            Err(e) => return Err(e),
+        let path = dir.join("energy_uj");
+        let microjoules = match std::fs::read_to_string(&path) {
+            Ok(text) => source::parse_number(text.trim()).ok_or_else(|| {
+                Missing::parse(&path, format!("`{}` is not a number", text.trim()))
+            })?,
+            // Readable by root only since Linux 5.10: no data for an agent that is not root.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(Missing::Absent)
+            }
+            Err(e) => return Err(Missing::io(&path, e)),
         };
         let clean: String = name
             .chars()
@@ -358,15 +363,12 @@ pub fn powersupplyclass(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outc
                 labels.push((key.into(), v.trim().to_string()));
             }
         }
-        let labels: Vec<(&str, &str)> = labels
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let f = out.info(
+        crate::info_sample(
+            out,
             "node_power_supply_info",
             "info of /sys/class/power_supply/<power_supply>.",
+            &labels,
         );
-        out.sample(f, &labels, 1.0);
     }
     Ok(())
 }

@@ -200,6 +200,44 @@ fn pattern(key: &str, pattern: &str) -> Result<regex::Regex> {
     })
 }
 
+/// Declares a counter (`counter`) or gauge whose unit its name gives: `_seconds` or `_bytes`,
+/// before `_total` for a counter.
+pub(crate) fn numeric_family(
+    out: &mut BatchBuilder,
+    name: &str,
+    help: &str,
+    counter: bool,
+) -> metricsd_plugin_api::FamilyId {
+    let base = name.strip_suffix("_total").unwrap_or(name);
+    let unit = if base.ends_with("_seconds") {
+        "seconds"
+    } else if base.ends_with("_bytes") {
+        "bytes"
+    } else {
+        ""
+    };
+    if counter {
+        out.counter(name, help, unit)
+    } else {
+        out.gauge(name, help, unit)
+    }
+}
+
+/// One sample of value 1 in the info family `name`, with `labels`.
+pub(crate) fn info_sample<K: AsRef<str>, V: AsRef<str>>(
+    out: &mut BatchBuilder,
+    name: &str,
+    help: &str,
+    labels: &[(K, V)],
+) {
+    let labels: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|(k, v)| (k.as_ref(), v.as_ref()))
+        .collect();
+    let f = out.info(name, help);
+    out.sample(f, &labels, 1.0);
+}
+
 /// One of node_exporter's collectors: its name, whether node_exporter runs it by default,
 /// and what reads it.
 pub struct Source {

@@ -481,8 +481,7 @@ pub fn ipvs(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     {
         let v = u64::from_str_radix(totals[i], 16)
             .map_err(|_| Missing::parse(&path, format!("{name} is `{}`", totals[i])))?;
-        let unit = if name.ends_with("bytes") { "bytes" } else { "" };
-        let f = out.counter(&format!("node_ipvs_{name}_total"), help, unit);
+        let f = crate::numeric_family(out, &format!("node_ipvs_{name}_total"), help, true);
         out.sample(f, &[], v as f64);
     }
 

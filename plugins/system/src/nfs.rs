@@ -147,6 +147,45 @@ const V4_SERVER: [&str; 38] = [
     "RelLockOwner",
 ];
 
+/// A series of its own from one value of a statistics line: the family, its help, the line,
+/// the value's position on it, and whether it is a counter (else a gauge).
+type Scalar = (&'static str, &'static str, &'static str, usize, bool);
+
+#[rustfmt::skip]
+const NFS_SCALARS: [Scalar; 4] = [
+    ("node_nfs_connections_total", "Total number of NFSd TCP connections.", "net", 3, true),
+    ("node_nfs_rpcs_total", "Total number of RPCs performed.", "rpc", 0, true),
+    ("node_nfs_rpc_retransmissions_total", "Number of RPC transmissions performed.", "rpc", 1, true),
+    ("node_nfs_rpc_authentication_refreshes_total", "Number of RPC authentication refreshes performed.", "rpc", 2, true),
+];
+
+#[rustfmt::skip]
+const NFSD_SCALARS: [Scalar; 11] = [
+    ("node_nfsd_reply_cache_hits_total", "Total number of NFSd Reply Cache hits (client lost server response).", "rc", 0, true),
+    ("node_nfsd_reply_cache_misses_total", "Total number of NFSd Reply Cache an operation that requires caching (idempotent).", "rc", 1, true),
+    ("node_nfsd_reply_cache_nocache_total", "Total number of NFSd Reply Cache non-idempotent operations (rename/delete/…).", "rc", 2, true),
+    ("node_nfsd_file_handles_stale_total", "Total number of NFSd stale file handles", "fh", 0, true),
+    ("node_nfsd_disk_bytes_read_total", "Total NFSd bytes read.", "io", 0, true),
+    ("node_nfsd_disk_bytes_written_total", "Total NFSd bytes written.", "io", 1, true),
+    ("node_nfsd_server_threads", "Total number of NFSd kernel threads that are running.", "th", 0, false),
+    ("node_nfsd_read_ahead_cache_size_blocks", "How large the read ahead cache is in blocks.", "ra", 0, false),
+    ("node_nfsd_read_ahead_cache_not_found_total", "Total number of NFSd read ahead cache not found.", "ra", 11, true),
+    ("node_nfsd_connections_total", "Total number of NFSd TCP connections.", "net", 3, true),
+    ("node_nfsd_server_rpcs_total", "Total number of NFSd RPCs.", "rpc", 0, true),
+];
+
+/// The series of `table`, each from its line's value.
+fn scalars(out: &mut BatchBuilder, lines: &HashMap<String, Vec<f64>>, table: &[Scalar]) {
+    for (name, help, key, i, counter) in table {
+        let f = if *counter {
+            out.counter(name, help, "")
+        } else {
+            out.gauge(name, help, "")
+        };
+        out.sample(f, &[], at(lines, key, *i));
+    }
+}
+
 /// The value at `i` of a line, 0 where the line or the value is absent (node_exporter reports
 /// every procedure, 0 for a protocol version the kernel does not count).
 fn at(lines: &HashMap<String, Vec<f64>>, key: &str, i: usize) -> f64 {
@@ -190,35 +229,7 @@ pub fn nfs(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     );
     out.sample(packets, &[("protocol", "udp")], at(&lines, "net", 1));
     out.sample(packets, &[("protocol", "tcp")], at(&lines, "net", 2));
-    for (name, help, key, i) in [
-        (
-            "node_nfs_connections_total",
-            "Total number of NFSd TCP connections.",
-            "net",
-            3,
-        ),
-        (
-            "node_nfs_rpcs_total",
-            "Total number of RPCs performed.",
-            "rpc",
-            0,
-        ),
-        (
-            "node_nfs_rpc_retransmissions_total",
-            "Number of RPC transmissions performed.",
-            "rpc",
-            1,
-        ),
-        (
-            "node_nfs_rpc_authentication_refreshes_total",
-            "Number of RPC authentication refreshes performed.",
-            "rpc",
-            2,
-        ),
-    ] {
-        let f = out.counter(name, help, "");
-        out.sample(f, &[], at(&lines, key, i));
-    }
+    scalars(out, &lines, &NFS_SCALARS);
     let requests = out.counter(
         "node_nfs_requests_total",
         "Number of NFS procedures invoked.",
@@ -236,39 +247,7 @@ pub fn nfsd(c: &mut SystemCollector, out: &mut BatchBuilder) -> Outcome {
     let path = c.host.proc("net/rpc/nfsd");
     let text = c.files.read(&path)?;
     let lines = source::keyed_numbers(&path, &text)?;
-    #[rustfmt::skip]
-    let counters = [
-        ("node_nfsd_reply_cache_hits_total", "Total number of NFSd Reply Cache hits (client lost server response).", "rc", 0),
-        ("node_nfsd_reply_cache_misses_total", "Total number of NFSd Reply Cache an operation that requires caching (idempotent).", "rc", 1),
-        ("node_nfsd_reply_cache_nocache_total", "Total number of NFSd Reply Cache non-idempotent operations (rename/delete/…).", "rc", 2),
-        ("node_nfsd_file_handles_stale_total", "Total number of NFSd stale file handles", "fh", 0),
-        ("node_nfsd_disk_bytes_read_total", "Total NFSd bytes read.", "io", 0),
-        ("node_nfsd_disk_bytes_written_total", "Total NFSd bytes written.", "io", 1),
-        ("node_nfsd_read_ahead_cache_not_found_total", "Total number of NFSd read ahead cache not found.", "ra", 11),
-        ("node_nfsd_connections_total", "Total number of NFSd TCP connections.", "net", 3),
-        ("node_nfsd_server_rpcs_total", "Total number of NFSd RPCs.", "rpc", 0),
-    ];
-    for (name, help, key, i) in counters {
-        let f = out.counter(name, help, "");
-        out.sample(f, &[], at(&lines, key, i));
-    }
-    for (name, help, key, i) in [
-        (
-            "node_nfsd_server_threads",
-            "Total number of NFSd kernel threads that are running.",
-            "th",
-            0,
-        ),
-        (
-            "node_nfsd_read_ahead_cache_size_blocks",
-            "How large the read ahead cache is in blocks.",
-            "ra",
-            0,
-        ),
-    ] {
-        let f = out.gauge(name, help, "");
-        out.sample(f, &[], at(&lines, key, i));
-    }
+    scalars(out, &lines, &NFSD_SCALARS);
     let packets = out.counter(
         "node_nfsd_packets_total",
         "Total NFSd network packets (sent+received) by protocol type.",

@@ -314,6 +314,15 @@ pub fn parse_number(s: &str) -> Option<f64> {
     s.parse::<f64>().ok()
 }
 
+/// The entries of a directory that may not exist: none then (a filesystem type or module the
+/// host does not use, whose source succeeds with nothing to report, as node_exporter's does).
+pub fn entries_if_present(path: &Path) -> Result<Vec<String>, Missing> {
+    match entries(path) {
+        Err(Missing::Absent) => Ok(Vec::new()),
+        other => other,
+    }
+}
+
 /// The entries of a directory, sorted by name; a directory that is not there is `Absent`.
 pub fn entries(path: &Path) -> Result<Vec<String>, Missing> {
     let dir = std::fs::read_dir(path).map_err(|e| Missing::io(path, e))?;
