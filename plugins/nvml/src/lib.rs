@@ -73,7 +73,8 @@ pub struct Config {
     pub gpm: bool,
 }
 
-/// A thread of the plugin's own, stopped and joined when dropped.
+/// A thread of the plugin's own, told to stop when dropped, and joined unless it was started
+/// [`Background::detached`].
 struct Background {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -98,11 +99,21 @@ impl Background {
     }
 }
 
+impl Background {
+    /// Not joined when dropped: for a thread blocked in a call that cannot be interrupted (an
+    /// NVML event wait), which sees the stop flag when the call returns and ends then. Its code
+    /// stays mapped: the host never unloads a plugin library.
+    fn detached(mut self) -> Self {
+        self.thread = None;
+        self
+    }
+}
+
 impl Drop for Background {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
-            // Both loops look at the flag at least every 500 ms.
+            // The GPM thread is woken by its watcher's drop before this.
             let _ = t.join();
         }
     }
@@ -163,6 +174,8 @@ struct GpmState {
     done: u64,
     /// The thread has ended (no GPU supports GPM, or it was stopped): nothing to wait for.
     ended: bool,
+    /// The watcher is going away: the thread ends.
+    stopping: bool,
     values: BTreeMap<u32, Vec<Option<f64>>>,
 }
 
@@ -214,15 +227,14 @@ fn gpm_loop(nvml: &Nvml, shared: &GpmShared, stop: &AtomicBool) {
             let Ok(mut state) = shared.state.lock() else {
                 return;
             };
+            // Asleep until a collection asks or the watcher goes away: no wake-ups between
+            // collections.
             while state.asked == state.done {
-                if stop.load(Ordering::Relaxed) {
+                if state.stopping || stop.load(Ordering::Relaxed) {
                     return;
                 }
-                state = match shared
-                    .changed
-                    .wait_timeout(state, Duration::from_millis(200))
-                {
-                    Ok((s, _)) => s,
+                state = match shared.changed.wait(state) {
+                    Ok(s) => s,
                     Err(_) => return,
                 };
             }
@@ -282,7 +294,8 @@ impl XidWatcher {
         let thread_book = Arc::clone(&book);
         let thread = Background::spawn("nvml-xid", dispatch, move |stop| {
             xid_loop(&nvml, &thread_book, stop)
-        });
+        })
+        .detached();
         Self {
             book,
             _thread: thread,
@@ -345,6 +358,20 @@ impl GpmWatcher {
     }
 }
 
+impl Drop for GpmWatcher {
+    /// Wakes the thread so that it sees it must end (then `Background` joins it).
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.shared.state.lock() {
+            state.stopping = true;
+        }
+        self.shared.changed.notify_all();
+    }
+}
+
+/// How long one wait for an Xid event lasts: the thread wakes this often without events (6
+/// times a minute; it was 120 at 500 ms).
+const XID_WAIT_MS: u32 = 10_000;
+
 fn xid_loop(nvml: &Nvml, book: &Mutex<XidBook>, stop: &AtomicBool) {
     use nvml_wrapper::bitmasks::event::EventTypes;
     use nvml_wrapper::enums::event::XidError;
@@ -373,7 +400,9 @@ fn xid_loop(nvml: &Nvml, book: &Mutex<XidBook>, stop: &AtomicBool) {
         };
     }
     while !stop.load(Ordering::Relaxed) {
-        match set.wait(500) {
+        // Blocked in the driver until an event comes; the timeout only bounds how long the
+        // thread outlives its collector (it is not joined: see `Background::detached`).
+        match set.wait(XID_WAIT_MS) {
             Ok(event) => {
                 let xid = match event.event_data {
                     Some(XidError::Value(v)) => v,
