@@ -5,6 +5,12 @@
 //!
 //! `NVML_SIM_CALL_LOG=FILE` appends the name of every device query to FILE, so tests can check
 //! which calls were made and how often.
+//!
+//! A scenario's `call_costs` makes each device query burn the CPU the real driver spends on it:
+//! `call_costs = "h200-busy"` (the medians measured on an H200, see [`H200_BUSY`]) or a table
+//! of query name (as the call log writes it) → microseconds, `call_costs = { total_energy =
+//! 2958, max_clocks = 1528 }`. Collection cost can then be measured and improved without a GPU
+//! (`scripts/nvml-wakeups.sh` with `CALL_COSTS=h200-busy`).
 
 #![allow(clippy::missing_safety_doc)]
 
@@ -339,6 +345,97 @@ pub struct Scenario {
     pub init_error: Option<u32>,
     /// The GPUs.
     pub gpus: Vec<GpuSpec>,
+    /// CPU each device query burns, as the real driver spends it: a measured preset
+    /// (`"h200-busy"`) or a table of query name → microseconds (`{ total_energy = 2958 }`).
+    /// Absent: queries cost only the simulator's own few microseconds.
+    pub call_costs: Option<CallCosts>,
+}
+
+/// A scenario's `call_costs`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CallCosts {
+    /// A measured preset, by name.
+    Preset(String),
+    /// Query name (as `NVML_SIM_CALL_LOG` writes it) → microseconds per call.
+    Table(std::collections::BTreeMap<String, f64>),
+}
+
+/// `h200-busy`: the CPU each query cost on an H200 with driver 580.159.04 and one compute
+/// process (median of 5 rounds, docs/gpu-runs/2026-11-26-h200/calls-busy.md). A query the
+/// simulator answers for several NVML calls (`max_clocks` for each clock type, `pcie` for
+/// generation and width) costs their mean.
+pub const H200_BUSY: [(&str, f64); 31] = [
+    ("utilization", 11.0),
+    ("memory", 66.0),
+    ("bar1", 347.0),
+    ("temperature", 12.0),
+    ("temperature_threshold", 135.0),
+    ("power_usage", 8.0),
+    ("power_limit", 5.0),
+    ("power_limit_default", 3.0),
+    ("power_management_limit", 282.0),
+    ("total_energy", 2958.0),
+    ("clocks", 12.0),
+    ("max_clocks", 1528.0),
+    ("pstate", 10.0),
+    ("fan_speed", 27.0),
+    ("encoder", 8.0),
+    ("decoder", 3.0),
+    ("pcie", 57.0),
+    ("pcie_max", 5.0),
+    ("pcie_replay", 313.0),
+    ("throttle", 7.0),
+    ("ecc", 265.0),
+    ("ecc_errors", 5.0),
+    ("retired_pages", 261.0),
+    ("field_values", 647.0),
+    ("mig", 338.0),
+    ("nvlink", 35.0),
+    ("processes", 128.0),
+    ("process_utilization", 2006.0),
+    ("pcie_throughput", 649.0),
+    ("uuid", 34.0),
+    ("gpm_sample", 168.0),
+];
+
+impl CallCosts {
+    /// Query name → cost, or what is wrong with the key.
+    fn table(&self) -> Result<std::collections::HashMap<String, Duration>, String> {
+        let micros: Vec<(String, f64)> = match self {
+            CallCosts::Preset(name) if name == "h200-busy" => H200_BUSY
+                .iter()
+                .map(|(q, us)| (q.to_string(), *us))
+                .collect(),
+            CallCosts::Preset(name) => {
+                return Err(format!(
+                    "nvml-sim: call_costs = \"{name}\" is not a preset (known: \"h200-busy\"; or give a table of query = microseconds)"
+                ))
+            }
+            CallCosts::Table(t) => t.iter().map(|(q, us)| (q.clone(), *us)).collect(),
+        };
+        micros
+            .into_iter()
+            .map(|(q, us)| {
+                if us.is_finite() && us >= 0.0 {
+                    Ok((q, Duration::from_secs_f64(us / 1e6)))
+                } else {
+                    Err(format!(
+                        "nvml-sim: call_costs.{q} = {us} is not a number of microseconds"
+                    ))
+                }
+            })
+            .collect()
+    }
+}
+
+/// Burns `cost` of CPU on the calling thread (the driver's work is CPU in its ioctls, not
+/// sleep).
+fn burn(cost: Duration) {
+    let end = Instant::now() + cost;
+    while Instant::now() < end {
+        std::hint::spin_loop();
+    }
 }
 
 /// Built-in scenario: two H100 SXM GPUs.
@@ -348,6 +445,8 @@ struct Sim {
     scenario: Scenario,
     gpus: Vec<GpuSpec>,
     start: Instant,
+    /// Query name → the CPU it burns (`call_costs`).
+    costs: std::collections::HashMap<String, Duration>,
 }
 
 fn sim() -> &'static Result<Sim, String> {
@@ -365,10 +464,15 @@ fn sim() -> &'static Result<Sim, String> {
             .iter()
             .flat_map(|g| std::iter::repeat_n(g.clone(), g.count as usize))
             .collect();
+        let costs = match &scenario.call_costs {
+            Some(c) => c.table()?,
+            None => Default::default(),
+        };
         Ok(Sim {
             scenario,
             gpus,
             start: Instant::now(),
+            costs,
         })
     })
 }
@@ -402,6 +506,9 @@ fn lookup(
 ) -> Result<(usize, &'static GpuSpec, f64), nvmlReturn_t> {
     log_call(query);
     let sim = sim().as_ref().map_err(|_| UNINITIALIZED)?;
+    if let Some(cost) = sim.costs.get(query) {
+        burn(*cost);
+    }
     let index = (handle as usize).checked_sub(1).ok_or(INVALID_ARGUMENT)?;
     let gpu = sim.gpus.get(index).ok_or(INVALID_ARGUMENT)?;
     let t = sim.start.elapsed().as_secs_f64();
@@ -1634,6 +1741,39 @@ mod tests {
     fn built_in_scenario_parses() {
         let s: Scenario = toml::from_str(DEFAULT_SCENARIO).expect("scenario");
         assert_eq!(s.gpus.iter().map(|g| g.count).sum::<u32>(), 2);
+    }
+
+    #[test]
+    fn call_costs_are_a_preset_or_a_table_of_queries_the_simulator_answers() {
+        let preset = CallCosts::Preset("h200-busy".into())
+            .table()
+            .expect("preset");
+        assert_eq!(preset["total_energy"], Duration::from_micros(2958));
+        assert_eq!(preset.len(), H200_BUSY.len());
+        // Every query of the preset is one the simulator answers (a misspelt one would cost
+        // nothing, silently).
+        let source = include_str!("lib.rs");
+        for (query, _) in H200_BUSY {
+            assert!(
+                source.contains(&format!("(device, \"{query}\"")),
+                "{query} is not a query of the simulator"
+            );
+        }
+        let s: Scenario = toml::from_str(
+            "driver_version = \"1\"\ncuda_version = 1\ngpus = []\ncall_costs = { max_clocks = 1500, uuid = 0.5 }\n",
+        )
+        .expect("table");
+        let table = s.call_costs.expect("costs").table().expect("table");
+        assert_eq!(table["max_clocks"], Duration::from_micros(1500));
+        assert_eq!(table["uuid"], Duration::from_nanos(500));
+        let err = CallCosts::Preset("h100".into())
+            .table()
+            .expect_err("unknown preset");
+        assert!(err.contains("h200-busy"), "{err}");
+        let err = CallCosts::Table([("uuid".to_string(), -1.0)].into())
+            .table()
+            .expect_err("negative");
+        assert!(err.contains("call_costs.uuid"), "{err}");
     }
 
     #[test]
