@@ -21,6 +21,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
     $sudo apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
+# nvidia-ml-py (PyPI), the NVML client the NVML simulator is checked against as other clients
+# would use it (tests/e2e/tests/nvml.rs).
+NVIDIA_ML_PY_VERSION=13.615.71
+if ! python3 -c "import pynvml" >/dev/null 2>&1; then
+    python3 -m pip install --quiet "nvidia-ml-py==$NVIDIA_ML_PY_VERSION" \
+        || python3 -m pip install --quiet --break-system-packages "nvidia-ml-py==$NVIDIA_ML_PY_VERSION"
+fi
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

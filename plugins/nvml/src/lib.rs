@@ -10,6 +10,7 @@
 //!   and no other collector is held up.
 
 pub mod dcgm;
+pub mod tiers;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
@@ -25,6 +26,7 @@ use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, Nvml};
 use serde::Deserialize;
+use tiers::{Group, ReadEvery, Tiers};
 
 /// The instance's `[collectors.config]` table.
 #[derive(Debug, Deserialize)]
@@ -71,6 +73,10 @@ pub struct Config {
     /// thread of the plugin's own.
     #[serde(default = "yes")]
     pub gpm: bool,
+    /// Every how many collections the slower groups are read (`energy`, `processes`,
+    /// `errors`, `state`); between reads the last reading is served.
+    #[serde(default)]
+    pub read_every: ReadEvery,
 }
 
 /// A thread of the plugin's own, told to stop when dropped, and joined unless it was started
@@ -500,6 +506,25 @@ enum Query {
     PcieThroughput,
 }
 
+/// What the GPUs answered that decides what is asked next: the queries a GPU does not support
+/// (not asked again), and how many queries failed with a passing driver error (a tiered group
+/// whose read missed one is read again at the next collection).
+#[derive(Default)]
+struct Asked {
+    not_supported: HashSet<(u32, Query)>,
+    missed: u32,
+}
+
+impl Asked {
+    fn contains(&self, query: &(u32, Query)) -> bool {
+        self.not_supported.contains(query)
+    }
+
+    fn insert(&mut self, query: (u32, Query)) {
+        self.not_supported.insert(query);
+    }
+}
+
 /// Field-value ids (nvml.h): memory temperature, PCIe byte counters, remapped rows.
 const FIELD_MEMORY_TEMP: u32 = 82;
 const FIELD_REMAPPED_COR: u32 = 142;
@@ -521,16 +546,20 @@ const NVLINK_ERROR_TOTALS: [(u32, &str); 4] = [
     (FIELD_NVLINK_CRC_FLIT_TOTAL, "crc_flit"),
     (FIELD_NVLINK_CRC_DATA_TOTAL, "crc_data"),
 ];
-const FIELDS: [u32; 9] = [
+/// Fields read every collection (the NVLink ones only with `nvlink`).
+const FAST_FIELDS: [u32; 5] = [
+    FIELD_MEMORY_TEMP,
+    FIELD_PCIE_TX_BYTES,
+    FIELD_PCIE_RX_BYTES,
     FIELD_NVLINK_TX_KIB,
     FIELD_NVLINK_RX_KIB,
-    FIELD_MEMORY_TEMP,
+];
+/// Fields of the errors group.
+const REMAP_FIELDS: [u32; 4] = [
     FIELD_REMAPPED_COR,
     FIELD_REMAPPED_UNC,
     FIELD_REMAPPED_PENDING,
     FIELD_REMAPPED_FAILURE,
-    FIELD_PCIE_TX_BYTES,
-    FIELD_PCIE_RX_BYTES,
 ];
 
 /// What a GPU answers the same every time while it runs (a GPU reset, which NVML sees as the
@@ -560,7 +589,7 @@ const CONSTANTS_REFRESH: Duration = Duration::from_secs(600);
 fn read_constants(
     device: &Device,
     index: u32,
-    unsupported: &mut HashSet<(u32, Query)>,
+    unsupported: &mut Asked,
 ) -> std::result::Result<(Constants, bool), Stop> {
     use nvml_wrapper::enum_wrappers::device::TemperatureThreshold;
     let mut missed = Vec::new();
@@ -624,7 +653,9 @@ pub struct NvmlCollector {
     identities: BTreeMap<u32, Identity>,
     /// Per GPU, its [`Constants`] and when they were read.
     constants: HashMap<u32, (Instant, Constants)>,
-    unsupported: HashSet<(u32, Query)>,
+    /// The tiered groups' last readings.
+    tiers: Tiers,
+    unsupported: Asked,
     /// GPUs lost from the bus, logged when they go, summarised while they stay lost and
     /// logged when they answer again.
     lost: BTreeMap<u32, metricsd_plugin_api::ratelimit::Repeating>,
@@ -991,7 +1022,7 @@ type ProcessUtilization = HashMap<u32, (u32, u32)>;
 fn process_utilization(
     device: &Device,
     index: u32,
-    unsupported: &mut HashSet<(u32, Query)>,
+    unsupported: &mut Asked,
     options: &mut CollectOptions,
 ) -> std::result::Result<Option<ProcessUtilization>, Stop> {
     let since = options.process_util_seen.get(&index).copied();
@@ -1025,7 +1056,7 @@ fn process_utilization(
 
 /// Asks one query unless the GPU said NOT_SUPPORTED before.
 fn ask<T>(
-    unsupported: &mut HashSet<(u32, Query)>,
+    unsupported: &mut Asked,
     index: u32,
     query: Query,
     call: impl FnOnce() -> std::result::Result<T, NvmlError>,
@@ -1048,6 +1079,7 @@ fn ask<T>(
         Err(e) if is_fatal_for_session(&e) => Err(Stop::Nvml(e)),
         Err(e) => {
             tracing::debug!(gpu = index, ?query, "query failed: {e}");
+            unsupported.missed += 1;
             Ok(None)
         }
     }
@@ -1056,15 +1088,12 @@ fn ask<T>(
 /// NVLink link state, and with `link_errors` the error counters of each link; links are probed
 /// until the driver says there are no more. A GPU without NVLink answers NOT_SUPPORTED once and is not asked again.
 fn nvlink_metrics(
-    out: &mut BatchBuilder,
-    f: &Families,
-    labels: &[(&str, &str)],
-    index: u32,
-    device: &Device,
-    unsupported: &mut HashSet<(u32, Query)>,
+    g: &mut Gpu,
+    unsupported: &mut Asked,
     link_errors: bool,
 ) -> std::result::Result<(), Stop> {
     use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
+    let (index, device) = (g.index, g.device);
     if unsupported.contains(&(index, Query::NvLink)) {
         return Ok(());
     }
@@ -1083,10 +1112,9 @@ fn nvlink_metrics(
             Err(_) => break,
         };
         let link_text = link.to_string();
-        let mut with_link = labels.to_vec();
-        with_link.push(("link", link_text.as_str()));
-        let link_set = out.label_set(&with_link);
-        out.sample_in(f.nvlink_up, link_set, if active { 1.0 } else { 0.0 });
+        let link_set = g.with(&[("link", link_text.as_str())]);
+        g.out
+            .sample_in(g.f.nvlink_up, link_set, if active { 1.0 } else { 0.0 });
         if !link_errors {
             continue;
         }
@@ -1097,10 +1125,8 @@ fn nvlink_metrics(
             (ErrorCounter::DlCrcData, "crc_data"),
         ] {
             if let Ok(n) = nvlink.error_counter(counter) {
-                let mut with_kind = with_link.clone();
-                with_kind.push(("type", kind));
-                let kind_set = out.label_set(&with_kind);
-                out.sample_in(f.nvlink_errors, kind_set, n as f64);
+                let kind_set = g.with(&[("link", link_text.as_str()), ("type", kind)]);
+                g.out.sample_in(g.f.nvlink_errors, kind_set, n as f64);
             }
         }
     }
@@ -1121,92 +1147,232 @@ struct CollectOptions<'a> {
     energy: bool,
     /// Most processes per GPU.
     max: usize,
+    /// Every how many collections each group is read.
+    read_every: ReadEvery,
     /// For process names.
     nvml: &'a Nvml,
     /// Per GPU, the newest process-utilization sample seen.
     process_util_seen: &'a mut HashMap<u32, u64>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gpu_metrics(
-    out: &mut BatchBuilder,
-    f: &Families,
+/// One GPU as a collection sees it: where its samples go (a collection's batch, or the batch a
+/// tiered group is read into), under which labels, and the device to ask.
+struct Gpu<'a, 'd> {
+    out: &'a mut BatchBuilder,
+    f: &'a Families,
+    /// The GPU's own label set in `out`.
     set: LabelSetId,
-    labels: &[(&str, &str)],
+    labels: &'a [(&'a str, &'a str)],
     index: u32,
-    device: &Device,
-    constants: &Constants,
-    unsupported: &mut HashSet<(u32, Query)>,
-    options: &mut CollectOptions,
-) -> std::result::Result<(), Stop> {
-    use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError};
-    use nvml_wrapper::enums::device::UsedGpuMemory;
-    let with = |out: &mut BatchBuilder, extra: &[(&str, &str)]| {
-        let mut all = labels.to_vec();
+    device: &'a Device<'d>,
+}
+
+impl Gpu<'_, '_> {
+    /// The GPU's labels and `extra`, as a label set of `out`.
+    fn with(&mut self, extra: &[(&str, &str)]) -> LabelSetId {
+        let mut all = self.labels.to_vec();
         all.extend_from_slice(extra);
-        out.label_set(&all)
-    };
-    if let Some(p) = ask(unsupported, index, Query::PowerManagementLimit, || {
-        device.power_management_limit()
-    })? {
-        out.sample_in(f.power_mgmt_limit, set, f64::from(p) / 1000.0);
+        self.out.label_set(&all)
     }
-    if let Some((slow, shut)) = constants.thresholds {
-        out.sample_in(f.temp_slowdown, set, f64::from(slow));
-        out.sample_in(f.temp_shutdown, set, f64::from(shut));
+
+    /// A sample under the GPU's own labels.
+    fn sample(&mut self, family: FamilyId, value: f64) {
+        self.out.sample_in(family, self.set, value);
     }
-    if let Some((g, w)) = ask(unsupported, index, Query::Pcie, || {
-        Ok((
-            device.current_pcie_link_gen()?,
-            device.current_pcie_link_width()?,
-        ))
-    })? {
-        out.sample_in(f.pcie_gen, set, f64::from(g));
-        out.sample_in(f.pcie_width, set, f64::from(w));
-    }
-    if let Some((gm, wm)) = constants.pcie_max {
-        out.sample_in(f.pcie_gen_max, set, f64::from(gm));
-        out.sample_in(f.pcie_width_max, set, f64::from(wm));
-    }
-    if let Some(r) = ask(unsupported, index, Query::PcieReplay, || {
-        device.pcie_replay_counter()
-    })? {
-        out.sample_in(f.pcie_replays, set, f64::from(r));
-    }
-    if let Some(bits) = ask(unsupported, index, Query::Throttle, || {
-        device.current_throttle_reasons().map(|r| r.bits())
-    })? {
-        for (bit, reason) in THROTTLE_REASONS {
-            let reason_set = with(out, &[("reason", reason)]);
-            out.sample_in(
-                f.throttle,
-                reason_set,
-                if bits & bit != 0 { 1.0 } else { 0.0 },
-            );
+}
+
+/// The batch a tiered group is read into, kept by [`Tiers`] afterwards.
+struct GroupRead {
+    out: BatchBuilder,
+    f: Families,
+    set: LabelSetId,
+    /// [`Asked::missed`] when the read began.
+    missed: u32,
+}
+
+impl GroupRead {
+    fn new(labels: &[(&str, &str)], asked: &Asked, tiers: &mut Tiers) -> Self {
+        let mut out = tiers.builder();
+        let f = Families::declare(&mut out);
+        let set = out.label_set(labels);
+        Self {
+            out,
+            f,
+            set,
+            missed: asked.missed,
         }
     }
+
+    fn gpu<'a, 'd>(
+        &'a mut self,
+        labels: &'a [(&'a str, &'a str)],
+        index: u32,
+        device: &'a Device<'d>,
+    ) -> Gpu<'a, 'd> {
+        Gpu {
+            out: &mut self.out,
+            f: &self.f,
+            set: self.set,
+            labels,
+            index,
+            device,
+        }
+    }
+
+    /// Hands the read to `tiers`: served from now on, read again when due, or at the next
+    /// collection if a value was missed through a passing driver error.
+    fn keep(self, tiers: &mut Tiers, index: u32, group: Group, every: u32, asked: &Asked) {
+        if asked.missed == self.missed {
+            tiers.keep(index, group, every, self.out.finish());
+        } else {
+            tiers.keep_incomplete(index, group, self.out.finish());
+        }
+    }
+}
+
+/// Reads `group` of the GPU with `read` if it is due, and serves its last reading into the
+/// collection. A read that loses the GPU or the session stops the GPU's collection as any
+/// query does.
+fn tiered(
+    g: &mut Gpu,
+    group: Group,
+    tiers: &mut Tiers,
+    every: u32,
+    asked: &mut Asked,
+    read: impl FnOnce(&mut Gpu, &mut Asked) -> std::result::Result<(), Stop>,
+) -> std::result::Result<(), Stop> {
+    if tiers.due(g.index, group) {
+        let mut own = GroupRead::new(g.labels, asked, tiers);
+        read(&mut own.gpu(g.labels, g.index, g.device), asked)?;
+        own.keep(tiers, g.index, group, every, asked);
+    }
+    tiers.serve(g.index, group, g.out, g.set);
+    Ok(())
+}
+
+/// Everything a GPU reports in one collection: the tiered groups (read when due, served as
+/// last read), the constants, and what is read every collection.
+fn gpu_metrics(
+    g: &mut Gpu,
+    constants: &Constants,
+    asked: &mut Asked,
+    tiers: &mut Tiers,
+    options: &mut CollectOptions,
+) -> std::result::Result<(), Stop> {
+    let every = options.read_every;
+    if options.energy {
+        tiered(
+            g,
+            Group::Energy,
+            tiers,
+            every.energy.get(),
+            asked,
+            |g, asked| {
+                if let Some(e) = ask(asked, g.index, Query::Energy, || {
+                    g.device.total_energy_consumption()
+                })? {
+                    g.sample(g.f.energy, e as f64 / 1000.0);
+                }
+                Ok(())
+            },
+        )?;
+    }
+    if options.enabled {
+        tiered(
+            g,
+            Group::Processes,
+            tiers,
+            every.processes.get(),
+            asked,
+            |g, asked| process_metrics(g, asked, options),
+        )?;
+    }
+    // The error fields (remapped rows, NVLink error totals) ride on the field-values call made
+    // every collection when the errors group is due, rather than costing a call of their own.
+    let mut errors = tiers
+        .due(g.index, Group::Errors)
+        .then(|| GroupRead::new(g.labels, asked, tiers));
+    if let Some(own) = &mut errors {
+        error_metrics(&mut own.gpu(g.labels, g.index, g.device), constants, asked)?;
+    }
+    let error_totals = options.nvlink && !options.nvlink_link_errors;
+    let mut error_target = errors
+        .as_mut()
+        .map(|own| own.gpu(g.labels, g.index, g.device));
+    field_metrics(
+        g,
+        error_target.as_mut(),
+        asked,
+        options.nvlink,
+        error_totals,
+    )?;
+    if let Some(own) = errors {
+        own.keep(tiers, g.index, Group::Errors, every.errors.get(), asked);
+    }
+    tiers.serve(g.index, Group::Errors, g.out, g.set);
+    tiered(
+        g,
+        Group::State,
+        tiers,
+        every.state.get(),
+        asked,
+        |g, asked| state_metrics(g, asked, options),
+    )?;
+    constant_metrics(g, constants);
+    fast_metrics(g, constants, asked, options)
+}
+
+/// What [`read_constants`] read, reported every collection.
+fn constant_metrics(g: &mut Gpu, constants: &Constants) {
+    if let Some((slow, shut)) = constants.thresholds {
+        g.sample(g.f.temp_slowdown, f64::from(slow));
+        g.sample(g.f.temp_shutdown, f64::from(shut));
+    }
+    if let Some((gm, wm)) = constants.pcie_max {
+        g.sample(g.f.pcie_gen_max, f64::from(gm));
+        g.sample(g.f.pcie_width_max, f64::from(wm));
+    }
     if let Some(enabled) = constants.ecc_enabled {
-        out.sample_in(f.ecc_mode, set, if enabled { 1.0 } else { 0.0 });
-        if enabled {
-            for (kind, kind_name) in [
-                (MemoryError::Corrected, "corrected"),
-                (MemoryError::Uncorrected, "uncorrected"),
+        g.sample(g.f.ecc_mode, if enabled { 1.0 } else { 0.0 });
+    }
+    if let Some(p) = constants.power_limit_default {
+        g.sample(g.f.power_limit_default, f64::from(p) / 1000.0);
+    }
+}
+
+/// The errors group: ECC error counters (where ECC is on), retired pages, PCIe replays. (The
+/// remapped rows and NVLink error totals come from [`field_metrics`].)
+fn error_metrics(
+    g: &mut Gpu,
+    constants: &Constants,
+    asked: &mut Asked,
+) -> std::result::Result<(), Stop> {
+    use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError};
+    let (index, device) = (g.index, g.device);
+    if let Some(r) = ask(asked, index, Query::PcieReplay, || {
+        device.pcie_replay_counter()
+    })? {
+        g.sample(g.f.pcie_replays, f64::from(r));
+    }
+    if constants.ecc_enabled == Some(true) {
+        for (kind, kind_name) in [
+            (MemoryError::Corrected, "corrected"),
+            (MemoryError::Uncorrected, "uncorrected"),
+        ] {
+            for (scope, scope_name) in [
+                (EccCounter::Volatile, "volatile"),
+                (EccCounter::Aggregate, "aggregate"),
             ] {
-                for (scope, scope_name) in [
-                    (EccCounter::Volatile, "volatile"),
-                    (EccCounter::Aggregate, "aggregate"),
-                ] {
-                    if let Some(n) = ask(unsupported, index, Query::EccErrors, || {
-                        device.total_ecc_errors(kind, scope)
-                    })? {
-                        let ecc_set = with(out, &[("type", kind_name), ("scope", scope_name)]);
-                        out.sample_in(f.ecc_errors, ecc_set, n as f64);
-                    }
+                if let Some(n) = ask(asked, index, Query::EccErrors, || {
+                    device.total_ecc_errors(kind, scope)
+                })? {
+                    let ecc_set = g.with(&[("type", kind_name), ("scope", scope_name)]);
+                    g.out.sample_in(g.f.ecc_errors, ecc_set, n as f64);
                 }
             }
         }
     }
-    if let Some((sbe, dbe)) = ask(unsupported, index, Query::RetiredPageCount, || {
+    if let Some((sbe, dbe)) = ask(asked, index, Query::RetiredPageCount, || {
         use nvml_wrapper::enum_wrappers::device::RetirementCause;
         Ok((
             device
@@ -1218,114 +1384,133 @@ fn gpu_metrics(
         ))
     })? {
         for (cause, n) in [("multiple_single_bit_ecc", sbe), ("double_bit_ecc", dbe)] {
-            let cause_set = with(out, &[("cause", cause)]);
-            out.sample_in(f.retired_pages, cause_set, n as f64);
+            let cause_set = g.with(&[("cause", cause)]);
+            g.out.sample_in(g.f.retired_pages, cause_set, n as f64);
         }
     }
-    if options.pcie_throughput_sampled {
-        use nvml_wrapper::enum_wrappers::device::PcieUtilCounter;
-        if let Some((tx, rx)) = ask(unsupported, index, Query::PcieThroughput, || {
-            Ok((
-                device.pcie_throughput(PcieUtilCounter::Send)?,
-                device.pcie_throughput(PcieUtilCounter::Receive)?,
-            ))
-        })? {
-            for (direction, kb) in [("tx", tx), ("rx", rx)] {
-                let dir_set = with(out, &[("direction", direction)]);
-                out.sample_in(f.pcie_throughput, dir_set, f64::from(kb) * 1024.0);
-            }
-        }
-    }
-    if let Some(p) = ask(unsupported, index, Query::RetiredPages, || {
+    if let Some(p) = ask(asked, index, Query::RetiredPages, || {
         device.are_pages_pending_retired()
     })? {
-        out.sample_in(f.retired_pending, set, if p { 1.0 } else { 0.0 });
+        g.sample(g.f.retired_pending, if p { 1.0 } else { 0.0 });
     }
-    if let Some(b) = ask(unsupported, index, Query::Bar1, || {
-        device.bar1_memory_info()
-    })? {
-        out.sample_in(f.bar1_total, set, b.total as f64);
-        out.sample_in(f.bar1_used, set, b.used as f64);
-    }
-    let error_totals = options.nvlink && !options.nvlink_link_errors;
-    let fields: Vec<nvml_wrapper::structs::device::FieldId> = FIELDS
+    Ok(())
+}
+
+/// The field-values call: memory temperature, PCIe and NVLink byte counters into the
+/// collection, and with `errors` (the errors group being read) the remapped rows and, with
+/// `error_totals`, the NVLink error totals into that group's read.
+fn field_metrics(
+    g: &mut Gpu,
+    mut errors: Option<&mut Gpu>,
+    asked: &mut Asked,
+    nvlink: bool,
+    error_totals: bool,
+) -> std::result::Result<(), Stop> {
+    use nvml_wrapper::enums::device::SampleValue;
+    let index = g.index;
+    let fields: Vec<nvml_wrapper::structs::device::FieldId> = FAST_FIELDS
         .iter()
-        .filter(|id| options.nvlink || ![FIELD_NVLINK_TX_KIB, FIELD_NVLINK_RX_KIB].contains(id))
+        .filter(|id| nvlink || ![FIELD_NVLINK_TX_KIB, FIELD_NVLINK_RX_KIB].contains(id))
+        .chain(REMAP_FIELDS.iter().filter(|_| errors.is_some()))
         .chain(
             NVLINK_ERROR_TOTALS
                 .iter()
-                .filter(|_| error_totals)
+                .filter(|_| errors.is_some() && error_totals)
                 .map(|(id, _)| id),
         )
-        .filter(|id| !unsupported.contains(&(index, Query::Field(**id))))
+        .filter(|id| !asked.contains(&(index, Query::Field(**id))))
         .map(|id| nvml_wrapper::structs::device::FieldId(*id))
         .collect();
-    if !fields.is_empty() {
-        if let Some(samples) = ask(unsupported, index, Query::Field(0), || {
-            device.field_values_for(&fields)
-        })? {
-            use nvml_wrapper::enums::device::SampleValue;
-            for sample in samples.into_iter().flatten() {
-                let id = sample.field.0;
-                let value = match sample.value {
-                    Ok(SampleValue::F64(v)) => v,
-                    Ok(SampleValue::U32(v)) => f64::from(v),
-                    Ok(SampleValue::U64(v)) => v as f64,
-                    Ok(SampleValue::I64(v)) => v as f64,
-                    Err(NvmlError::NotSupported) => {
-                        tracing::debug!(
-                            gpu = index,
-                            field = id,
-                            "field not supported by this GPU: not asked again"
-                        );
-                        unsupported.insert((index, Query::Field(id)));
-                        continue;
-                    }
-                    Err(NvmlError::GpuLost) => return Err(Stop::Lost),
-                    Err(_) => continue,
+    if fields.is_empty() {
+        return Ok(());
+    }
+    let Some(samples) = ask(asked, index, Query::Field(0), || {
+        g.device.field_values_for(&fields)
+    })?
+    else {
+        return Ok(());
+    };
+    for sample in samples.into_iter().flatten() {
+        let id = sample.field.0;
+        let value = match sample.value {
+            Ok(SampleValue::F64(v)) => v,
+            Ok(SampleValue::U32(v)) => f64::from(v),
+            Ok(SampleValue::U64(v)) => v as f64,
+            Ok(SampleValue::I64(v)) => v as f64,
+            Err(NvmlError::NotSupported) => {
+                tracing::debug!(
+                    gpu = index,
+                    field = id,
+                    "field not supported by this GPU: not asked again"
+                );
+                asked.insert((index, Query::Field(id)));
+                continue;
+            }
+            Err(NvmlError::GpuLost) => return Err(Stop::Lost),
+            Err(_) => {
+                asked.missed += 1;
+                continue;
+            }
+        };
+        match id {
+            FIELD_MEMORY_TEMP => g.sample(g.f.memory_temp, value),
+            FIELD_PCIE_TX_BYTES => g.sample(g.f.pcie_tx, value),
+            FIELD_PCIE_RX_BYTES => g.sample(g.f.pcie_rx, value),
+            FIELD_NVLINK_TX_KIB => g.sample(g.f.nvlink_tx, value * 1024.0),
+            FIELD_NVLINK_RX_KIB => g.sample(g.f.nvlink_rx, value * 1024.0),
+            _ => {
+                let Some(e) = errors.as_deref_mut() else {
+                    continue;
                 };
                 match id {
-                    FIELD_MEMORY_TEMP => out.sample_in(f.memory_temp, set, value),
-                    FIELD_PCIE_TX_BYTES => out.sample_in(f.pcie_tx, set, value),
-                    FIELD_PCIE_RX_BYTES => out.sample_in(f.pcie_rx, set, value),
                     FIELD_REMAPPED_COR | FIELD_REMAPPED_UNC => {
                         let kind = if id == FIELD_REMAPPED_COR {
                             "correctable"
                         } else {
                             "uncorrectable"
                         };
-                        let remap_set = with(out, &[("type", kind)]);
-                        out.sample_in(f.remapped, remap_set, value);
+                        let remap_set = e.with(&[("type", kind)]);
+                        e.out.sample_in(e.f.remapped, remap_set, value);
                     }
-                    FIELD_NVLINK_TX_KIB => out.sample_in(f.nvlink_tx, set, value * 1024.0),
-                    FIELD_NVLINK_RX_KIB => out.sample_in(f.nvlink_rx, set, value * 1024.0),
-                    FIELD_REMAPPED_PENDING => out.sample_in(f.remap_pending, set, value),
-                    FIELD_REMAPPED_FAILURE => out.sample_in(f.remap_failure, set, value),
+                    FIELD_REMAPPED_PENDING => e.sample(e.f.remap_pending, value),
+                    FIELD_REMAPPED_FAILURE => e.sample(e.f.remap_failure, value),
                     _ => {
                         if let Some((_, kind)) = NVLINK_ERROR_TOTALS.iter().find(|(t, _)| *t == id)
                         {
-                            let kind_set = with(out, &[("type", kind)]);
-                            out.sample_in(f.nvlink_errors, kind_set, value);
+                            let kind_set = e.with(&[("type", kind)]);
+                            e.out.sample_in(e.f.nvlink_errors, kind_set, value);
                         }
                     }
                 }
             }
         }
     }
-    if options.nvlink {
-        nvlink_metrics(
-            out,
-            f,
-            labels,
-            index,
-            device,
-            unsupported,
-            options.nvlink_link_errors,
-        )?;
+    Ok(())
+}
+
+/// The state group: power management limit, BAR1 memory, NVLink link state (and per-link
+/// error counters with `nvlink_link_errors`), MIG mode and instances.
+fn state_metrics(
+    g: &mut Gpu,
+    asked: &mut Asked,
+    options: &CollectOptions,
+) -> std::result::Result<(), Stop> {
+    let (index, device) = (g.index, g.device);
+    if let Some(p) = ask(asked, index, Query::PowerManagementLimit, || {
+        device.power_management_limit()
+    })? {
+        g.sample(g.f.power_mgmt_limit, f64::from(p) / 1000.0);
     }
-    if let Some(mode) = ask(unsupported, index, Query::Mig, || device.mig_mode())? {
-        out.sample_in(f.mig_enabled, set, f64::from(mode.current));
-        out.sample_in(f.mig_pending, set, f64::from(mode.pending));
+    if let Some(b) = ask(asked, index, Query::Bar1, || device.bar1_memory_info())? {
+        g.sample(g.f.bar1_total, b.total as f64);
+        g.sample(g.f.bar1_used, b.used as f64);
+    }
+    if options.nvlink {
+        nvlink_metrics(g, asked, options.nvlink_link_errors)?;
+    }
+    if let Some(mode) = ask(asked, index, Query::Mig, || device.mig_mode())? {
+        g.sample(g.f.mig_enabled, f64::from(mode.current));
+        g.sample(g.f.mig_pending, f64::from(mode.pending));
         if mode.current == 1 {
             let max = device.mig_device_count().unwrap_or(0);
             let mut instances = 0;
@@ -1334,123 +1519,170 @@ fn gpu_metrics(
                     continue;
                 };
                 instances += 1;
-                mig_instance_metrics(out, f, labels, i, &mig);
+                mig_instance_metrics(g.out, g.f, g.labels, i, &mig);
             }
-            out.sample_in(f.mig_instances, set, f64::from(instances));
+            g.sample(g.f.mig_instances, f64::from(instances));
         }
     }
-    if options.enabled {
-        if let Some(mut list) = ask(unsupported, index, Query::Processes, || {
-            device.running_compute_processes()
-        })? {
-            list.sort_by_key(|p| {
-                std::cmp::Reverse(match p.used_gpu_memory {
-                    UsedGpuMemory::Used(b) => b,
-                    UsedGpuMemory::Unavailable => 0,
-                })
-            });
-            list.truncate(options.max);
-            // Over 2 ms of CPU on an H200 even when it finds nothing: asked only when there is
-            // a process to report it for.
-            let utilization = if list.is_empty() {
-                None
-            } else {
-                process_utilization(device, index, unsupported, options)?
-            };
-            for p in &list {
-                let pid = p.pid.to_string();
-                let name = options.nvml.sys_process_name(p.pid, 64).unwrap_or_default();
-                let process_set = with(out, &[("pid", pid.as_str()), ("process", name.as_str())]);
-                if let UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
-                    out.sample_in(f.process_memory, process_set, bytes as f64);
-                }
-                if let Some(samples) = &utilization {
-                    // NVML returns samples only for processes that were busy in the window:
-                    // a running process without one was idle (0).
-                    let (sm, mem) = samples.get(&p.pid).copied().unwrap_or((0, 0));
-                    out.sample_in(f.process_sm_util, process_set, f64::from(sm) / 100.0);
-                    out.sample_in(f.process_mem_util, process_set, f64::from(mem) / 100.0);
-                }
-            }
+    Ok(())
+}
+
+/// The processes group: compute processes by memory, with their SM and memory utilization
+/// since the group was last read.
+fn process_metrics(
+    g: &mut Gpu,
+    asked: &mut Asked,
+    options: &mut CollectOptions,
+) -> std::result::Result<(), Stop> {
+    use nvml_wrapper::enums::device::UsedGpuMemory;
+    let (index, device) = (g.index, g.device);
+    let Some(mut list) = ask(asked, index, Query::Processes, || {
+        device.running_compute_processes()
+    })?
+    else {
+        return Ok(());
+    };
+    list.sort_by_key(|p| {
+        std::cmp::Reverse(match p.used_gpu_memory {
+            UsedGpuMemory::Used(b) => b,
+            UsedGpuMemory::Unavailable => 0,
+        })
+    });
+    list.truncate(options.max);
+    // Over 2 ms of CPU on an H200 even when it finds nothing: asked only when there is a
+    // process to report it for.
+    let utilization = if list.is_empty() {
+        None
+    } else {
+        process_utilization(device, index, asked, options)?
+    };
+    for p in &list {
+        let pid = p.pid.to_string();
+        let name = options.nvml.sys_process_name(p.pid, 64).unwrap_or_default();
+        let process_set = g.with(&[("pid", pid.as_str()), ("process", name.as_str())]);
+        if let UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
+            g.out
+                .sample_in(g.f.process_memory, process_set, bytes as f64);
+        }
+        if let Some(samples) = &utilization {
+            // NVML returns samples only for processes that were busy in the window: a running
+            // process without one was idle (0).
+            let (sm, mem) = samples.get(&p.pid).copied().unwrap_or((0, 0));
+            g.out
+                .sample_in(g.f.process_sm_util, process_set, f64::from(sm) / 100.0);
+            g.out
+                .sample_in(g.f.process_mem_util, process_set, f64::from(mem) / 100.0);
         }
     }
-    if let Some(u) = ask(unsupported, index, Query::Utilization, || {
+    Ok(())
+}
+
+/// What is read every collection: utilization, memory, temperature, power, clocks,
+/// performance state, fan, encoder and decoder, the current PCIe link, clocks event reasons,
+/// and the sampled PCIe throughput where asked for.
+fn fast_metrics(
+    g: &mut Gpu,
+    constants: &Constants,
+    asked: &mut Asked,
+    options: &CollectOptions,
+) -> std::result::Result<(), Stop> {
+    let (index, device) = (g.index, g.device);
+    if let Some(u) = ask(asked, index, Query::Utilization, || {
         device.utilization_rates()
     })? {
-        out.sample_in(f.util, set, f64::from(u.gpu) / 100.0);
-        out.sample_in(f.mem_util, set, f64::from(u.memory) / 100.0);
+        g.sample(g.f.util, f64::from(u.gpu) / 100.0);
+        g.sample(g.f.mem_util, f64::from(u.memory) / 100.0);
     }
-    if let Some(m) = ask(unsupported, index, Query::Memory, || device.memory_info())? {
-        out.sample_in(f.mem_total, set, m.total as f64);
-        out.sample_in(f.mem_used, set, m.used as f64);
-        out.sample_in(f.mem_free, set, m.free as f64);
-        out.sample_in(f.mem_reserved, set, m.reserved as f64);
+    if let Some(m) = ask(asked, index, Query::Memory, || device.memory_info())? {
+        g.sample(g.f.mem_total, m.total as f64);
+        g.sample(g.f.mem_used, m.used as f64);
+        g.sample(g.f.mem_free, m.free as f64);
+        g.sample(g.f.mem_reserved, m.reserved as f64);
     }
-    if let Some(t) = ask(unsupported, index, Query::Temperature, || {
+    if let Some(t) = ask(asked, index, Query::Temperature, || {
         device.temperature(TemperatureSensor::Gpu)
     })? {
-        out.sample_in(f.temp, set, f64::from(t));
+        g.sample(g.f.temp, f64::from(t));
     }
-    if let Some(p) = ask(unsupported, index, Query::PowerUsage, || {
-        device.power_usage()
-    })? {
-        out.sample_in(f.power, set, f64::from(p) / 1000.0);
+    if let Some(p) = ask(asked, index, Query::PowerUsage, || device.power_usage())? {
+        g.sample(g.f.power, f64::from(p) / 1000.0);
     }
-    if let Some(p) = ask(unsupported, index, Query::PowerLimit, || {
+    if let Some(p) = ask(asked, index, Query::PowerLimit, || {
         device.enforced_power_limit()
     })? {
-        out.sample_in(f.power_limit, set, f64::from(p) / 1000.0);
+        g.sample(g.f.power_limit, f64::from(p) / 1000.0);
     }
-    if let Some(p) = constants.power_limit_default {
-        out.sample_in(f.power_limit_default, set, f64::from(p) / 1000.0);
+    if let Some((gen, width)) = ask(asked, index, Query::Pcie, || {
+        Ok((
+            device.current_pcie_link_gen()?,
+            device.current_pcie_link_width()?,
+        ))
+    })? {
+        g.sample(g.f.pcie_gen, f64::from(gen));
+        g.sample(g.f.pcie_width, f64::from(width));
     }
-    if options.energy {
-        if let Some(e) = ask(unsupported, index, Query::Energy, || {
-            device.total_energy_consumption()
+    if let Some(bits) = ask(asked, index, Query::Throttle, || {
+        device.current_throttle_reasons().map(|r| r.bits())
+    })? {
+        for (bit, reason) in THROTTLE_REASONS {
+            let reason_set = g.with(&[("reason", reason)]);
+            g.out.sample_in(
+                g.f.throttle,
+                reason_set,
+                if bits & bit != 0 { 1.0 } else { 0.0 },
+            );
+        }
+    }
+    if options.pcie_throughput_sampled {
+        use nvml_wrapper::enum_wrappers::device::PcieUtilCounter;
+        if let Some((tx, rx)) = ask(asked, index, Query::PcieThroughput, || {
+            Ok((
+                device.pcie_throughput(PcieUtilCounter::Send)?,
+                device.pcie_throughput(PcieUtilCounter::Receive)?,
+            ))
         })? {
-            out.sample_in(f.energy, set, e as f64 / 1000.0);
+            for (direction, kb) in [("tx", tx), ("rx", rx)] {
+                let dir_set = g.with(&[("direction", direction)]);
+                g.out
+                    .sample_in(g.f.pcie_throughput, dir_set, f64::from(kb) * 1024.0);
+            }
         }
     }
     for ((clock, name, id), max) in CLOCKS.into_iter().zip(constants.max_clocks) {
-        let current = ask(unsupported, index, Query::Clock(id), || {
-            device.clock_info(clock)
-        })?;
+        let current = ask(asked, index, Query::Clock(id), || device.clock_info(clock))?;
         if current.is_none() && max.is_none() {
             continue;
         }
-        let mut with_clock = labels.to_vec();
-        with_clock.push(("clock", name));
-        let clock_set = out.label_set(&with_clock);
+        let clock_set = g.with(&[("clock", name)]);
         if let Some(mhz) = current {
-            out.sample_in(f.clock, clock_set, f64::from(mhz) * 1e6);
+            g.out.sample_in(g.f.clock, clock_set, f64::from(mhz) * 1e6);
         }
         if let Some(mhz) = max {
-            out.sample_in(f.clock_max, clock_set, f64::from(mhz) * 1e6);
+            g.out
+                .sample_in(g.f.clock_max, clock_set, f64::from(mhz) * 1e6);
         }
     }
-    if let Some(p) = ask(unsupported, index, Query::PState, || {
-        device.performance_state()
-    })? {
-        out.sample_in(f.pstate, set, f64::from(p.as_c()));
+    if let Some(p) = ask(asked, index, Query::PState, || device.performance_state())? {
+        g.sample(g.f.pstate, f64::from(p.as_c()));
     }
-    if let Some(s) = ask(unsupported, index, Query::Fan, || {
+    if let Some(s) = ask(asked, index, Query::Fan, || {
         match device.fan_speed(0) {
             // A board without fans (H100/H200 SXM) says fan 0 is out of range.
             Err(NvmlError::InvalidArg) => Err(NvmlError::NotSupported),
             other => other,
         }
     })? {
-        out.sample_in(f.fan, set, f64::from(s) / 100.0);
+        g.sample(g.f.fan, f64::from(s) / 100.0);
     }
-    if let Some(u) = ask(unsupported, index, Query::Encoder, || {
+    if let Some(u) = ask(asked, index, Query::Encoder, || {
         device.encoder_utilization()
     })? {
-        out.sample_in(f.encoder, set, f64::from(u.utilization) / 100.0);
+        g.sample(g.f.encoder, f64::from(u.utilization) / 100.0);
     }
-    if let Some(u) = ask(unsupported, index, Query::Decoder, || {
+    if let Some(u) = ask(asked, index, Query::Decoder, || {
         device.decoder_utilization()
     })? {
-        out.sample_in(f.decoder, set, f64::from(u.utilization) / 100.0);
+        g.sample(g.f.decoder, f64::from(u.utilization) / 100.0);
     }
     Ok(())
 }
@@ -1469,7 +1701,8 @@ impl Collector for NvmlCollector {
             cuda_version: String::new(),
             identities: BTreeMap::new(),
             constants: HashMap::new(),
-            unsupported: HashSet::new(),
+            tiers: Tiers::default(),
+            unsupported: Asked::default(),
             lost: BTreeMap::new(),
             process_util_seen: HashMap::new(),
             plain_sizes: (0, 0, 0),
@@ -1593,18 +1826,22 @@ impl NvmlCollector {
                         pcie_throughput_sampled: self.config.pcie_throughput_sampled,
                         energy: self.config.energy,
                         max: self.config.max_processes,
+                        read_every: self.config.read_every,
                         nvml: &nvml,
                         process_util_seen: &mut self.process_util_seen,
                     };
                     gpu_metrics(
-                        out,
-                        &families,
-                        set,
-                        &labels,
-                        index,
-                        &d,
+                        &mut Gpu {
+                            out,
+                            f: &families,
+                            set,
+                            labels: &labels,
+                            index,
+                            device: &d,
+                        },
                         &constants,
                         &mut self.unsupported,
+                        &mut self.tiers,
                         &mut options,
                     )
                 }
@@ -1637,6 +1874,7 @@ impl NvmlCollector {
                 Err(Stop::Lost) => {
                     // Read again when it is back: a reset may have changed them.
                     self.constants.remove(&index);
+                    self.tiers.forget(index);
                     self.lost
                         .entry(index)
                         .or_default()
@@ -1673,6 +1911,7 @@ impl NvmlCollector {
                 self.xid = None;
                 self.gpm = None;
                 self.constants.clear();
+                self.tiers.clear();
                 Err(Error::transient(describe_init_error(
                     &self.config.library_path,
                     &e,

@@ -58,19 +58,29 @@ fn once_json(
 
 /// A running agent's config: the NVML collector (simulator) into the stdout sink as JSON.
 fn stdout_agent_config(interval: &str) -> String {
+    stdout_agent_config_with(interval, "")
+}
+
+/// [`stdout_agent_config`] with extra `[collectors.config]` lines.
+fn stdout_agent_config_with(interval: &str, settings: &str) -> String {
     format!(
-        "[agent]\ninterval = \"{interval}\"\ninternal_metrics = false\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n{}[[sinks]]\nname = \"out\"\nplugin = \"stdout\"\n",
+        "[agent]\ninterval = \"{interval}\"\ninternal_metrics = false\n[http]\nhealth_listen = \"127.0.0.1:{{health}}\"\nmetrics_listen = \"\"\n{}{settings}\n[[sinks]]\nname = \"out\"\nplugin = \"stdout\"\n",
         nvml_collector(&sim_library(), "")
     )
 }
 
-/// A running, ready agent with `stdout_agent_config(interval)` on a scenario, and the path of
-/// the simulator's call log (`NVML_SIM_CALL_LOG`: one line per device query).
-fn agent_logging_calls(work: &Workdir, scenario_file: &str, interval: &str) -> (Agent, PathBuf) {
+/// A running, ready agent with `stdout_agent_config_with(interval, settings)` on a scenario,
+/// and the path of the simulator's call log (`NVML_SIM_CALL_LOG`: one line per device query).
+fn agent_logging_calls(
+    work: &Workdir,
+    scenario_file: &str,
+    interval: &str,
+    settings: &str,
+) -> (Agent, PathBuf) {
     let call_log = work.path("nvml-calls.log");
     let mut agent = Agent::start(
         work,
-        &stdout_agent_config(interval),
+        &stdout_agent_config_with(interval, settings),
         &[
             ("NVML_SIM_SCENARIO", &scenario(scenario_file)),
             ("NVML_SIM_CALL_LOG", call_log.to_str().expect("path")),
@@ -255,6 +265,97 @@ fn eight_gpus_report_every_metric_with_the_scenario_values() {
     assert_eq!(uuids.len(), 8, "every GPU has its own UUID");
 }
 
+/// Another NVML client, unchanged: nvidia-ml-py (pynvml, from PyPI; `scripts/test.sh` installs
+/// it) loads the simulator as `libnvidia-ml.so.1` and reads the same GPUs through its own
+/// entry points (the unversioned v1 ones among them), agreeing with what metricsd reports.
+#[test]
+fn nvidia_ml_py_reads_the_simulator_and_agrees_with_metricsd() {
+    let work = Workdir::new();
+    let lib_dir = work.path("nvml-lib");
+    std::fs::create_dir_all(&lib_dir).expect("dir");
+    std::os::unix::fs::symlink(sim_library(), lib_dir.join("libnvidia-ml.so.1")).expect("link");
+    let out = std::process::Command::new("python3")
+        .arg(root().join("tests/e2e/scripts/pynvml-read.py"))
+        .env("LD_LIBRARY_PATH", &lib_dir)
+        .env("NVML_SIM_SCENARIO", scenario("h100-sxm-8.toml"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "nvidia-ml-py against the simulator (pip install nvidia-ml-py, or run scripts/test.sh): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let py: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(py["driver"], "550.54.15");
+    assert_eq!(py["cuda"], 12040);
+    let gpus = py["gpus"].as_array().expect("gpus");
+    assert_eq!(gpus.len(), 8);
+    let all = once_json(&work, "", "h100-sxm-8.toml", &[]);
+    for g in gpus {
+        let index = g["index"].as_u64().expect("index").to_string();
+        let index = index.as_str();
+        let up = &rows(&all, "gpu_up", Some(index))[0]["labels"];
+        assert_eq!(g["uuid"], up["uuid"], "{g}");
+        assert_eq!(g["name"], up["name"]);
+        assert_eq!(g["pci_bus_id"], up["pci_bus_id"]);
+        assert_eq!(g["same_handle_by_uuid"], true);
+        let bytes = |key: &str| g[key].as_f64().expect("number");
+        assert_eq!(
+            bytes("memory_total"),
+            value(&all, "gpu_memory_total_bytes", index)
+        );
+        // v1's used memory includes what the driver reserves; v2 (metricsd) reports it apart.
+        assert_eq!(
+            bytes("memory_used"),
+            value(&all, "gpu_memory_used_bytes", index)
+                + value(&all, "gpu_memory_reserved_bytes", index)
+        );
+        assert_eq!(
+            bytes("memory_free"),
+            value(&all, "gpu_memory_free_bytes", index)
+        );
+        assert_eq!(
+            bytes("utilization_gpu") / 100.0,
+            value(&all, "gpu_utilization_ratio", index)
+        );
+        assert_eq!(
+            bytes("temperature"),
+            value(&all, "gpu_temperature_celsius", index)
+        );
+        assert_eq!(
+            bytes("power_mw") / 1000.0,
+            value(&all, "gpu_power_usage_watts", index)
+        );
+        assert_eq!(
+            bytes("power_limit_mw") / 1000.0,
+            value(&all, "gpu_power_management_limit_watts", index)
+        );
+        assert!(bytes("energy_mj") >= 1.0e9);
+        let sm: Vec<f64> = rows(&all, "gpu_clock_hertz", Some(index))
+            .iter()
+            .filter(|r| r["labels"]["clock"] == "sm")
+            .map(|r| r["value"].as_f64().expect("number"))
+            .collect();
+        assert_eq!(vec![bytes("sm_clock_mhz") * 1e6], sm);
+        // A fanless SXM board, as the real driver answers.
+        assert_eq!(g["fan"], "Invalid Argument");
+        assert_eq!(g["compute_capability"], serde_json::json!([9, 0]));
+        let pids: std::collections::BTreeSet<String> = g["processes"]
+            .as_array()
+            .expect("processes")
+            .iter()
+            .map(|p| p["pid"].to_string())
+            .collect();
+        let reported: std::collections::BTreeSet<String> =
+            rows(&all, "gpu_process_memory_used_bytes", Some(index))
+                .iter()
+                .map(|r| r["labels"]["pid"].as_str().expect("pid").to_string())
+                .collect();
+        assert!(!pids.is_empty());
+        assert_eq!(pids, reported);
+    }
+}
+
 #[test]
 fn mig_mode_and_instances() {
     let work = Workdir::new();
@@ -321,7 +422,12 @@ fn mig_mode_and_instances() {
 #[test]
 fn not_supported_queries_are_absent_and_asked_once() {
     let work = Workdir::new();
-    let (agent, call_log) = agent_logging_calls(&work, "rtx4090.toml", "200ms");
+    let (agent, call_log) = agent_logging_calls(
+        &work,
+        "rtx4090.toml",
+        "200ms",
+        "read_every = { processes = 1 }",
+    );
     agent
         .wait_stat(
             "metricsd_collector_collections_total{collector=\"gpu\"}",
@@ -399,20 +505,48 @@ fn switched_off_groups_are_neither_reported_nor_asked_for() {
     assert_eq!(rows(&off, "gpu_power_usage_watts", None).len(), 8);
 }
 
+/// Reads of a tiered group of GPU `gpu` in `cycles` collections when it is read every
+/// `every`: at the first collection, then after `every - gpu % every` collections and every
+/// `every` after that (the plugin spreads the GPUs' reads).
+fn reads_of(gpu: u32, every: u32, cycles: u32) -> u32 {
+    let first = every - gpu % every;
+    1 + if cycles > first {
+        (cycles - first - 1) / every + 1
+    } else {
+        0
+    }
+}
+
+/// [`reads_of`] summed over GPUs 0 to `gpus - 1`.
+fn tier_reads(gpus: u32, every: u32, cycles: u32) -> u32 {
+    (0..gpus).map(|gpu| reads_of(gpu, every, cycles)).sum()
+}
+
 /// What never changes while a GPU runs (max clocks, temperature thresholds, default power
-/// limit, max PCIe link, ECC mode) is read once per GPU yet reported every cycle; a board
-/// without fans (INVALID_ARGUMENT for fan 0, as an H200 SXM answers) is asked once.
+/// limit, max PCIe link, ECC mode) is read once per GPU; a tiered group (`read_every`) every N
+/// collections; all of it is reported every cycle. A board without fans (INVALID_ARGUMENT for
+/// fan 0, as an H200 SXM answers) is asked once.
 #[test]
-fn constant_queries_are_read_once_per_gpu_and_reported_every_cycle() {
+fn constant_and_tiered_queries_are_read_on_their_schedule_and_reported_every_cycle() {
     let work = Workdir::new();
-    let (mut agent, call_log) = agent_logging_calls(&work, "h100-sxm-8.toml", "200ms");
-    // Four cycles written out (the call log then holds at least four cycles too).
-    wait_for("four cycles", Duration::from_secs(15), || {
-        (rows(&json_lines(&agent.stdout()), "gpu_up", Some("0")).len() >= 4).then_some(())
+    let (mut agent, call_log) = agent_logging_calls(
+        &work,
+        "h100-sxm-8.toml",
+        "200ms",
+        "read_every = { energy = 2, errors = 3, state = 4, processes = 5 }",
+    );
+    wait_for("twelve cycles", Duration::from_secs(30), || {
+        (rows(&json_lines(&agent.stdout()), "gpu_up", Some("0")).len() >= 12).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let status = agent.terminate().expect("terminate");
+    assert!(status.success());
+    // Everything collected is written out by now; a collection the shutdown cut short may be
+    // in the call log without its batch.
+    let all = json_lines(&agent.stdout());
+    let cycles = rows(&all, "gpu_up", Some("0")).len() as u32;
     let calls = std::fs::read_to_string(&call_log).expect("call log");
-    let count = |q: &str| calls_to(&calls, q);
+    let count = |q: &str| calls_to(&calls, q) as u32;
     // Eight GPUs: once each, per call.
     assert_eq!(count("max_clocks"), 8 * 4, "four clocks per GPU, once");
     assert_eq!(count("temperature_threshold"), 8 * 2);
@@ -420,24 +554,43 @@ fn constant_queries_are_read_once_per_gpu_and_reported_every_cycle() {
     assert_eq!(count("pcie_max"), 8 * 2);
     assert_eq!(count("ecc"), 8);
     assert_eq!(count("fan_speed"), 8, "a fanless board is asked once");
-    // What changes is asked every cycle.
-    assert!(count("pcie") >= 8 * 2 * 4, "current PCIe link every cycle");
-    assert!(count("ecc_errors") >= 8 * 4 * 4);
+    // Each tiered group on its schedule: one call per read.
+    for (query, every) in [
+        ("total_energy", 2),
+        ("pcie_replay", 3),
+        ("power_management_limit", 4),
+        ("bar1", 4),
+    ] {
+        let reads = count(query);
+        let (low, high) = (
+            tier_reads(8, every, cycles),
+            tier_reads(8, every, cycles + 1),
+        );
+        assert!(
+            (low..=high).contains(&reads),
+            "{query}: {reads} calls in {cycles} cycles, read every {every}: expected {low}..={high}"
+        );
+    }
+    // Two calls per read (the list's size, then the list).
+    let process_reads = count("processes") / 2;
     assert!(
-        count("process_utilization") >= 8 * 4,
-        "GPUs with processes are asked for their utilization every cycle"
+        (tier_reads(8, 5, cycles)..=tier_reads(8, 5, cycles + 1)).contains(&process_reads),
+        "{process_reads} process-list reads in {cycles} cycles"
     );
-    let status = agent.terminate().expect("terminate");
-    assert!(status.success());
-    // Everything collected is written out by now; compare per cycle.
-    let all = json_lines(&agent.stdout());
-    let cycles = rows(&all, "gpu_up", Some("0")).len();
+    // What changes fast is asked every cycle.
+    assert!(
+        count("pcie") >= 8 * 2 * cycles,
+        "current PCIe link every cycle"
+    );
+    assert!(count("utilization") >= 8 * cycles);
+    // Served every cycle from what was read: the constants, and each tiered group's last
+    // reading, which changes only when the group is read again.
     let max_sm: Vec<_> = rows(&all, "gpu_clock_max_hertz", Some("0"))
         .into_iter()
         .filter(|r| r["labels"]["clock"] == "sm")
         .collect();
     assert_eq!(
-        max_sm.len(),
+        max_sm.len() as u32,
         cycles,
         "served every cycle from what was read"
     );
@@ -448,10 +601,36 @@ fn constant_queries_are_read_once_per_gpu_and_reported_every_cycle() {
             "gpu_temperature_shutdown_threshold_celsius",
             Some("7")
         )
-        .len(),
+        .len() as u32,
         cycles
     );
     assert!(rows(&all, "gpu_fan_speed_ratio", None).is_empty());
+    for gpu in ["0", "5"] {
+        let energy: Vec<f64> = rows(&all, "gpu_energy_consumed_joules_total", Some(gpu))
+            .iter()
+            .map(|r| r["value"].as_f64().expect("number"))
+            .collect();
+        assert_eq!(energy.len() as u32, cycles, "GPU {gpu}: energy every cycle");
+        // The simulated counter grows with time: a new value means a new read.
+        let reads = 1 + energy.windows(2).filter(|w| w[1] != w[0]).count() as u32;
+        let expected = reads_of(gpu.parse().expect("index"), 2, cycles);
+        assert_eq!(
+            reads, expected,
+            "GPU {gpu}: {reads} distinct energy readings in {cycles} cycles: {energy:?}"
+        );
+        assert!(energy.windows(2).all(|w| w[1] >= w[0]), "{energy:?}");
+        let ecc = rows(&all, "gpu_ecc_errors_total", Some(gpu));
+        assert_eq!(
+            ecc.len() as u32,
+            4 * cycles,
+            "four ECC counters every cycle"
+        );
+        let processes = rows(&all, "gpu_process_memory_used_bytes", Some(gpu));
+        assert!(
+            processes.len() as u32 >= cycles,
+            "processes served every cycle"
+        );
+    }
 }
 
 /// A constant query that fails with a passing driver error (not NOT_SUPPORTED) is asked again at
@@ -574,6 +753,99 @@ fn a_lost_gpu_reports_up_0_while_the_others_continue_and_comes_back() {
     assert!(logs.contains("GPU answers NVML again"), "{logs}");
     let status = agent.terminate().expect("terminate");
     assert!(status.success());
+}
+
+/// A GPU that was lost and is back has every tiered group and constant read again at once (a
+/// reset may have changed them), however long until the group would be due; the GPUs that
+/// stayed keep serving their last reading.
+#[test]
+fn tiered_values_are_read_again_when_a_lost_gpu_comes_back() {
+    let work = Workdir::new();
+    let (mut agent, call_log) = agent_logging_calls(
+        &work,
+        "lost-gpu.toml",
+        "250ms",
+        "read_every = { energy = 1000, errors = 1000, state = 1000, processes = 1000 }",
+    );
+    let energy_of = |agent: &Agent, gpu: &str| -> Vec<(i64, f64)> {
+        rows(
+            &json_lines(&agent.stdout()),
+            "gpu_energy_consumed_joules_total",
+            Some(gpu),
+        )
+        .iter()
+        .map(|r| {
+            (
+                r["timestamp_ms"].as_i64().expect("ts"),
+                r["value"].as_f64().expect("number"),
+            )
+        })
+        .collect()
+    };
+    let up_rows = |agent: &Agent| -> Vec<Value> {
+        rows(&json_lines(&agent.stdout()), "gpu_up", Some("2"))
+            .into_iter()
+            .cloned()
+            .collect()
+    };
+    let lost_ts = wait_for("GPU 2 to be lost", Duration::from_secs(15), || {
+        up_rows(&agent)
+            .into_iter()
+            .find(|r| r["value"] == 0.0)
+            .and_then(|r| r["timestamp_ms"].as_i64())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let back_ts = wait_for("GPU 2 to come back", Duration::from_secs(20), || {
+        up_rows(&agent)
+            .into_iter()
+            .filter(|r| r["timestamp_ms"].as_i64() > Some(lost_ts))
+            .find(|r| r["value"] == 1.0)
+            .and_then(|r| r["timestamp_ms"].as_i64())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.stderr()));
+    let status = agent.terminate().expect("terminate");
+    assert!(status.success());
+    let before: Vec<f64> = energy_of(&agent, "2")
+        .into_iter()
+        .filter(|(ts, _)| *ts < lost_ts)
+        .map(|(_, v)| v)
+        .collect();
+    let after: Vec<f64> = energy_of(&agent, "2")
+        .into_iter()
+        .filter(|(ts, _)| *ts >= back_ts)
+        .map(|(_, v)| v)
+        .collect();
+    assert!(
+        !before.is_empty() && !after.is_empty(),
+        "{before:?} {after:?}"
+    );
+    // One reading before the loss, served every cycle; a new one from the first cycle back.
+    assert!(before.iter().all(|v| *v == before[0]), "{before:?}");
+    assert!(after.iter().all(|v| *v == after[0]), "{after:?}");
+    // 100 W for the 5 s it was away: 500 J more in the simulated counter.
+    assert!(
+        after[0] > before[0] + 400.0,
+        "read again when back: {} then {}",
+        before[0],
+        after[0]
+    );
+    // GPU 0 stayed: its first reading is served throughout.
+    let stayed = energy_of(&agent, "0");
+    assert!(stayed.len() > before.len() + after.len());
+    assert!(stayed.iter().all(|(_, v)| *v == stayed[0].1), "{stayed:?}");
+    let calls = std::fs::read_to_string(&call_log).expect("call log");
+    // Four GPUs read once, GPU 2 again when back.
+    assert_eq!(calls_to(&calls, "total_energy"), 5);
+    assert_eq!(calls_to(&calls, "power_management_limit"), 5);
+    // The constants too: four max clocks per GPU, and GPU 2's four again when back; while it
+    // was lost, each cycle's first query to it answered GPU_IS_LOST: a max clock from the
+    // second lost cycle on (the first still had its constants).
+    let lost_cycles = up_rows(&agent).iter().filter(|r| r["value"] == 0.0).count();
+    let max_clocks = calls_to(&calls, "max_clocks");
+    assert!(
+        (5 * 4 + lost_cycles - 1..=5 * 4 + lost_cycles).contains(&max_clocks),
+        "{max_clocks} max-clock calls, {lost_cycles} cycles lost"
+    );
 }
 
 /// An agent collecting the simulated GPUs of `scenario` every 250 ms into a Prometheus sink
@@ -908,7 +1180,7 @@ fn xid_errors_are_counted_per_gpu_and_code_from_the_event_thread() {
 #[test]
 fn gpm_metrics_come_from_the_plugins_own_thread_once_per_collection() {
     let work = Workdir::new();
-    let (mut agent, call_log) = agent_logging_calls(&work, "h100-sxm-8.toml", "250ms");
+    let (mut agent, call_log) = agent_logging_calls(&work, "h100-sxm-8.toml", "250ms", "");
     let latest = |agent: &Agent, name: &str, gpu: &str| -> Option<f64> {
         json_lines(&agent.stdout())
             .iter()

@@ -364,7 +364,9 @@ pub enum CallCosts {
 /// `h200-busy`: the CPU each query cost on an H200 with driver 580.159.04 and one compute
 /// process (median of 5 rounds, docs/gpu-runs/2026-11-26-h200/calls-busy.md). A query the
 /// simulator answers for several NVML calls (`max_clocks` for each clock type, `pcie` for
-/// generation and width) costs their mean.
+/// generation and width) costs their mean. The two lists that clients ask for twice, once for
+/// the size and once for the entries (`processes`, `process_utilization`: pynvml and
+/// nvml-wrapper alike), were measured as the pair: each call costs half.
 pub const H200_BUSY: [(&str, f64); 31] = [
     ("utilization", 11.0),
     ("memory", 66.0),
@@ -392,8 +394,8 @@ pub const H200_BUSY: [(&str, f64); 31] = [
     ("field_values", 647.0),
     ("mig", 338.0),
     ("nvlink", 35.0),
-    ("processes", 128.0),
-    ("process_utilization", 2006.0),
+    ("processes", 64.0),
+    ("process_utilization", 1003.0),
     ("pcie_throughput", 649.0),
     ("uuid", 34.0),
     ("gpm_sample", 168.0),
@@ -1731,6 +1733,209 @@ pub unsafe extern "C" fn nvmlEventSetWait_v2(
             }
         }
     }
+}
+
+// The unversioned (v1) and older entry points that other NVML clients call (nvidia-ml-py,
+// nvtop, …): each answers as its newer version does, converted to the older layout.
+
+#[no_mangle]
+pub extern "C" fn nvmlInit() -> nvmlReturn_t {
+    nvmlInit_v2()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetCount(count: *mut c_uint) -> nvmlReturn_t {
+    // SAFETY: forwarded caller pointer.
+    unsafe { nvmlDeviceGetCount_v2(count) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(
+    index: c_uint,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller pointer.
+    unsafe { nvmlDeviceGetHandleByIndex_v2(index, device) }
+}
+
+/// The handle of the GPU whose UUID is `uuid`.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
+    uuid_text: *const c_char,
+    device: *mut nvmlDevice_t,
+) -> nvmlReturn_t {
+    let Ok(s) = sim() else { return UNINITIALIZED };
+    if uuid_text.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: the caller passes a NUL-terminated string.
+    let wanted = unsafe { CStr::from_ptr(uuid_text) };
+    match (0..s.gpus.len()).find(|i| uuid(*i).as_bytes() == wanted.to_bytes()) {
+        Some(i) => {
+            // SAFETY: caller's out pointer.
+            unsafe { put(device, (i + 1) as nvmlDevice_t) };
+            SUCCESS
+        }
+        None => nvmlReturn_enum_NVML_ERROR_NOT_FOUND,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlSystemGetCudaDriverVersion(version: *mut c_int) -> nvmlReturn_t {
+    // SAFETY: forwarded caller pointer.
+    unsafe { nvmlSystemGetCudaDriverVersion_v2(version) }
+}
+
+/// The NVML library version: the driver version with NVML's major version in front (`12.`
+/// for driver 5xx, as the real library answers).
+#[no_mangle]
+pub unsafe extern "C" fn nvmlSystemGetNVMLVersion(
+    version: *mut c_char,
+    length: c_uint,
+) -> nvmlReturn_t {
+    match sim() {
+        // SAFETY: forwarded caller buffer.
+        Ok(s) => unsafe {
+            write_str(
+                &format!("12.{}", s.scenario.driver_version),
+                version,
+                length,
+            )
+        },
+        Err(_) => UNINITIALIZED,
+    }
+}
+
+/// Compute capability from the model name: 9.0 for Hopper (H100, H200, GH200), 8.0 for the
+/// A100, 8.9 for Ada (RTX 40xx, L4, L40), else 8.6.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetCudaComputeCapability(
+    device: nvmlDevice_t,
+    major: *mut c_int,
+    minor: *mut c_int,
+) -> nvmlReturn_t {
+    answer!(device, "compute_capability", |_i, g, _t| {
+        let name = g.name.as_str();
+        let (ma, mi) = if ["H100", "H200", "GH200"].iter().any(|m| name.contains(m)) {
+            (9, 0)
+        } else if name.contains("A100") {
+            (8, 0)
+        } else if ["RTX 40", "L4", "L40"].iter().any(|m| name.contains(m)) {
+            (8, 9)
+        } else {
+            (8, 6)
+        };
+        // SAFETY: caller's out pointers.
+        unsafe {
+            put(major, ma);
+            put(minor, mi);
+        }
+    })
+}
+
+/// `nvmlMemory_t`: total, free, and used including what the driver reserves (v2 reports the
+/// reserved part on its own).
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
+    device: nvmlDevice_t,
+    memory: *mut nvmlMemory_t,
+) -> nvmlReturn_t {
+    // SAFETY: a zeroed nvmlMemory_v2_t (plain integers) is a valid value.
+    let mut v2: nvmlMemory_v2_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `v2` is a local of the right type.
+    let code = unsafe { nvmlDeviceGetMemoryInfo_v2(device, &mut v2) };
+    if code == SUCCESS {
+        let value = nvmlMemory_t {
+            total: v2.total,
+            free: v2.free,
+            used: v2.total.saturating_sub(v2.free),
+        };
+        // SAFETY: caller's out pointer.
+        unsafe { put(memory, value) };
+    }
+    code
+}
+
+/// Fan 0.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetFanSpeed(
+    device: nvmlDevice_t,
+    speed: *mut c_uint,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller pointer.
+    unsafe { nvmlDeviceGetFanSpeed_v2(device, 0, speed) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetPciInfo(
+    device: nvmlDevice_t,
+    pci: *mut nvmlPciInfo_t,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller pointer (v1 to v3 share nvmlPciInfo_t).
+    unsafe { nvmlDeviceGetPciInfo_v3(device, pci) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v2(
+    device: nvmlDevice_t,
+    pci: *mut nvmlPciInfo_t,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller pointer.
+    unsafe { nvmlDeviceGetPciInfo_v3(device, pci) }
+}
+
+/// v2 has v3's layout (`nvmlProcessInfo_v2_t` is `nvmlProcessInfo_t`).
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+    infos: *mut nvmlProcessInfo_t,
+) -> nvmlReturn_t {
+    // SAFETY: forwarded caller pointers.
+    unsafe { nvmlDeviceGetComputeRunningProcesses_v3(device, count, infos) }
+}
+
+/// v1: pid and memory only.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
+    device: nvmlDevice_t,
+    count: *mut c_uint,
+    infos: *mut nvmlProcessInfo_v1_t,
+) -> nvmlReturn_t {
+    if count.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    // SAFETY: `count` is non-null and points to the caller's buffer length.
+    let capacity = unsafe { *count };
+    let mut full = vec![
+        nvmlProcessInfo_t {
+            pid: 0,
+            usedGpuMemory: 0,
+            gpuInstanceId: 0,
+            computeInstanceId: 0,
+        };
+        capacity as usize
+    ];
+    let buffer = if infos.is_null() {
+        std::ptr::null_mut()
+    } else {
+        full.as_mut_ptr()
+    };
+    // SAFETY: `count` as the caller gave it, `buffer` holds `capacity` entries (or is null).
+    let code = unsafe { nvmlDeviceGetComputeRunningProcesses_v3(device, count, buffer) };
+    if code == SUCCESS && !infos.is_null() {
+        // SAFETY: on success `count` holds how many entries v3 wrote, at most `capacity`.
+        let written = unsafe { *count }.min(capacity) as usize;
+        for (i, p) in full.iter().take(written).enumerate() {
+            let info = nvmlProcessInfo_v1_t {
+                pid: p.pid,
+                usedGpuMemory: p.usedGpuMemory,
+            };
+            // SAFETY: `infos` holds at least `capacity` >= written elements.
+            unsafe { infos.add(i).write(info) };
+        }
+    }
+    code
 }
 
 #[cfg(test)]
