@@ -4,10 +4,15 @@
 # per minute and its CPU per collection, from /proc/PID/task/TID/schedstat (run count, time on
 # CPU) over WINDOW seconds, summed by thread name; then the whole agent's CPU per collection and
 # per GPU. CALL_COSTS=h200-busy makes each simulated NVML call burn the CPU the H200's driver
-# took (the simulator's `call_costs`). Prints Markdown.
+# took (the simulator's `call_costs`); NVML_CONFIG adds lines to the collector's config (for
+# example 'read_every = { energy = 1, processes = 1, errors = 1, state = 1 }'). Prints Markdown.
 #
 #   cargo build --release -p metricsd -p metricsd-collector-nvml -p metricsd-sink-prometheus -p nvml-sim
 #   bash scripts/nvml-wakeups.sh [BUILD_DIR]    # default target/release; WINDOW=60 INTERVAL=5s
+#
+# WARMUP (seconds, default 6) is waited before the window: the scenario's second process ends at
+# 3 s, and with the processes group read every 10 collections its series end at a later
+# collection per GPU, each with a staleness-marker batch; WARMUP=60 at 5 s measures after that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +20,7 @@ build=${1:-target/release}
 WINDOW=${WINDOW:-60}
 INTERVAL=${INTERVAL:-5s}
 CALL_COSTS=${CALL_COSTS:-}
+NVML_CONFIG=${NVML_CONFIG:-}
 for f in metricsd libmetricsd_nvml.so libmetricsd_prometheus.so libnvml_sim.so; do
     [ -f "$build/$f" ] || { echo "$build/$f missing (see the header of this script)" >&2; exit 1; }
 done
@@ -38,6 +44,7 @@ name = "gpu"
 plugin = "nvml"
 [collectors.config]
 library_path = "$work/plugins/libnvml_sim.so"
+$NVML_CONFIG
 [[sinks]]
 name = "prometheus"
 plugin = "prometheus"
@@ -54,7 +61,7 @@ for _ in $(seq 100); do
     curl -sf -o /dev/null http://127.0.0.1:19680/metrics && break
     sleep 0.1
 done
-sleep 6 # the first collection and the threads it starts
+sleep "${WARMUP:-6}" # the first collection and the threads it starts
 
 # name → run count and ns on CPU, summed over the threads of that name.
 runs() {
@@ -73,7 +80,7 @@ runs > "$work/after"
 c1=$(collections)
 n=$(awk -v a="$c0" -v b="$c1" 'BEGIN {print b - a}')
 
-echo "$n collections in ${WINDOW} s at $INTERVAL${CALL_COSTS:+, call costs $CALL_COSTS}"
+echo "$n collections in ${WINDOW} s at $INTERVAL${CALL_COSTS:+, call costs $CALL_COSTS}${NVML_CONFIG:+, $NVML_CONFIG}"
 echo
 echo "| thread | wake-ups per minute | CPU per collection |"
 echo "|---|---|---|"
