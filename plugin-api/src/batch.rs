@@ -222,18 +222,6 @@ impl BatchBuilder {
     }
 }
 
-impl From<Batch> for BatchBuilder {
-    /// Continues building `batch`: a plugin that fills many batches with the same families can
-    /// keep one finished batch, clear its label sets and samples, and declare nothing again
-    /// (each declaration returns the family already there).
-    fn from(batch: Batch) -> Self {
-        Self {
-            batch,
-            conflict: None,
-        }
-    }
-}
-
 static NO_LABELS: [Label; 0] = [];
 
 impl Batch {
@@ -295,25 +283,6 @@ pub fn is_stale_marker(value: f64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_finished_batch_can_be_continued_without_declaring_again() {
-        let mut b = BatchBuilder::new();
-        let a = b.gauge("a", "help", "");
-        let set = b.label_set(&[("gpu", "0")]);
-        b.sample_in(a, set, 1.0);
-        let mut batch = b.finish();
-        batch.label_sets.clear();
-        batch.samples.clear();
-        let mut again = BatchBuilder::from(batch);
-        assert_eq!(again.gauge("a", "help", ""), a);
-        let set = again.label_set(&[("gpu", "1")]);
-        again.sample_in(a, set, 2.0);
-        let batch = again.finish();
-        assert_eq!(batch.families.len(), 1);
-        assert_eq!(batch.label_sets.len(), 1);
-        assert_eq!(batch.samples[0].value, 2.0);
-    }
 
     #[test]
     fn families_are_deduplicated_by_name() {

@@ -273,6 +273,7 @@ impl Collector for NvmlCollector {
 
     fn new(config: Config, ctx: &Context) -> Result<Self> {
         Ok(NvmlCollector {
+            tiers: Tiers::new(config.read_every),
             xid: None,
             gpm: None,
             dispatch: ctx.log_dispatch().clone(),
@@ -282,7 +283,6 @@ impl Collector for NvmlCollector {
             cuda_version: String::new(),
             identities: BTreeMap::new(),
             constants: HashMap::new(),
-            tiers: Tiers::default(),
             unsupported: Asked::default(),
             lost: BTreeMap::new(),
             process_util_seen: HashMap::new(),
@@ -407,7 +407,6 @@ impl NvmlCollector {
                         pcie_throughput_sampled: self.config.pcie_throughput_sampled,
                         energy: self.config.energy,
                         max: self.config.max_processes,
-                        read_every: self.config.read_every,
                         nvml: &nvml,
                         process_util_seen: &mut self.process_util_seen,
                     };

@@ -15,7 +15,7 @@ use crate::query::{
     FIELD_REMAPPED_COR, FIELD_REMAPPED_FAILURE, FIELD_REMAPPED_PENDING, FIELD_REMAPPED_UNC,
     NVLINK_ERROR_TOTALS, REMAP_FIELDS,
 };
-use crate::tiers::{Group, ReadEvery, Tiers};
+use crate::tiers::{Group, Tiers};
 
 /// Memory of one MIG instance, labelled with its index, MIG UUID and profile (`3g.40gb`, from
 /// the MIG device's name). NVML gives no utilization for MIG devices; what it cannot answer
@@ -147,8 +147,6 @@ pub(crate) struct CollectOptions<'a> {
     pub(crate) energy: bool,
     /// Most processes per GPU.
     pub(crate) max: usize,
-    /// Every how many collections each group is read.
-    pub(crate) read_every: ReadEvery,
     /// For process names.
     pub(crate) nvml: &'a Nvml,
     /// Per GPU, the newest process-utilization sample seen.
@@ -191,8 +189,8 @@ struct GroupRead {
 }
 
 impl GroupRead {
-    fn new(labels: &[(&str, &str)], asked: &Asked, tiers: &mut Tiers) -> Self {
-        let mut out = tiers.builder();
+    fn new(labels: &[(&str, &str)], asked: &Asked) -> Self {
+        let mut out = BatchBuilder::new();
         let f = Families::declare(&mut out);
         let set = out.label_set(labels);
         Self {
@@ -221,11 +219,12 @@ impl GroupRead {
 
     /// Hands the read to `tiers`: served from now on, read again when due, or at the next
     /// collection if a value was missed through a passing driver error.
-    fn keep(self, tiers: &mut Tiers, index: u32, group: Group, every: u32, asked: &Asked) {
+    fn keep(self, tiers: &mut Tiers, index: u32, group: Group, asked: &Asked) {
+        let read = self.out.finish();
         if asked.missed == self.missed {
-            tiers.keep(index, group, every, self.out.finish());
+            tiers.keep(index, group, &read);
         } else {
-            tiers.keep_incomplete(index, group, self.out.finish());
+            tiers.keep_incomplete(index, group, &read);
         }
     }
 }
@@ -237,14 +236,13 @@ fn tiered(
     g: &mut Gpu,
     group: Group,
     tiers: &mut Tiers,
-    every: u32,
     asked: &mut Asked,
     read: impl FnOnce(&mut Gpu, &mut Asked) -> std::result::Result<(), Stop>,
 ) -> std::result::Result<(), Stop> {
     if tiers.due(g.index, group) {
-        let mut own = GroupRead::new(g.labels, asked, tiers);
+        let mut own = GroupRead::new(g.labels, asked);
         read(&mut own.gpu(g.labels, g.index, g.device), asked)?;
-        own.keep(tiers, g.index, group, every, asked);
+        own.keep(tiers, g.index, group, asked);
     }
     tiers.serve(g.index, group, g.out, g.set);
     Ok(())
@@ -259,39 +257,26 @@ pub(crate) fn gpu_metrics(
     tiers: &mut Tiers,
     options: &mut CollectOptions,
 ) -> std::result::Result<(), Stop> {
-    let every = options.read_every;
     if options.energy {
-        tiered(
-            g,
-            Group::Energy,
-            tiers,
-            every.energy.get(),
-            asked,
-            |g, asked| {
-                if let Some(e) = ask(asked, g.index, Query::Energy, || {
-                    g.device.total_energy_consumption()
-                })? {
-                    g.sample(g.f.energy, e as f64 / 1000.0);
-                }
-                Ok(())
-            },
-        )?;
+        tiered(g, Group::Energy, tiers, asked, |g, asked| {
+            if let Some(e) = ask(asked, g.index, Query::Energy, || {
+                g.device.total_energy_consumption()
+            })? {
+                g.sample(g.f.energy, e as f64 / 1000.0);
+            }
+            Ok(())
+        })?;
     }
     if options.enabled {
-        tiered(
-            g,
-            Group::Processes,
-            tiers,
-            every.processes.get(),
-            asked,
-            |g, asked| process_metrics(g, asked, options),
-        )?;
+        tiered(g, Group::Processes, tiers, asked, |g, asked| {
+            process_metrics(g, asked, options)
+        })?;
     }
     // The error fields (remapped rows, NVLink error totals) ride on the field-values call made
     // every collection when the errors group is due, rather than costing a call of their own.
     let mut errors = tiers
         .due(g.index, Group::Errors)
-        .then(|| GroupRead::new(g.labels, asked, tiers));
+        .then(|| GroupRead::new(g.labels, asked));
     if let Some(own) = &mut errors {
         error_metrics(&mut own.gpu(g.labels, g.index, g.device), constants, asked)?;
     }
@@ -307,17 +292,12 @@ pub(crate) fn gpu_metrics(
         error_totals,
     )?;
     if let Some(own) = errors {
-        own.keep(tiers, g.index, Group::Errors, every.errors.get(), asked);
+        own.keep(tiers, g.index, Group::Errors, asked);
     }
     tiers.serve(g.index, Group::Errors, g.out, g.set);
-    tiered(
-        g,
-        Group::State,
-        tiers,
-        every.state.get(),
-        asked,
-        |g, asked| state_metrics(g, asked, options),
-    )?;
+    tiered(g, Group::State, tiers, asked, |g, asked| {
+        state_metrics(g, asked, options)
+    })?;
     constant_metrics(g, constants);
     fast_metrics(g, constants, asked, options)
 }

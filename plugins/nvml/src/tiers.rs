@@ -179,28 +179,18 @@ impl Reading {
 }
 
 /// Per GPU and group, the last reading and when the next read is due.
-#[derive(Default)]
 pub struct Tiers {
+    every: ReadEvery,
     readings: HashMap<(u32, Group), Reading>,
-    /// The last read's batch, emptied of samples: its families stay declared for the next
-    /// read (declaring some fifty families per read cost more than the reads save).
-    spare: Option<Batch>,
 }
 
 impl Tiers {
-    /// A builder to read a group into: the last read's families already declared.
-    pub fn builder(&mut self) -> BatchBuilder {
-        self.spare
-            .take()
-            .map(BatchBuilder::from)
-            .unwrap_or_default()
-    }
-
-    fn reuse(&mut self, mut batch: Batch) {
-        batch.label_sets.clear();
-        batch.samples.clear();
-        batch.common_labels.clear();
-        self.spare = Some(batch);
+    /// No reading yet; each group read every `every.of(group)` collections.
+    pub fn new(every: ReadEvery) -> Self {
+        Self {
+            every,
+            readings: HashMap::new(),
+        }
     }
 
     /// Whether `group` of GPU `index` is to be read at this collection.
@@ -210,26 +200,24 @@ impl Tiers {
             .is_none_or(|r| r.left == 0)
     }
 
-    /// Keeps what a read of `group` wrote. The first reading of a GPU's group is served for
-    /// `every - index % every` collections, so that the GPUs of a node read their expensive
-    /// groups at different collections; later ones for `every`. Either way no value served is
-    /// older than `every - 1` collections.
-    pub fn keep(&mut self, index: u32, group: Group, every: u32, read: Batch) {
+    /// Keeps what a read of `group` wrote. With `every` its `read_every`, the first reading of
+    /// a GPU's group is served for `every - index % every` collections, so that the GPUs of a
+    /// node read their expensive groups at different collections; later ones for `every`.
+    /// Either way no value served is older than `every - 1` collections.
+    pub fn keep(&mut self, index: u32, group: Group, read: &Batch) {
+        let every = self.every.of(group);
         let left = match self.readings.contains_key(&(index, group)) {
             true => every,
             false => every - index % every,
         };
         self.readings
-            .insert((index, group), Reading::keep(&read, left));
-        self.reuse(read);
+            .insert((index, group), Reading::keep(read, left));
     }
 
     /// Keeps a reading that missed a value (a passing driver error): read again at the next
     /// collection, served until then.
-    pub fn keep_incomplete(&mut self, index: u32, group: Group, read: Batch) {
-        self.readings
-            .insert((index, group), Reading::keep(&read, 1));
-        self.reuse(read);
+    pub fn keep_incomplete(&mut self, index: u32, group: Group, read: &Batch) {
+        self.readings.insert((index, group), Reading::keep(read, 1));
     }
 
     /// Copies the last reading of `group` into `out` and counts the collection. The read's
@@ -275,14 +263,18 @@ mod tests {
 
     #[test]
     fn a_reading_is_served_until_the_group_is_due_again() {
-        let mut tiers = Tiers::default();
+        let mut tiers = Tiers::new(ReadEvery {
+            energy: every(3),
+            processes: every(4),
+            ..ReadEvery::default()
+        });
         assert!(tiers.due(1, Group::Energy), "never read");
         // GPU 1 of every 3: its first reading serves 2 collections, later ones 3.
-        tiers.keep(1, Group::Energy, 3, read(5.0));
+        tiers.keep(1, Group::Energy, &read(5.0));
         let mut served = Vec::new();
         for cycle in 0..8 {
             if tiers.due(1, Group::Energy) {
-                tiers.keep(1, Group::Energy, 3, read(f64::from(cycle)));
+                tiers.keep(1, Group::Energy, &read(f64::from(cycle)));
             }
             let mut out = BatchBuilder::new();
             let own = out.label_set(&[("gpu", "1")]);
@@ -305,9 +297,13 @@ mod tests {
 
     #[test]
     fn first_reads_are_spread_over_the_gpus_and_a_lost_gpu_is_read_again() {
-        let mut tiers = Tiers::default();
+        let mut tiers = Tiers::new(ReadEvery {
+            energy: every(3),
+            processes: every(4),
+            ..ReadEvery::default()
+        });
         for gpu in 0..4 {
-            tiers.keep(gpu, Group::Processes, 4, read(1.0));
+            tiers.keep(gpu, Group::Processes, &read(1.0));
         }
         let mut due_at = Vec::new();
         for cycle in 0..4 {
@@ -315,7 +311,7 @@ mod tests {
             due_at.push(due);
             for gpu in 0..4 {
                 if tiers.due(gpu, Group::Processes) {
-                    tiers.keep(gpu, Group::Processes, 4, read(f64::from(cycle)));
+                    tiers.keep(gpu, Group::Processes, &read(f64::from(cycle)));
                 }
                 serve(&mut tiers, gpu, Group::Processes);
             }
@@ -325,7 +321,7 @@ mod tests {
         tiers.forget(2);
         assert!(tiers.due(2, Group::Processes));
         assert!(!tiers.due(1, Group::Processes));
-        tiers.keep_incomplete(1, Group::State, read(1.0));
+        tiers.keep_incomplete(1, Group::State, &read(1.0));
         serve(&mut tiers, 1, Group::State);
         assert!(
             tiers.due(1, Group::State),
